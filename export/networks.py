@@ -1,0 +1,155 @@
+"""CapHuman's PyTorch networks, built on diffusers/transformers module structures.
+
+diffusers' UNet2DConditionModel, ControlNetModel and AutoencoderKL compute what ldm's UNetModel,
+ControlNet and AutoencoderKL compute (same blocks, [cos, sin] timestep embedding, GroupNorm eps,
+1x1-conv transformer projections), so we use them and map the official keys onto them
+(`export.keymap`). What diffusers lacks is written here: CapFace's head-mask predictor on the
+guided hint, and the hard-masked, per-residual-scaled injection of the side network's residuals.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
+from torch import nn
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModel
+
+from .config import CLIPSpec, UNetSpec, VAESpec
+
+HINT_EMBED_CHANNELS = (16, 32, 96, 256)  # ldm input_hint_block widths, fixed in the official code
+
+
+def _block_types(spec: UNetSpec) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    down = tuple("CrossAttnDownBlock2D" if spec.level_has_attention(i) else "DownBlock2D"
+                 for i in range(len(spec.channel_mult)))
+    up = tuple("CrossAttnUpBlock2D" if spec.level_has_attention(i) else "UpBlock2D"
+               for i in reversed(range(len(spec.channel_mult))))
+    return down, up
+
+
+def _common_unet_kwargs(spec: UNetSpec) -> dict:
+    down, _ = _block_types(spec)
+    heads = spec.heads_per_level()
+    return dict(
+        in_channels=spec.in_channels,
+        down_block_types=down,
+        block_out_channels=tuple(spec.model_channels * m for m in spec.channel_mult),
+        layers_per_block=spec.num_res_blocks,
+        cross_attention_dim=spec.context_dim,
+        # diffusers' "attention_head_dim" is the number of heads for SD1.x (its documented naming debt).
+        attention_head_dim=heads if len(set(heads)) > 1 else heads[0],
+        transformer_layers_per_block=spec.transformer_depth,
+        norm_num_groups=32,
+        norm_eps=1e-5,
+        use_linear_projection=False,
+        flip_sin_to_cos=True,
+        freq_shift=0,
+    )
+
+
+def build_unet(spec: UNetSpec) -> UNet2DConditionModel:
+    _, up = _block_types(spec)
+    return UNet2DConditionModel(out_channels=spec.out_channels, up_block_types=up, center_input_sample=False,
+                                **_common_unet_kwargs(spec))
+
+
+class SideNetwork(nn.Module):
+    """A ControlNet-style copy of the UNet encoder: CapFace (with its head-mask predictor) or a
+    standard ControlNet such as openpose (without).
+
+    forward(x, t, hint, context) -> (residuals [1 + blocks + middle], mask or None)
+    """
+
+    def __init__(self, spec: UNetSpec, with_mask_head: bool):
+        super().__init__()
+        self.spec = spec
+        self.net = ControlNetModel(conditioning_channels=spec.hint_channels,
+                                   conditioning_embedding_out_channels=HINT_EMBED_CHANNELS,
+                                   **_common_unet_kwargs(spec))
+        # CapFace's head-mask predictor on the guided hint (official: Conv2d(320, 1, 3) + Sigmoid;
+        # 320 is model_channels, which we take from the config so reduced configs work).
+        self.mask_predict = nn.Conv2d(spec.model_channels, 1, 3, padding=1) if with_mask_head else None
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, hint: torch.Tensor, context: torch.Tensor
+                ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        net = self.net
+        t = t.reshape(-1).expand(x.shape[0])
+        emb = net.time_embedding(net.time_proj(t).to(x.dtype))
+        guided_hint = net.controlnet_cond_embedding(hint)
+        mask = torch.sigmoid(self.mask_predict(guided_hint)) if self.mask_predict is not None else None
+
+        h = net.conv_in(x) + guided_hint
+        features = [h]
+        for block in net.down_blocks:
+            if getattr(block, "has_cross_attention", False):
+                h, skips = block(hidden_states=h, temb=emb, encoder_hidden_states=context)
+            else:
+                h, skips = block(hidden_states=h, temb=emb)
+            features.extend(skips)
+        residuals = [zero_conv(f) for zero_conv, f in zip(net.controlnet_down_blocks, features)]
+        h = net.mid_block(h, emb, encoder_hidden_states=context)
+        residuals.append(net.controlnet_mid_block(h))
+        return residuals, mask
+
+
+def hard_mask_like(mask: torch.Tensor, feature: torch.Tensor) -> torch.Tensor:
+    """Official hard head mask at a feature's resolution: bilinear resize (align_corners=False,
+    no antialias, as torchvision 0.14's tensor resize) then > 0.5."""
+    if mask.shape[-2:] != feature.shape[-2:]:
+        mask = F.interpolate(mask, size=feature.shape[-2:], mode="bilinear", align_corners=False)
+    return (mask > 0.5).to(feature.dtype)
+
+
+def inject_residuals(residuals: list[torch.Tensor], mask: torch.Tensor | None, scales) -> list[torch.Tensor]:
+    """Scale each residual (control_scales) and multiply by the hard mask, in the official order."""
+    out = []
+    for r, s in zip(residuals, scales):
+        r = r * s
+        if mask is not None:
+            r = r * hard_mask_like(mask, r)
+        out.append(r)
+    return out
+
+
+def run_unet(unet: UNet2DConditionModel, x: torch.Tensor, t: torch.Tensor, text_context: torch.Tensor,
+             residuals: list[torch.Tensor] | None) -> torch.Tensor:
+    """The SD UNet with side-network residuals added to its middle feature and skip connections."""
+    t = t.reshape(-1).expand(x.shape[0])
+    down = mid = None
+    if residuals is not None:
+        down, mid = tuple(residuals[:-1]), residuals[-1]
+    return unet(x, t, encoder_hidden_states=text_context, down_block_additional_residuals=down,
+                mid_block_additional_residual=mid, return_dict=False)[0]
+
+
+def build_vae(spec: VAESpec) -> AutoencoderKL:
+    n = len(spec.ch_mult)
+    return AutoencoderKL(
+        in_channels=spec.in_channels, out_channels=spec.out_ch,
+        down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
+        block_out_channels=tuple(spec.ch * m for m in spec.ch_mult), layers_per_block=spec.num_res_blocks,
+        latent_channels=spec.z_channels, norm_num_groups=32, sample_size=256, scaling_factor=0.18215,
+        use_quant_conv=True, use_post_quant_conv=True, mid_block_add_attention=True,
+    )
+
+
+def build_text_encoder(spec: CLIPSpec) -> CLIPTextModel:
+    model = CLIPTextModel(CLIPTextConfig(**spec.text, attn_implementation="eager"))
+    return model.eval()
+
+
+def build_vision_encoder(spec: CLIPSpec) -> CLIPVisionModel:
+    model = CLIPVisionModel(CLIPVisionConfig(**spec.vision, attn_implementation="eager"))
+    return model.eval()
+
+
+@dataclass
+class ExtraControlNet:
+    """A standard ControlNet added next to CapFace (the official openpose option; the paper's
+    post-hoc head-control enhancement, Eq. 9, is the same mechanism): its own hint and scale,
+    residuals added unmasked, text context of the current CFG branch."""
+    network: SideNetwork
+    hint: torch.Tensor
+    scale: float = 1.0
