@@ -1,0 +1,332 @@
+"""Fused attention forward (FlashAttention-2 style) in OpenAI Triton, for CapHuman's shapes.
+
+Inference only: softmax(q k^T * scale) v with an online softmax, fp16/bf16 in, fp32 accumulation,
+no mask, no dropout, no backward. Credits: Dao et al., FlashAttention-2 (2023); the structure
+follows the Triton fused-attention tutorial (06-fused-attention.py), written anew here.
+
+CapHuman at 512x512 runs self-attention over 4096/1024/256/64 tokens at head dims 40/80/160/160 and
+cross-attention from those queries to 77 text tokens (UNet) or 258 identity tokens (CapFace).
+Head dims 40, 80 and 160 are not powers of two. Instead of padding the head dim to the next power
+of two (64/128/256, i.e. 37.5% of every matrix product spent on zeros), the kernel splits it into
+two power-of-two slabs ``D = HEAD_A + HEAD_B`` (80 = 64 + 16, 160 = 128 + 32, exact; 40 = 32 + 16,
+8 columns masked) and issues two ``tl.dot`` per product. Masks (not tensor copies) cover the rest.
+
+Only API present in both Triton 3.6 and 3.9 is used (tl.dot, masked tl.load/tl.store, tl.exp2,
+program_id, constexpr blocks); no TMA or tensor descriptors.
+
+Layouts: every tensor is addressed through explicit strides, so the [B, N, H, D] views of
+diffusers' [B, N, H*D] projections go in without a transpose or copy (see ``attention_bnhd``).
+
+Set ``TRITON_INTERPRET=1`` before importing triton to run the kernel on CPU tensors (CI).
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+try:  # Triton is optional: the module imports (and the reference works) without it.
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover - exercised only where triton is absent
+    triton = None
+    tl = None
+    HAS_TRITON = False
+
+__all__ = [
+    "HAS_TRITON",
+    "SUPPORTED_DTYPES",
+    "attention",
+    "attention_bnhd",
+    "attention_reference",
+    "interpreter_enabled",
+    "split_head_dim",
+    "triton_supports",
+]
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
+_MAX_HEAD_DIM = 256
+_LOG2E = 1.4426950408889634  # 1/ln(2): softmax runs in base 2 so that tl.exp2 maps to one MUFU op
+
+
+def interpreter_enabled() -> bool:
+    """True when Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1`` at import)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def split_head_dim(head_dim: int) -> tuple[int, int]:
+    """Split ``head_dim`` into power-of-two slabs (HEAD_A, HEAD_B) with HEAD_A + HEAD_B >= head_dim.
+
+    HEAD_B is 0 (single slab) or >= 16 (the smallest K of tl.dot). Falls back to one padded slab
+    when two slabs would not save anything. 40 -> (32, 16), 80 -> (64, 16), 160 -> (128, 32),
+    64 -> (64, 0), 100 -> (128, 0).
+    """
+    if head_dim < 1 or head_dim > _MAX_HEAD_DIM:
+        raise ValueError(f"head_dim={head_dim} must be in [1, {_MAX_HEAD_DIM}]")
+    pow2 = max(16, 1 << (head_dim - 1).bit_length())
+    if pow2 == head_dim or pow2 == 16:
+        return pow2, 0
+    head_a = pow2 // 2
+    head_b = max(16, 1 << (head_dim - head_a - 1).bit_length())
+    if head_b >= head_a:  # two equal slabs cost as much as one padded slab
+        return pow2, 0
+    return head_a, head_b
+
+
+def attention_reference(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None
+) -> torch.Tensor:
+    """float64 reference: softmax(q k^T * scale) v on [B, H, N, D]; returns float64 [B, H, Nq, D]."""
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    q64, k64, v64 = q.double(), k.double(), v.double()
+    s = torch.matmul(q64, k64.transpose(-1, -2)) * scale
+    return torch.matmul(torch.softmax(s, dim=-1), v64)
+
+
+def triton_supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
+    """None when the Triton kernel can run these inputs here, else the reason it cannot."""
+    if not HAS_TRITON:
+        return "triton is not installed"
+    if not (q.is_cuda or interpreter_enabled()):
+        return f"tensors are on {q.device} and TRITON_INTERPRET is not set"
+    if q.dtype not in SUPPORTED_DTYPES:
+        return f"dtype {q.dtype} is not one of {SUPPORTED_DTYPES}"
+    if not (q.dtype == k.dtype == v.dtype):
+        return f"dtypes differ: q {q.dtype}, k {k.dtype}, v {v.dtype}"
+    if q.shape[-1] > _MAX_HEAD_DIM or q.shape[-1] < 1:
+        return f"head dim {q.shape[-1]} is outside [1, {_MAX_HEAD_DIM}]"
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# Kernel
+# --------------------------------------------------------------------------------------------
+if HAS_TRITON:
+
+    @triton.jit
+    def _attn_fwd(
+        Q, K, V, Out,  #
+        stride_qb, stride_qh, stride_qn, stride_qd,  #
+        stride_kb, stride_kh, stride_kn, stride_kd,  #
+        stride_vb, stride_vh, stride_vn, stride_vd,  #
+        stride_ob, stride_oh, stride_on, stride_od,  #
+        N_HEADS, N_Q, N_KV, HEAD_DIM,  #
+        qk_scale,  # scale * log2(e)
+        HEAD_A: tl.constexpr,  # first power-of-two slab of the head dim
+        HEAD_B: tl.constexpr,  # second slab (0: none)
+        EVEN_N: tl.constexpr,  # N_KV % BLOCK_N == 0: no key mask needed
+        BLOCK_M: tl.constexpr,  #
+        BLOCK_N: tl.constexpr,  #
+        DOT_F32: tl.constexpr,  # interpreter only: its tl.dot mishandles bf16, so dot in fp32 there
+    ):
+        pid_m = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = pid_bh // N_HEADS
+        h = pid_bh % N_HEADS
+        q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+        k_base = K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
+        v_base = V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
+        o_base = Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_a = tl.arange(0, HEAD_A)
+        m_mask = offs_m < N_Q
+        a_mask = offs_a < HEAD_DIM
+
+        # q stays in registers/SRAM for the whole key loop: read BLOCK_M x D once.
+        q_a = tl.load(q_base + offs_m[:, None] * stride_qn + offs_a[None, :] * stride_qd,
+                      mask=m_mask[:, None] & a_mask[None, :], other=0.0)
+        dot_ty = tl.float32 if DOT_F32 else Q.dtype.element_ty
+        q_a = q_a.to(dot_ty)
+        if HEAD_B > 0:
+            offs_b = HEAD_A + tl.arange(0, HEAD_B)
+            b_mask = offs_b < HEAD_DIM
+            q_b = tl.load(q_base + offs_m[:, None] * stride_qn + offs_b[None, :] * stride_qd,
+                          mask=m_mask[:, None] & b_mask[None, :], other=0.0).to(dot_ty)
+            acc_b = tl.zeros([BLOCK_M, HEAD_B], dtype=tl.float32)
+
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc_a = tl.zeros([BLOCK_M, HEAD_A], dtype=tl.float32)
+
+        for start_n in range(0, N_KV, BLOCK_N):
+            kv_n = start_n + offs_n
+            n_mask = kv_n < N_KV
+            # read BLOCK_N x D of K and of V per iteration
+            k_a = tl.load(k_base + kv_n[:, None] * stride_kn + offs_a[None, :] * stride_kd,
+                          mask=n_mask[:, None] & a_mask[None, :], other=0.0).to(dot_ty)
+            s = tl.dot(q_a, tl.trans(k_a))
+            if HEAD_B > 0:
+                k_b = tl.load(k_base + kv_n[:, None] * stride_kn + offs_b[None, :] * stride_kd,
+                              mask=n_mask[:, None] & b_mask[None, :], other=0.0).to(dot_ty)
+                s += tl.dot(q_b, tl.trans(k_b))
+            if not EVEN_N:
+                s = tl.where(n_mask[None, :], s, float("-inf"))
+            # online softmax in base 2; every block holds >= 1 valid key, so m_new is finite
+            m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+            p = tl.exp2(s * qk_scale - m_new[:, None])
+            alpha = tl.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            # P is rounded to the input dtype (as FlashAttention does) before the second product
+            p = p.to(Q.dtype.element_ty).to(dot_ty)
+            v_a = tl.load(v_base + kv_n[:, None] * stride_vn + offs_a[None, :] * stride_vd,
+                          mask=n_mask[:, None] & a_mask[None, :], other=0.0).to(dot_ty)
+            acc_a = acc_a * alpha[:, None] + tl.dot(p, v_a)
+            if HEAD_B > 0:
+                v_b = tl.load(v_base + kv_n[:, None] * stride_vn + offs_b[None, :] * stride_vd,
+                              mask=n_mask[:, None] & b_mask[None, :], other=0.0).to(dot_ty)
+                acc_b = acc_b * alpha[:, None] + tl.dot(p, v_b)
+            m_i = m_new
+
+        inv_l = 1.0 / l_i
+        out_a = (acc_a * inv_l[:, None]).to(Out.dtype.element_ty)
+        tl.store(o_base + offs_m[:, None] * stride_on + offs_a[None, :] * stride_od, out_a,
+                 mask=m_mask[:, None] & a_mask[None, :])
+        if HEAD_B > 0:
+            out_b = (acc_b * inv_l[:, None]).to(Out.dtype.element_ty)
+            tl.store(o_base + offs_m[:, None] * stride_on + offs_b[None, :] * stride_od, out_b,
+                     mask=m_mask[:, None] & b_mask[None, :])
+
+    # Autotune list kept small on purpose: every config is compiled and timed on the first call
+    # of each (N_Q, N_KV, HEAD_DIM) key, and CapHuman has ~12 distinct keys, so 8 configs keep
+    # the warm-up of a fresh server to seconds. BLOCK_M 128 x BLOCK_N 64/128 with 8 warps is the
+    # sweet spot for long self-attention on Hopper; BLOCK_M 64 wins for the short sequences
+    # (256/64 queries) where 128-row blocks would leave most SMs idle; BLOCK_N 32 fits the short
+    # 77/258-token cross-attention keys with little masked waste.
+    _ATTN_CONFIGS = [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+        for (bm, bn, w, s) in [
+            (128, 64, 4, 3),
+            (128, 64, 8, 3),
+            (128, 128, 8, 2),
+            (128, 32, 4, 3),
+            (64, 64, 4, 3),
+            (64, 32, 4, 2),
+            (64, 128, 4, 2),
+            (128, 128, 4, 2),
+        ]
+    ]
+
+    def _attn_keep(configs, named_args, **kwargs):
+        """Drop configs whose BLOCK_M is far beyond the query count (pure masked waste)."""
+        n_q = named_args["N_Q"]
+        keep = [c for c in configs if c.kwargs["BLOCK_M"] <= max(64, triton.next_power_of_2(n_q))]
+        return keep or configs
+
+    # EVEN_N follows from the BLOCK_N that autotune (or the caller) picks.
+    _attn_fwd_fixed = triton.heuristics({"EVEN_N": lambda a: a["N_KV"] % a["BLOCK_N"] == 0})(_attn_fwd)
+    _attn_fwd_tuned = triton.autotune(
+        _ATTN_CONFIGS,
+        key=["N_Q", "N_KV", "HEAD_DIM", "HEAD_A", "HEAD_B"],
+        prune_configs_by={"early_config_prune": _attn_keep},
+    )(_attn_fwd_fixed)
+
+
+# --------------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------------
+def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, names: str) -> None:
+    for name, t in zip(("q", "k", "v"), (q, k, v)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.ndim != 4:
+            raise ValueError(f"{name} must be 4-D {names}, got shape {tuple(t.shape)}")
+    reason = triton_supports(q, k, v)
+    if reason is not None:
+        raise ValueError(f"Triton attention cannot run these inputs: {reason}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"devices differ: q {q.device}, k {k.device}, v {v.device}")
+
+
+def _launch(q, k, v, out, b, h, n_q, n_kv, d, scale, config):
+    """q/k/v/out are 4-tuples of strides in [B, H, N, D] order plus the tensors."""
+    head_a, head_b = split_head_dim(d)
+    qk_scale = float(scale) * _LOG2E
+    args = (
+        q, k, v, out,  #
+        q.stride(0), q.stride(1), q.stride(2), q.stride(3),  #
+        k.stride(0), k.stride(1), k.stride(2), k.stride(3),  #
+        v.stride(0), v.stride(1), v.stride(2), v.stride(3),  #
+        out.stride(0), out.stride(1), out.stride(2), out.stride(3),  #
+        h, n_q, n_kv, d, qk_scale,
+    )
+    dot_f32 = interpreter_enabled() and q.dtype == torch.bfloat16
+    if config is None and interpreter_enabled():
+        config = {"BLOCK_M": 16, "BLOCK_N": 16}  # the interpreter is slow; autotuning there is pointless
+    if config is not None:
+        bm, bn = int(config["BLOCK_M"]), int(config["BLOCK_N"])
+        grid = (triton.cdiv(n_q, bm), b * h)
+        extra = {k_: config[k_] for k_ in ("num_warps", "num_stages") if k_ in config}
+        _attn_fwd_fixed[grid](*args, HEAD_A=head_a, HEAD_B=head_b, BLOCK_M=bm, BLOCK_N=bn,
+                              DOT_F32=dot_f32, **extra)
+    else:
+        grid = lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]), b * h)  # noqa: E731
+        _attn_fwd_tuned[grid](*args, HEAD_A=head_a, HEAD_B=head_b, DOT_F32=dot_f32)
+    return out
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float | None = None,
+    *,
+    out: torch.Tensor | None = None,
+    config: dict | None = None,
+) -> torch.Tensor:
+    """softmax(q k^T * scale) v with the fused Triton kernel.
+
+    Args:
+        q: [B, H, Nq, D] fp16/bf16, any strides (CUDA, or CPU under TRITON_INTERPRET=1).
+        k, v: [B, H, Nk, D], same dtype and device as q, any strides.
+        scale: softmax scale; default 1/sqrt(D).
+        out: optional [B, H, Nq, D] output (any strides, e.g. a permuted [B, Nq, H, D] buffer).
+        config: optional fixed {"BLOCK_M", "BLOCK_N"[, "num_warps", "num_stages"]} instead of autotune.
+    Returns:
+        [B, H, Nq, D] in q's dtype; by default a [B, H, Nq, D] view of a contiguous [B, Nq, H, D]
+        buffer, so ``.transpose(1, 2).reshape(B, Nq, H * D)`` is free.
+    """
+    _check_qkv(q, k, v, "[B, H, N, D]")
+    b, h, n_q, d = q.shape
+    if k.shape[0] != b or k.shape[1] != h or k.shape[3] != d or v.shape != k.shape:
+        raise ValueError(
+            f"shape mismatch: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}; "
+            "expected k and v [B, H, Nk, D] with q's B, H, D"
+        )
+    n_kv = k.shape[2]
+    if n_kv == 0:
+        raise ValueError("k and v must hold at least one token")
+    if scale is None:
+        scale = 1.0 / math.sqrt(d)
+    if out is None:
+        out = torch.empty((b, n_q, h, d), device=q.device, dtype=q.dtype).transpose(1, 2)
+    elif out.shape != q.shape or out.dtype != q.dtype or out.device != q.device:
+        raise ValueError(f"out must be {tuple(q.shape)} {q.dtype} on {q.device}, got {tuple(out.shape)} "
+                         f"{out.dtype} on {out.device}")
+    if n_q == 0 or b * h == 0:
+        return out
+    return _launch(q, k, v, out, b, h, n_q, n_kv, d, scale, config)
+
+
+def attention_bnhd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float | None = None,
+    *,
+    config: dict | None = None,
+) -> torch.Tensor:
+    """Same as ``attention`` on [B, N, H, D] tensors (e.g. ``to_q(x).view(B, N, H, D)``).
+
+    Returns a contiguous [B, Nq, H, D] tensor, so ``.view(B, Nq, H * D)`` feeds ``to_out`` directly.
+    """
+    for name, t in zip(("q", "k", "v"), (q, k, v)):
+        if not isinstance(t, torch.Tensor) or t.ndim != 4:
+            raise ValueError(f"{name} must be a 4-D [B, N, H, D] tensor")
+    o = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale, config=config)
+    return o.transpose(1, 2)
