@@ -1,0 +1,302 @@
+"""diffusers attention processors that run CapHuman's attention through the fused Triton kernel.
+
+``enable_fast_attention(unet_or_controlnet)`` installs a ``FastAttnProcessor`` on every
+``Attention`` module; ``disable_fast_attention`` restores diffusers' ``AttnProcessor2_0``. The torch
+engine turns them on; the reference path never does.
+
+What the processor does per call:
+1. Picks a backend explicitly (``select_backend``): the Triton kernel for CUDA fp16/bf16 tensors
+   without an attention mask (or CPU tensors under ``TRITON_INTERPRET=1`` when forced), torch SDPA
+   otherwise. The choice is recorded in ``processor.last_backend`` so tests can see it.
+2. Feeds q/k/v as [B, N, H, D] stride views of the projections: no transpose or copy.
+3. For cross-attention, reuses K/V projected from the same context tensor (see ``CrossKVCache``):
+   the text (77 tokens) and identity (258 tokens) contexts are constant for a whole request, so
+   ``to_k``/``to_v`` run once per request instead of once per denoising step.
+"""
+from __future__ import annotations
+
+import enum
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+
+from kernels import attention_triton
+
+__all__ = [
+    "AttnBackend",
+    "CrossKVCache",
+    "FastAttnProcessor",
+    "clear_kv_cache",
+    "disable_fast_attention",
+    "enable_fast_attention",
+    "kv_cache_request",
+    "select_backend",
+]
+
+
+class AttnBackend(str, enum.Enum):
+    """Which implementation computes softmax(q k^T) v."""
+
+    AUTO = "auto"  # Triton where it can run, SDPA elsewhere
+    TRITON = "triton"  # always Triton; a ValueError where it cannot run
+    SDPA = "sdpa"  # always torch.nn.functional.scaled_dot_product_attention
+
+
+def select_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_mask: torch.Tensor | None,
+                   requested: AttnBackend = AttnBackend.AUTO) -> AttnBackend:
+    """The backend that runs these inputs: explicit and side-effect free, so it is testable.
+
+    AUTO takes Triton only for CUDA tensors (the interpreter is for tests; ask for TRITON to use it),
+    fp16/bf16, no mask. TRITON raises ValueError, naming the reason, where the kernel cannot run.
+    """
+    requested = AttnBackend(requested)
+    if requested is AttnBackend.SDPA:
+        return AttnBackend.SDPA
+    reason = attention_triton.triton_supports(q, k, v)
+    if reason is None and attention_mask is not None:
+        reason = "an attention mask was given (the kernel has no mask input)"
+    if requested is AttnBackend.TRITON:
+        if reason is not None:
+            raise ValueError(f"backend 'triton' requested but {reason}")
+        return AttnBackend.TRITON
+    if reason is None and q.is_cuda:
+        return AttnBackend.TRITON
+    return AttnBackend.SDPA
+
+
+@dataclass
+class _KVEntry:
+    context: torch.Tensor  # strong reference: its storage cannot be freed and reused while cached
+    context_version: int | None
+    weights: tuple  # (tensor, version) of every parameter of to_k / to_v
+    generation: int
+    key: torch.Tensor
+    value: torch.Tensor
+
+
+def _version(t: torch.Tensor) -> int | None:
+    """In-place version counter, or None for inference-mode tensors (they have none)."""
+    try:
+        return t._version
+    except RuntimeError:
+        return None
+
+
+class CrossKVCache:
+    """Per-request cache of cross-attention K/V, shared by all processors of one network.
+
+    An entry is used only if ALL of these hold, so a stale entry is never used silently:
+    - the context is the very same tensor object (identity, not address: the entry keeps a strong
+      reference, so the address cannot be recycled by a new tensor while the entry lives);
+    - its in-place version counter is unchanged (``ctx.add_(...)`` invalidates);
+    - the to_k/to_v parameters are the same tensors at the same versions (weights swapped or
+      loaded in place invalidate);
+    - no ``clear()`` / new request happened since it was stored.
+    Contexts created under ``torch.inference_mode()`` have no version counter, so an in-place edit
+    cannot be seen: they are cached only inside ``request()`` (the caller's promise that contexts
+    are not edited in place during the request); outside one they are recomputed every call.
+    """
+
+    MAX_CONTEXTS_PER_LAYER = 4  # e.g. serial CFG alternates two contexts per layer
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._entries: dict[int, list[_KVEntry]] = {}  # id(Attention module) -> most recent first
+        self._generation = 0
+        self._in_request = 0
+        self.hits = 0
+        self.misses = 0
+
+    def clear(self) -> None:
+        """Drop every entry (e.g. between requests, or after changing weights)."""
+        with self._lock:
+            self._entries.clear()
+            self._generation += 1
+
+    @contextmanager
+    def request(self) -> Iterator[CrossKVCache]:
+        """Scope of one request: starts and ends with an empty cache."""
+        self.clear()
+        with self._lock:
+            self._in_request += 1
+        try:
+            yield self
+        finally:
+            with self._lock:
+                self._in_request -= 1
+            self.clear()
+
+    @staticmethod
+    def _weights(attn: Attention) -> tuple:
+        params = list(attn.to_k.parameters()) + list(attn.to_v.parameters())
+        return tuple((p, _version(p)) for p in params)
+
+    def _valid(self, e: _KVEntry, attn: Attention, context: torch.Tensor) -> bool:
+        if e.generation != self._generation or e.context is not context:
+            return False
+        if e.context_version != _version(context):
+            return False
+        if e.context_version is None and not self._in_request:
+            return False
+        now = self._weights(attn)
+        return len(now) == len(e.weights) and all(
+            p is q and v == w for (p, v), (q, w) in zip(now, e.weights))
+
+    def get_or_compute(self, attn: Attention, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(to_k(context), to_v(context)), computed at most once per valid entry."""
+        with self._lock:
+            for e in self._entries.get(id(attn), ()):
+                if self._valid(e, attn, context):
+                    self.hits += 1
+                    return e.key, e.value
+        key = attn.to_k(context)
+        value = attn.to_v(context)
+        ver = _version(context)
+        with self._lock:
+            self.misses += 1
+            if ver is not None or self._in_request:
+                entry = _KVEntry(context, ver, self._weights(attn), self._generation, key, value)
+                kept = [e for e in self._entries.get(id(attn), ()) if e.context is not context]
+                self._entries[id(attn)] = [entry] + kept[: self.MAX_CONTEXTS_PER_LAYER - 1]
+        return key, value
+
+
+class FastAttnProcessor:
+    """Drop-in for ``AttnProcessor2_0`` with Triton attention and an optional cross K/V cache."""
+
+    def __init__(self, backend: AttnBackend | str = AttnBackend.AUTO, kv_cache: CrossKVCache | None = None):
+        self.backend = AttnBackend(backend)
+        self.kv_cache = kv_cache
+        self.last_backend: AttnBackend | None = None
+
+    def __call__(
+        self,
+        attn: Attention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        *args,
+        **kwargs,
+    ) -> torch.Tensor:
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)
+        batch = hidden_states.shape[0]
+        is_cross = encoder_hidden_states is not None
+        kv_len = (encoder_hidden_states if is_cross else hidden_states).shape[1]
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, kv_len, batch)
+            attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+
+        query = attn.to_q(hidden_states)
+        if not is_cross:
+            key, value = attn.to_k(hidden_states), attn.to_v(hidden_states)
+        else:
+            if attn.norm_cross:
+                encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+            if self.kv_cache is not None:
+                key, value = self.kv_cache.get_or_compute(attn, encoder_hidden_states)
+            else:
+                key, value = attn.to_k(encoder_hidden_states), attn.to_v(encoder_hidden_states)
+
+        heads = attn.heads
+        head_dim = key.shape[-1] // heads
+        # [B, N, H, D] views of the projections: the kernel takes their strides, nothing is copied
+        q = query.view(batch, -1, heads, head_dim)
+        k = key.view(key.shape[0], -1, heads, head_dim)
+        v = value.view(value.shape[0], -1, heads, head_dim)
+        if attn.norm_q is not None or attn.norm_k is not None:
+            q, k = q.transpose(1, 2), k.transpose(1, 2)
+            if attn.norm_q is not None:
+                q = attn.norm_q(q)
+            if attn.norm_k is not None:
+                k = attn.norm_k(k)
+            q, k = q.transpose(1, 2), k.transpose(1, 2)
+
+        self.last_backend = select_backend(q, k, v, attention_mask, self.backend)
+        if self.last_backend is AttnBackend.TRITON:
+            out = attention_triton.attention_bnhd(q, k, v, attn.scale)  # [B, Nq, H, D] contiguous
+        else:
+            out = F.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=attention_mask,
+                dropout_p=0.0, is_causal=False, scale=attn.scale).transpose(1, 2)
+        hidden_states = out.reshape(batch, -1, heads * head_dim).to(query.dtype)
+
+        hidden_states = attn.to_out[0](hidden_states)
+        hidden_states = attn.to_out[1](hidden_states)
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(batch, channel, height, width)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor
+
+
+def _attention_modules(module: torch.nn.Module) -> list[Attention]:
+    found = [m for m in module.modules() if isinstance(m, Attention)]
+    if not found:
+        raise ValueError(f"{type(module).__name__} holds no diffusers Attention module")
+    return found
+
+
+def enable_fast_attention(module: torch.nn.Module, cache_cross_kv: bool = True,
+                          backend: AttnBackend | str = AttnBackend.AUTO) -> CrossKVCache | None:
+    """Install ``FastAttnProcessor`` on every Attention of a UNet2DConditionModel/ControlNetModel.
+
+    Returns the network's shared ``CrossKVCache`` (None when ``cache_cross_kv`` is False); wrap each
+    request in ``kv_cache_request(module)`` (or call ``clear_kv_cache``) so that entries never
+    outlive it.
+    """
+    cache = CrossKVCache() if cache_cross_kv else None
+    for attn in _attention_modules(module):
+        attn.set_processor(FastAttnProcessor(backend, cache))
+    return cache
+
+
+def disable_fast_attention(module: torch.nn.Module) -> None:
+    """Restore diffusers' ``AttnProcessor2_0`` on every Attention (dropping any cached K/V)."""
+    for attn in _attention_modules(module):
+        attn.set_processor(AttnProcessor2_0())
+
+
+def _caches(module: torch.nn.Module) -> list[CrossKVCache]:
+    seen: dict[int, CrossKVCache] = {}
+    for attn in _attention_modules(module):
+        proc = attn.processor
+        if isinstance(proc, FastAttnProcessor) and proc.kv_cache is not None:
+            seen[id(proc.kv_cache)] = proc.kv_cache
+    return list(seen.values())
+
+
+def clear_kv_cache(module: torch.nn.Module) -> None:
+    """Drop the cached cross-attention K/V of every fast processor in ``module``."""
+    for cache in _caches(module):
+        cache.clear()
+
+
+@contextmanager
+def kv_cache_request(module: torch.nn.Module) -> Iterator[None]:
+    """One request's scope: the K/V caches of ``module`` start and end empty."""
+    caches = _caches(module)
+    with _nested([c.request() for c in caches]):
+        yield
+
+
+@contextmanager
+def _nested(managers: list) -> Iterator[None]:
+    if not managers:
+        yield
+        return
+    with managers[0], _nested(managers[1:]):
+        yield

@@ -1,0 +1,163 @@
+"""`caphuman generate`: prompt + head hint + identity -> PNG images with JSON sidecars."""
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .outputs import save_png_with_sidecar
+from .pipeline import GenerationRequest, load_pipeline, sphere_hint, tiny_random_pipeline
+
+log = logging.getLogger(__name__)
+
+MAX_NPY_BYTES = 256 << 20  # inputs are small tensors; refuse anything absurd before reading it
+
+RANDOM_WEIGHTS_NOTICE = """\
+NOTE: no --checkpoint given, so this runs the BUILT-IN TINY MODEL WITH RANDOM WEIGHTS.
+      The output is a pattern, not a photo: it shows the runtime works end to end.
+      For real images, get the official weights (see README, "Official weights") and run e.g.
+        caphuman generate --checkpoint ckpts/caphuman.ckpt --sd-checkpoint ckpts/Realistic_Vision_V3.0.ckpt \\
+            --vae-checkpoint ckpts/vae-ft-mse-840000-ema-pruned.ckpt --clip-dir ckpts/clip-vit-large-patch14 \\
+            --hint hint.npy --identity-context identity.npy --prompt "a photo of a man in a garden"
+"""
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "generate", help="generate images (runs a tiny random-weight demo when no weights are given)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Generate photos of one person: a text prompt, a head condition (the 9-channel FLAME hint) "
+                    "and an identity context. Without --checkpoint it runs a tiny built-in model with random "
+                    "weights, to check the installation.")
+    w = p.add_argument_group("weights (official files; all optional for the demo)")
+    w.add_argument("--config", help="official-format config (default: the packaged cldm_v15.yaml)")
+    w.add_argument("--checkpoint", help="caphuman.ckpt (Lightning or bare state dict)")
+    w.add_argument("--sd-checkpoint", help="SD1.x .ckpt/.safetensors whose UNet, VAE and text encoder override")
+    w.add_argument("--vae-checkpoint", help="VAE .ckpt (e.g. vae-ft-mse-840000-ema-pruned.ckpt), overrides the VAE")
+    w.add_argument("--clip-dir", help="local openai/clip-vit-large-patch14 folder (tokenizer files)")
+    c = p.add_argument_group("conditions")
+    c.add_argument("--prompt", default="a photo of a person, best quality", help="text prompt")
+    c.add_argument("--added-prompt", default="", help="appended as 'PROMPT, ADDED' (official --a_prompt)")
+    c.add_argument("--negative-prompt", default="", help="negative prompt (the unconditional branch)")
+    c.add_argument("--hint", help="raw head hint as .npy [9,H,W] or [1,9,H,W] (from `caphuman condition`); "
+                                   "default: a built-in frontal stand-in head")
+    c.add_argument("--identity-context", help=".npy [258,C] identity context (projected)")
+    c.add_argument("--id-features", help=".npy [512] FaceNet embedding (with --clip-tokens)")
+    c.add_argument("--clip-tokens", help=".npy [257,1024] CLIP image tokens of the parsed face (with --id-features)")
+    s = p.add_argument_group("sampling")
+    s.add_argument("--steps", type=int, default=20, help="DDIM steps (official: 20)")
+    s.add_argument("--guidance", type=float, default=7.0, help="classifier-free guidance scale")
+    s.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
+    s.add_argument("--strength", type=float, default=1.0, help="CapFace residual scale")
+    s.add_argument("--tau", type=float, default=0.0, help="ID dropout: identity context off for timesteps > tau (0 = off)")
+    s.add_argument("--seed", type=int, default=12345, help="seed of the first sample (next ones: seed+1, ...)")
+    s.add_argument("--num-samples", type=int, default=1, help="images per prompt")
+    s.add_argument("--resolution", type=int, default=512, help="size of the built-in hint when --hint is not given")
+    s.add_argument("--noise", help=".npy initial noise [N,4,h,w] for bit-exact comparisons")
+    s.add_argument("--cfg", choices=["batched", "serial"], default="batched",
+                   help="batched: CapFace once + UNet at batch 2 per step; serial: the official way (reference mode)")
+    r = p.add_argument_group("runtime")
+    r.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    r.add_argument("--fp16", action="store_true", help="run the networks in float16 (GPU)")
+    r.add_argument("--out", default="outputs", help="output folder")
+    r.add_argument("--name", default="caphuman", help="file name prefix")
+    p.set_defaults(func=run)
+
+
+def load_npy(path: str, what: str, ndim: tuple[int, ...]) -> torch.Tensor:
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{what} file not found: {p}")
+    if p.stat().st_size > MAX_NPY_BYTES:
+        raise ValueError(f"{what} file {p} is larger than {MAX_NPY_BYTES >> 20} MiB")
+    try:
+        arr = np.load(p, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise ValueError(f"{what} file {p} is not a readable .npy array ({e})") from e
+    if arr.ndim not in ndim:
+        raise ValueError(f"{what} in {p} has shape {arr.shape}; expected {' or '.join(f'{d}-D' for d in ndim)}")
+    t = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
+    if not torch.isfinite(t).all():
+        raise ValueError(f"{what} in {p} contains NaN or infinite values")
+    return t
+
+
+def _identity(args, pipe, rng_seed: int) -> torch.Tensor:
+    den = pipe.denoiser
+    if args.identity_context:
+        ctx = load_npy(args.identity_context, "identity context", (2, 3))
+        ctx = ctx[None] if ctx.ndim == 2 else ctx
+        if ctx.shape[-1] != pipe.config.context_dim:
+            raise ValueError(f"identity context width {ctx.shape[-1]} != the model's {pipe.config.context_dim}")
+        return ctx
+    if args.id_features or args.clip_tokens:
+        if not (args.id_features and args.clip_tokens):
+            raise ValueError("--id-features and --clip-tokens go together")
+        fid = load_npy(args.id_features, "FaceNet features", (1, 2)).reshape(1, -1)
+        tokens = load_npy(args.clip_tokens, "CLIP tokens", (2, 3))
+        tokens = tokens[None] if tokens.ndim == 2 else tokens
+        if fid.shape[-1] != pipe.config.id_dim or tokens.shape[-1] != pipe.config.img_linear_dim:
+            raise ValueError(f"need FaceNet [{pipe.config.id_dim}] and CLIP tokens [257,{pipe.config.img_linear_dim}], "
+                             f"got {tuple(fid.shape)} and {tuple(tokens.shape)}")
+        with torch.no_grad():
+            p = next(den.parameters())
+            return den.project_identity(tokens.to(p), fid.to(p)).float().cpu()
+    if not pipe.random_weights:
+        raise ValueError("real weights need an identity: --identity-context, or --id-features with --clip-tokens")
+    g = torch.Generator().manual_seed(rng_seed)
+    with torch.no_grad():
+        tokens = torch.randn(1, 257, pipe.config.img_linear_dim, generator=g)
+        fid = torch.nn.functional.normalize(torch.randn(1, pipe.config.id_dim, generator=g), dim=-1)
+        return den.project_identity(tokens, fid)
+
+
+def run(args) -> int:
+    if args.checkpoint is None and (args.sd_checkpoint or args.vae_checkpoint):
+        raise ValueError("--sd-checkpoint/--vae-checkpoint need --checkpoint (caphuman.ckpt) too")
+    dtype = torch.float16 if args.fp16 else torch.float32
+    if args.fp16 and args.device == "cpu":
+        raise ValueError("--fp16 needs a GPU (--device cuda)")
+    t0 = time.perf_counter()
+    if args.checkpoint is None:
+        print(RANDOM_WEIGHTS_NOTICE)
+        pipe = tiny_random_pipeline(device=args.device)
+    else:
+        from export.config import packaged_config
+        pipe = load_pipeline(args.config or packaged_config("cldm_v15"), args.checkpoint, args.sd_checkpoint,
+                             args.vae_checkpoint, args.clip_dir, device=args.device, dtype=dtype)
+    log.info("models ready in %.1f s", time.perf_counter() - t0)
+
+    if args.hint:
+        hint = load_npy(args.hint, "hint", (3, 4))
+        hint = hint[None] if hint.ndim == 3 else hint
+    else:
+        if args.resolution % 64 or not 256 <= args.resolution <= 1024:
+            raise ValueError(f"--resolution must be a multiple of 64 in [256, 1024], got {args.resolution}")
+        hint = sphere_hint(args.resolution)
+    noise = load_npy(args.noise, "noise", (4,)) if args.noise else None
+    req = GenerationRequest(prompt=args.prompt, added_prompt=args.added_prompt, negative_prompt=args.negative_prompt,
+                            hint=hint, identity_context=_identity(args, pipe, args.seed), seed=args.seed,
+                            num_samples=args.num_samples, steps=args.steps, guidance=args.guidance, eta=args.eta,
+                            strength=args.strength, tau=args.tau, noise=noise)
+    req.validate(pipe.config.unet.in_channels)
+
+    bar = tqdm(total=None, desc="denoising", unit="step")
+
+    def progress(i, total, _x):
+        bar.total = total
+        bar.update(1)
+
+    t1 = time.perf_counter()
+    result = pipe.generate(req, cfg=args.cfg, callback=progress)
+    bar.close()
+    result.parameters["seconds"] = round(time.perf_counter() - t1, 3)
+    for image, seed in zip(result.images, result.seeds):
+        png, sidecar = save_png_with_sidecar(image, Path(args.out) / f"{args.name}_{seed}.png",
+                                             {**result.parameters, "seed": seed})
+        print(f"wrote {png} and {sidecar.name}")
+    return 0
