@@ -91,14 +91,14 @@ def triton_supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | 
     """None when the Triton kernel can run these inputs here, else the reason it cannot."""
     if not HAS_TRITON:
         return "triton is not installed"
-    if not (q.is_cuda or interpreter_enabled()):
-        return f"tensors are on {q.device} and TRITON_INTERPRET is not set"
     if q.dtype not in SUPPORTED_DTYPES:
         return f"dtype {q.dtype} is not one of {SUPPORTED_DTYPES}"
     if not (q.dtype == k.dtype == v.dtype):
         return f"dtypes differ: q {q.dtype}, k {k.dtype}, v {v.dtype}"
     if q.shape[-1] > _MAX_HEAD_DIM or q.shape[-1] < 1:
         return f"head dim {q.shape[-1]} is outside [1, {_MAX_HEAD_DIM}]"
+    if not (q.is_cuda or interpreter_enabled()):
+        return f"tensors are on {q.device} and TRITON_INTERPRET is not set"
     return None
 
 
@@ -257,7 +257,7 @@ def _launch(q, k, v, out, b, h, n_q, n_kv, d, scale, config):
     )
     dot_f32 = interpreter_enabled() and q.dtype == torch.bfloat16
     if config is None and interpreter_enabled():
-        config = {"BLOCK_M": 16, "BLOCK_N": 16}  # the interpreter is slow; autotuning there is pointless
+        config = {"BLOCK_M": 32, "BLOCK_N": 32}  # the interpreter is slow; autotuning there is pointless
     if config is not None:
         bm, bn = int(config["BLOCK_M"]), int(config["BLOCK_N"])
         grid = (triton.cdiv(n_q, bm), b * h)

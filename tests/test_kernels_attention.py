@@ -1,0 +1,288 @@
+"""Fused Triton attention (kernels/attention_triton.py) and its diffusers processors.
+
+The kernel checks run in ONE subprocess with ``TRITON_INTERPRET=1``: the variable must be set
+before triton is first imported, and another test module of this session may already have
+imported it, so setting it here at import time would be unreliable. The subprocess runs every
+case of ``_KERNEL_CASES`` against the float64 reference and reports the max error per case.
+Processor tests run in-process on the CPU (SDPA fallback), plus one subprocess run of a tiny UNet
+through the Triton backend under the interpreter.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from kernels import attention_triton as at
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.skipif(not at.HAS_TRITON, reason="triton is not installed")
+
+# name: (B, H, Nq, Nk, D, dtype, layout, config)
+#   layout "bhnd": contiguous [B,H,N,D]; "bnhd": [B,N,H,D] views via attention_bnhd;
+#   "sliced": q/k/v are column slices of one fused [B,N,3*H*D] projection (non-contiguous).
+_KERNEL_CASES = {
+    "fp16_d40_irregular": (1, 2, 37, 29, 40, "float16", "bhnd", None),
+    "fp16_d80_cross77": (2, 1, 50, 77, 80, "float16", "bnhd", None),
+    "fp16_d160_short": (1, 2, 9, 40, 160, "float16", "bhnd", None),
+    "fp16_d64_pow2": (1, 1, 33, 31, 64, "float16", "bhnd", None),
+    "fp16_d40_fused_qkv_slices": (2, 2, 21, 21, 40, "float16", "sliced", None),
+    "fp16_d40_multiblock_partial": (1, 1, 45, 70, 40, "float16", "bhnd", {"BLOCK_M": 16, "BLOCK_N": 16}),
+    "fp16_d80_multiblock_even": (1, 1, 40, 64, 80, "float16", "bhnd", {"BLOCK_M": 16, "BLOCK_N": 16}),
+    "bf16_d40_irregular": (1, 2, 20, 33, 40, "bfloat16", "bhnd", None),
+    "bf16_d80_bnhd": (1, 2, 19, 45, 80, "bfloat16", "bnhd", {"BLOCK_M": 16, "BLOCK_N": 16}),
+}
+_TOL = {"float16": 4e-3, "bfloat16": 3e-2}  # outputs are O(1): a few ulps of the output dtype
+
+_KERNEL_SCRIPT = textwrap.dedent(
+    """
+    import json, math, sys
+    import torch
+    from kernels.attention_triton import attention, attention_bnhd, attention_reference
+    cases = json.loads(sys.argv[1])
+    res = {}
+    for name, (b, h, nq, nk, d, dt, layout, cfg) in cases.items():
+        g = torch.Generator().manual_seed(len(name))
+        dt = getattr(torch, dt)
+        scale = 0.7 / math.sqrt(d)  # not the default: the scale argument must be honoured
+        if layout == "sliced":
+            qkv = torch.randn(b, nq, 3 * h * d, generator=g).to(dt)
+            q, k, v = (qkv[..., i * h * d:(i + 1) * h * d].view(b, nq, h, d).transpose(1, 2) for i in range(3))
+        else:
+            q = torch.randn(b, h, nq, d, generator=g).to(dt)
+            k = torch.randn(b, h, nk, d, generator=g).to(dt)
+            v = torch.randn(b, h, nk, d, generator=g).to(dt)
+        if layout == "bnhd":
+            o = attention_bnhd(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale, config=cfg)
+            o = o.transpose(1, 2)
+        else:
+            o = attention(q, k, v, scale, config=cfg)
+        ref = attention_reference(q, k, v, scale)
+        res[name] = {"err": (o.double() - ref).abs().max().item(), "dtype": str(o.dtype),
+                     "shape": list(o.shape), "ref_absmax": ref.abs().max().item()}
+    print("RESULT" + json.dumps(res))
+    """
+)
+
+
+def _run_interpreted(script: str, *args: str, timeout: int = 600) -> str:
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, "-c", script, *args], env=env, cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(f"interpreted run failed:\n{proc.stdout}\n{proc.stderr}")
+    return proc.stdout
+
+
+@pytest.fixture(scope="module")
+def kernel_results() -> dict:
+    out = _run_interpreted(_KERNEL_SCRIPT, json.dumps(_KERNEL_CASES))
+    line = next(ln for ln in out.splitlines() if ln.startswith("RESULT"))
+    return json.loads(line[len("RESULT"):])
+
+
+@pytest.mark.parametrize("case", sorted(_KERNEL_CASES))
+def test_kernel_matches_float64_reference(kernel_results: dict, case: str) -> None:
+    b, h, nq, nk, d, dt, _, _ = _KERNEL_CASES[case]
+    r = kernel_results[case]
+    assert r["shape"] == [b, h, nq, d]
+    assert r["dtype"] == f"torch.{dt}"
+    assert r["ref_absmax"] > 0.1  # the reference is not trivially zero
+    assert r["err"] <= _TOL[dt], f"{case}: max abs error {r['err']:.3g} > {_TOL[dt]}"
+
+
+@pytest.mark.parametrize("d, expected", [(40, (32, 16)), (80, (64, 16)), (160, (128, 32)), (64, (64, 0)),
+                                         (100, (128, 0)), (8, (16, 0)), (24, (32, 0))])
+def test_split_head_dim(d: int, expected: tuple[int, int]) -> None:
+    a, b = at.split_head_dim(d)
+    assert (a, b) == expected and a + b >= d
+
+
+def test_split_head_dim_rejects_out_of_range() -> None:
+    with pytest.raises(ValueError, match="head_dim"):
+        at.split_head_dim(300)
+
+
+def test_reference_matches_naive_softmax() -> None:
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 5, 8, generator=g) for _ in range(3))
+    w = torch.exp((q.double() @ k.double().transpose(-1, -2)) * 0.5)
+    naive = (w / w.sum(-1, keepdim=True)) @ v.double()
+    torch.testing.assert_close(at.attention_reference(q, k, v, 0.5), naive)
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda: (torch.zeros(2, 3, 4), torch.zeros(2, 3, 4), torch.zeros(2, 3, 4)), "4-D"),
+        (lambda: (torch.zeros(1, 1, 4, 40), torch.zeros(1, 1, 4, 40), torch.zeros(1, 1, 4, 40)), "cannot run"),
+    ],
+)
+def test_attention_validates_inputs(make, match: str) -> None:
+    if at.interpreter_enabled():
+        pytest.skip("this process runs the interpreter, where CPU tensors are accepted")
+    with pytest.raises(ValueError, match=match):
+        at.attention(*make())
+
+
+def test_triton_supports_reasons() -> None:
+    half = torch.zeros(1, 1, 4, 40, dtype=torch.float16)
+    assert "dtype" in at.triton_supports(half.float(), half.float(), half.float())
+    assert "differ" in at.triton_supports(half, half.bfloat16(), half)
+    assert "head dim" in at.triton_supports(*(torch.zeros(1, 1, 2, 300, dtype=torch.float16),) * 3)
+    if not at.interpreter_enabled():
+        assert "TRITON_INTERPRET" in at.triton_supports(half, half, half)
+
+
+# ------------------------------------------------------------------------------------------
+# Processors (CPU: SDPA fallback)
+# ------------------------------------------------------------------------------------------
+from diffusers import UNet2DConditionModel  # noqa: E402
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0  # noqa: E402
+
+from export import attention_processors as ap  # noqa: E402
+
+
+def _tiny_unet(seed: int = 0) -> UNet2DConditionModel:
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=24, attention_head_dim=8, norm_num_groups=8).eval()
+
+
+def _count_kv_projections(unet: UNet2DConditionModel) -> dict:
+    counts = {"k": 0, "v": 0}
+    for name, m in unet.named_modules():
+        if isinstance(m, Attention) and name.endswith("attn2"):  # cross-attention
+            m.to_k.register_forward_hook(lambda *_: counts.__setitem__("k", counts["k"] + 1))
+            m.to_v.register_forward_hook(lambda *_: counts.__setitem__("v", counts["v"] + 1))
+    return counts
+
+
+def _n_cross(unet: UNet2DConditionModel) -> int:
+    return sum(1 for n, m in unet.named_modules() if isinstance(m, Attention) and n.endswith("attn2"))
+
+
+def test_enable_fast_attention_same_output_cpu_fallback() -> None:
+    unet = _tiny_unet()
+    x, t, ctx = torch.randn(2, 4, 8, 8), torch.tensor([10, 10]), torch.randn(2, 7, 24)
+    with torch.no_grad():
+        ref = unet(x, t, ctx).sample
+        ap.enable_fast_attention(unet)
+        procs = [m.processor for m in unet.modules() if isinstance(m, Attention)]
+        assert procs and all(isinstance(p, ap.FastAttnProcessor) for p in procs)
+        out = unet(x, t, ctx).sample
+        assert all(p.last_backend is ap.AttnBackend.SDPA for p in procs)  # CPU tensors: explicit fallback
+        ap.disable_fast_attention(unet)
+        assert all(isinstance(m.processor, AttnProcessor2_0) for m in unet.modules() if isinstance(m, Attention))
+        back = unet(x, t, ctx).sample
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(back, ref, rtol=0, atol=0)
+
+
+def test_select_backend_is_explicit() -> None:
+    cpu16 = torch.zeros(1, 4, 2, 40, dtype=torch.float16)
+    assert ap.select_backend(cpu16, cpu16, cpu16, None, "sdpa") is ap.AttnBackend.SDPA
+    if not at.interpreter_enabled():
+        assert ap.select_backend(cpu16, cpu16, cpu16, None, "auto") is ap.AttnBackend.SDPA
+        with pytest.raises(ValueError, match="triton"):
+            ap.select_backend(cpu16, cpu16, cpu16, None, "triton")
+
+
+def test_cross_kv_cache_projects_once_and_invalidates() -> None:
+    unet = _tiny_unet()
+    counts = _count_kv_projections(unet)
+    n = _n_cross(unet)
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([10, 10])
+    ctx = torch.randn(2, 7, 24)
+    with torch.no_grad():
+        ref = unet(x, t, ctx).sample
+        counts.update(k=0, v=0)
+        cache = ap.enable_fast_attention(unet, cache_cross_kv=True)
+        outs = [unet(x, t, ctx).sample for _ in range(3)]  # three "steps", one context
+        assert counts == {"k": n, "v": n}, "to_k/to_v must run once per layer for a constant context"
+        assert cache.hits == 2 * n
+        for o in outs:
+            torch.testing.assert_close(o, ref, rtol=1e-5, atol=1e-6)
+        ctx2 = torch.randn(2, 7, 24)  # a new request's context: recomputed
+        ref2_fast = unet(x, t, ctx2).sample
+        assert counts == {"k": 2 * n, "v": 2 * n}
+        ctx2.mul_(2.0)  # edited in place: the version counter invalidates the entry
+        out3 = unet(x, t, ctx2).sample
+        assert counts == {"k": 3 * n, "v": 3 * n}
+        assert not torch.allclose(out3, ref2_fast)
+        ap.clear_kv_cache(unet)  # explicit clear
+        unet(x, t, ctx2)
+        assert counts == {"k": 4 * n, "v": 4 * n}
+        for m in unet.modules():  # weights changed in place (e.g. a LoRA merge): recomputed
+            if isinstance(m, Attention):
+                m.to_k.weight.mul_(1.0)
+        unet(x, t, ctx2)
+        assert counts == {"k": 5 * n, "v": 5 * n}
+        ap.disable_fast_attention(unet)
+        torch.testing.assert_close(unet(x, t, ctx2).sample, out3, rtol=1e-5, atol=1e-6)
+
+
+def test_cross_kv_cache_inference_mode_needs_request_scope() -> None:
+    unet = _tiny_unet()
+    counts = _count_kv_projections(unet)
+    n = _n_cross(unet)
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([10, 10])
+    ap.enable_fast_attention(unet)
+    with torch.inference_mode():
+        ctx = torch.randn(2, 7, 24)  # inference tensor: no version counter
+        unet(x, t, ctx)
+        unet(x, t, ctx)
+        assert counts == {"k": 2 * n, "v": 2 * n}, "outside a request scope nothing may be cached"
+        with ap.kv_cache_request(unet):
+            unet(x, t, ctx)
+            unet(x, t, ctx)
+            unet(x, t, ctx)
+        assert counts == {"k": 3 * n, "v": 3 * n}
+        with ap.kv_cache_request(unet):  # a new request starts empty
+            unet(x, t, ctx)
+        assert counts == {"k": 4 * n, "v": 4 * n}
+
+
+def test_enable_fast_attention_rejects_module_without_attention() -> None:
+    with pytest.raises(ValueError, match="no diffusers Attention"):
+        ap.enable_fast_attention(torch.nn.Linear(2, 2))
+
+
+_UNET_TRITON_SCRIPT = textwrap.dedent(
+    """
+    import torch
+    from diffusers import UNet2DConditionModel
+    from export import attention_processors as ap
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=24, attention_head_dim=8, norm_num_groups=8).eval()
+    x, t, ctx = torch.randn(2, 4, 8, 8), torch.tensor([10, 10]), torch.randn(2, 7, 24)
+    with torch.no_grad():
+        ref = unet(x, t, ctx).sample.double()
+        unet = unet.to(torch.bfloat16)
+        ap.enable_fast_attention(unet, backend="sdpa")
+        sdpa = unet(x.bfloat16(), t, ctx.bfloat16()).sample.double()
+        ap.enable_fast_attention(unet, backend="triton")
+        tri = unet(x.bfloat16(), t, ctx.bfloat16()).sample.double()
+        used = {m.processor.last_backend.value for m in unet.modules() if hasattr(m, "processor")}
+    print("RESULT", (tri - sdpa).abs().max().item(), (sdpa - ref).abs().max().item(), sorted(used))
+    """
+)
+
+
+def test_unet_through_triton_kernel_interpreted() -> None:
+    out = _run_interpreted(_UNET_TRITON_SCRIPT)
+    _, tri_vs_sdpa, sdpa_vs_fp32, used = next(ln for ln in out.splitlines() if ln.startswith("RESULT")).split(" ", 3)
+    assert used == "['triton']"
+    # bf16 network: Triton must be as close to the bf16 SDPA run as bf16 rounding allows
+    assert float(tri_vs_sdpa) <= max(2 * float(sdpa_vs_fp32), 2e-2), (tri_vs_sdpa, sdpa_vs_fp32)
