@@ -118,7 +118,10 @@ def bench_attention() -> list[dict]:
             row[f"sdpa_us_{tag}"] = _time(run_sdpa, graphs)
             row[f"triton_us_{tag}"] = _time(run_triton, graphs)
             row[f"speedup_{tag}"] = row[f"sdpa_us_{tag}"] / row[f"triton_us_{tag}"]
+        if row["head_dim"] & (row["head_dim"] - 1):  # not a power of two: split slabs vs one padded slab
+            row["triton_padded_us_graph"] = _time(lambda: at.attention_bnhd(q, k, v, scale, head_split=False), True)
         if b == 2 and name in GOALS:
+            row["sweep"] = sweep_configs(q, k, v, scale)
             row["issue_baseline_us"] = GOALS[name]
             row["meets_1p3x"] = row["speedup_graph"] >= TARGET_SPEEDUP
         rows.append(row)
@@ -126,6 +129,28 @@ def bench_attention() -> list[dict]:
             f"x{row['speedup_graph']:.2f} (eager x{row['speedup_eager']:.2f})  err {row['err_triton']:.1e} "
             f"(sdpa {row['err_sdpa']:.1e})  {row['triton_config']}")
     return rows
+
+
+# A wider grid than the autotune list, on the goal shapes only, to see what the list misses.
+_SWEEP = [(bm, bn, w, st) for bm, bn in ((128, 64), (128, 128), (64, 64), (128, 32), (64, 128), (256, 64))
+          for w, st in ((4, 2), (8, 3), (4, 4))]
+
+
+def sweep_configs(q, k, v, scale) -> list[dict]:
+    out = []
+    for bm, bn, w, st in _SWEEP:
+        cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": st}
+        try:
+            us = _time(lambda: at.attention_bnhd(q, k, v, scale, config=cfg), True)
+        except Exception as exc:  # noqa: BLE001 - e.g. out of shared memory: recorded, not hidden
+            out.append(dict(config=cfg, error=type(exc).__name__))
+            continue
+        out.append(dict(config=cfg, us=us))
+    ok = [r for r in out if "us" in r]
+    if ok:
+        best = min(ok, key=lambda r: r["us"])
+        log(f"    sweep best {best['config']} {best['us']:.1f} us")
+    return out
 
 
 def bench_kv_projection() -> dict:
@@ -350,6 +375,9 @@ def print_table(result: dict) -> None:
         log(f"| {r['name']} | {r['batch']} | {r['sdpa_us_graph']:.1f} | {r['triton_us_graph']:.1f} | "
             f"{r['speedup_graph']:.2f}x | {r['speedup_eager']:.2f}x | {r.get('issue_baseline_us', '')} | "
             f"{r.get('meets_1p3x', '')} |")
+    log("\nsplit head-dim slabs vs one padded slab (Triton, graph us): " + ", ".join(
+        f"{r['name']} B{r['batch']}: {r['triton_us_graph']:.1f} vs {r['triton_padded_us_graph']:.1f}"
+        for r in result.get("attention", []) if "triton_padded_us_graph" in r))
     if "step" in result:
         s = result["step"]
         for tag in ("graph", "eager"):

@@ -243,9 +243,12 @@ def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, names: str) ->
         raise ValueError(f"devices differ: q {q.device}, k {k.device}, v {v.device}")
 
 
-def _launch(q, k, v, out, b, h, n_q, n_kv, d, scale, config):
-    """q/k/v/out are 4-tuples of strides in [B, H, N, D] order plus the tensors."""
-    head_a, head_b = split_head_dim(d)
+def _launch(q, k, v, out, b, h, n_q, n_kv, d, scale, config, head_split=True):
+    """Launch on [B, H, N, D]-indexed tensors (their strides go to the kernel)."""
+    if head_split:
+        head_a, head_b = split_head_dim(d)
+    else:  # one padded power-of-two slab: what FlashAttention kernels do; kept for benchmarks
+        head_a, head_b = max(16, 1 << (d - 1).bit_length()), 0
     qk_scale = float(scale) * _LOG2E
     args = (
         q, k, v, out,  #
@@ -278,6 +281,7 @@ def attention(
     *,
     out: torch.Tensor | None = None,
     config: dict | None = None,
+    head_split: bool = True,
 ) -> torch.Tensor:
     """softmax(q k^T * scale) v with the fused Triton kernel.
 
@@ -287,6 +291,8 @@ def attention(
         scale: softmax scale; default 1/sqrt(D).
         out: optional [B, H, Nq, D] output (any strides, e.g. a permuted [B, Nq, H, D] buffer).
         config: optional fixed {"BLOCK_M", "BLOCK_N"[, "num_warps", "num_stages"]} instead of autotune.
+        head_split: split a non-power-of-two head dim into two slabs (default); False pads it to one
+            power-of-two slab instead (benchmark comparison only).
     Returns:
         [B, H, Nq, D] in q's dtype; by default a [B, H, Nq, D] view of a contiguous [B, Nq, H, D]
         buffer, so ``.transpose(1, 2).reshape(B, Nq, H * D)`` is free.
@@ -310,7 +316,7 @@ def attention(
                          f"{out.dtype} on {out.device}")
     if n_q == 0 or b * h == 0:
         return out
-    return _launch(q, k, v, out, b, h, n_q, n_kv, d, scale, config)
+    return _launch(q, k, v, out, b, h, n_q, n_kv, d, scale, config, head_split)
 
 
 def attention_bnhd(
@@ -320,6 +326,7 @@ def attention_bnhd(
     scale: float | None = None,
     *,
     config: dict | None = None,
+    head_split: bool = True,
 ) -> torch.Tensor:
     """Same as ``attention`` on [B, N, H, D] tensors (e.g. ``to_q(x).view(B, N, H, D)``).
 
@@ -328,5 +335,6 @@ def attention_bnhd(
     for name, t in zip(("q", "k", "v"), (q, k, v)):
         if not isinstance(t, torch.Tensor) or t.ndim != 4:
             raise ValueError(f"{name} must be a 4-D [B, N, H, D] tensor")
-    o = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale, config=config)
+    o = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale, config=config,
+                  head_split=head_split)
     return o.transpose(1, 2)
