@@ -23,6 +23,7 @@ import math
 import platform
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -77,8 +78,8 @@ def _time(fn, graphs: bool) -> float:
     fn()
     torch.cuda.synchronize()
     if graphs:
-        return tt.do_bench_cudagraph(fn, rep=200) * 1e3
-    return tt.do_bench(fn, warmup=50, rep=200) * 1e3
+        return tt.do_bench_cudagraph(fn, rep=100) * 1e3
+    return tt.do_bench(fn, warmup=25, rep=100) * 1e3
 
 
 def bench_attention() -> list[dict]:
@@ -118,10 +119,11 @@ def bench_attention() -> list[dict]:
             row[f"sdpa_us_{tag}"] = _time(run_sdpa, graphs)
             row[f"triton_us_{tag}"] = _time(run_triton, graphs)
             row[f"speedup_{tag}"] = row[f"sdpa_us_{tag}"] / row[f"triton_us_{tag}"]
-        if row["head_dim"] & (row["head_dim"] - 1):  # not a power of two: split slabs vs one padded slab
-            row["triton_padded_us_graph"] = _time(lambda: at.attention_bnhd(q, k, v, scale, head_split=False), True)
         if b == 2 and name in GOALS:
-            row["sweep"] = sweep_configs(q, k, v, scale)
+            # split head-dim slabs vs one padded power-of-two slab (what FlashAttention kernels do)
+            row["triton_padded_us_graph"] = _time(lambda: at.attention_bnhd(q, k, v, scale, head_split=False), True)
+            if name in _SWEEP_SHAPES:
+                row["sweep"] = sweep_configs(q, k, v, scale)
             row["issue_baseline_us"] = GOALS[name]
             row["meets_1p3x"] = row["speedup_graph"] >= TARGET_SPEEDUP
         rows.append(row)
@@ -132,8 +134,10 @@ def bench_attention() -> list[dict]:
 
 
 # A wider grid than the autotune list, on the goal shapes only, to see what the list misses.
-_SWEEP = [(bm, bn, w, st) for bm, bn in ((128, 64), (128, 128), (64, 64), (128, 32), (64, 128), (256, 64))
-          for w, st in ((4, 2), (8, 3), (4, 4))]
+# (BLOCK_M, BLOCK_N, num_warps, num_stages), none of them in the autotune list.
+_SWEEP = [(128, 64, 8, 2), (128, 128, 8, 3), (128, 64, 4, 4), (256, 64, 8, 2), (64, 64, 4, 4), (128, 32, 8, 3),
+          (256, 128, 8, 2), (64, 128, 4, 3)]
+_SWEEP_SHAPES = ("self 4096 d40", "self 1024 d80", "self 256 d160")
 
 
 def sweep_configs(q, k, v, scale) -> list[dict]:
@@ -309,16 +313,20 @@ def bench_raster(mesh_path: Path, albedo_path: Path | None) -> dict:
             res[f"batch{n}_us_graph"] = None
             res[f"batch{n}_graph_error"] = repr(exc)[:300]
         # GPU-only kernel time from the profiler (excludes Python launch cost)
-        from torch.profiler import ProfilerActivity, profile
-
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in range(20):
-                fn()
-            torch.cuda.synchronize()
         kern = {}
-        for e in prof.key_averages():
-            if e.device_type.name == "CUDA":
-                kern[e.key] = getattr(e, "device_time_total", getattr(e, "cuda_time_total", 0.0)) / 20
+        try:
+            from torch.profiler import ProfilerActivity, profile
+
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(20):
+                    fn()
+                torch.cuda.synchronize()
+            for e in prof.key_averages():
+                t_us = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0.0)
+                if t_us:
+                    kern[e.key] = t_us / 20
+        except Exception as exc:  # noqa: BLE001
+            res[f"batch{n}_profiler_error"] = repr(exc)[:300]
         res[f"batch{n}_gpu_kernels_us"] = kern
         res[f"batch{n}_gpu_us"] = sum(kern.values())
         log(f"  raster 512x512 batch {n}: eager {res[f'batch{n}_us_eager']:.1f} us (checked "
@@ -352,19 +360,29 @@ def main() -> None:
         info["cupy"] = None
     log(json.dumps(info))
     result: dict = {"info": info}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    save = lambda: args.out.write_text(json.dumps(result, indent=1))  # noqa: E731
+    if not args.skip_raster:  # first: it is quick, and its compile errors must not hide behind attention's
+        log("rasterizer:")
+        try:
+            result["raster"] = bench_raster(args.mesh, args.albedo)
+        except Exception:  # noqa: BLE001 - recorded in the JSON, the run goes on
+            result["raster_error"] = traceback.format_exc()
+            log(result["raster_error"])
+        save()
     if not args.skip_attention:
         log("attention (fp16, 8 heads):")
-        rows = bench_attention()
-        kv = bench_kv_projection()
-        result["attention"] = rows
-        result["cross_kv_projection"] = kv
-        result["step"] = step_totals(rows, kv)
-        result["attention_goals_met"] = all(r.get("meets_1p3x", True) for r in rows)
-    if not args.skip_raster:
-        log("rasterizer:")
-        result["raster"] = bench_raster(args.mesh, args.albedo)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1))
+        try:
+            rows = bench_attention()
+            kv = bench_kv_projection()
+            result["attention"] = rows
+            result["cross_kv_projection"] = kv
+            result["step"] = step_totals(rows, kv)
+            result["attention_goals_met"] = all(r.get("meets_1p3x", True) for r in rows)
+        except Exception:  # noqa: BLE001
+            result["attention_error"] = traceback.format_exc()
+            log(result["attention_error"])
+        save()
     print_table(result)
 
 

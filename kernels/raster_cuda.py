@@ -50,7 +50,7 @@ SH_CONSTANTS = (  # DECA SRenderY.constant_factor
 _EMPTY_KEY = 0xFFFFFFFFFFFFFFFF  # larger than every packed key (finite depths stay below 0x7FF0...)
 _NVRTC_OPTIONS = ("--std=c++17", "--fmad=false")
 
-CUDA_SOURCE = r"""
+_CUDA_TEMPLATE = r"""
 typedef unsigned long long u64;
 #define K_EPSILON 1e-8  /* pytorch3d kEpsilon */
 #define EMPTY_KEY 0xFFFFFFFFFFFFFFFFull
@@ -149,7 +149,8 @@ extern "C" __global__ void resolve_pixels(
   bary_out[3 * tid + 0] = (float)w0; bary_out[3 * tid + 1] = (float)w1; bary_out[3 * tid + 2] = (float)w2;
 }
 
-__constant__ double SH_C[9];
+/* DECA SRenderY.constant_factor, spelled out to 17 significant digits by the Python side */
+__device__ const double SH_C[9] = {SH_C_VALUES};
 
 extern "C" __global__ void shade_pixels(
     const float* __restrict__ verts,     /* [B, V, 3] */
@@ -231,6 +232,9 @@ extern "C" __global__ void shade_pixels(
 """
 
 
+CUDA_SOURCE = _CUDA_TEMPLATE.replace("SH_C_VALUES", ", ".join(f"{c:.17g}" for c in SH_CONSTANTS))
+
+
 def face_bits(num_faces: int) -> int:
     """Low key bits that hold the face index (the rest hold the float64 depth's top bits)."""
     if num_faces < 1 or num_faces > (1 << 31) - 1:
@@ -253,9 +257,8 @@ def _module(device_index: int):
                 raise RuntimeError("the CUDA rasterizer needs CuPy (pip install cupy-cuda12x or cupy-cuda13x)") from exc
             with cupy.cuda.Device(device_index):
                 mod = cupy.RawModule(code=CUDA_SOURCE, options=_NVRTC_OPTIONS)
-                ptr = mod.get_global("SH_C")
-                consts = np.asarray(SH_CONSTANTS, dtype=np.float64)
-                cupy.ndarray((9,), cupy.float64, ptr).set(consts)
+                for name in ("raster_faces", "resolve_pixels", "shade_pixels"):
+                    mod.get_function(name)  # compile now, not inside a timed or captured launch
             _modules[device_index] = mod
         return mod
 

@@ -143,13 +143,18 @@ def test_triton_supports_reasons() -> None:
 # ------------------------------------------------------------------------------------------
 # Processors (CPU: SDPA fallback)
 # ------------------------------------------------------------------------------------------
-from diffusers import UNet2DConditionModel  # noqa: E402
-from diffusers.models.attention_processor import Attention, AttnProcessor2_0  # noqa: E402
+def _diffusers():
+    pytest.importorskip("diffusers", reason="diffusers is not installed")
+    from diffusers import UNet2DConditionModel
+    from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
-from export import attention_processors as ap  # noqa: E402
+    from export import attention_processors
+
+    return UNet2DConditionModel, Attention, AttnProcessor2_0, attention_processors
 
 
-def _tiny_unet(seed: int = 0) -> UNet2DConditionModel:
+def _tiny_unet(seed: int = 0):
+    UNet2DConditionModel = _diffusers()[0]
     torch.manual_seed(seed)
     return UNet2DConditionModel(
         block_out_channels=(32, 64), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
@@ -157,7 +162,8 @@ def _tiny_unet(seed: int = 0) -> UNet2DConditionModel:
         cross_attention_dim=24, attention_head_dim=8, norm_num_groups=8).eval()
 
 
-def _count_kv_projections(unet: UNet2DConditionModel) -> dict:
+def _count_kv_projections(unet) -> dict:
+    Attention = _diffusers()[1]
     counts = {"k": 0, "v": 0}
     for name, m in unet.named_modules():
         if isinstance(m, Attention) and name.endswith("attn2"):  # cross-attention
@@ -166,11 +172,13 @@ def _count_kv_projections(unet: UNet2DConditionModel) -> dict:
     return counts
 
 
-def _n_cross(unet: UNet2DConditionModel) -> int:
+def _n_cross(unet) -> int:
+    Attention = _diffusers()[1]
     return sum(1 for n, m in unet.named_modules() if isinstance(m, Attention) and n.endswith("attn2"))
 
 
 def test_enable_fast_attention_same_output_cpu_fallback() -> None:
+    _, Attention, AttnProcessor2_0, ap = _diffusers()
     unet = _tiny_unet()
     x, t, ctx = torch.randn(2, 4, 8, 8), torch.tensor([10, 10]), torch.randn(2, 7, 24)
     with torch.no_grad():
@@ -188,6 +196,7 @@ def test_enable_fast_attention_same_output_cpu_fallback() -> None:
 
 
 def test_select_backend_is_explicit() -> None:
+    _, Attention, AttnProcessor2_0, ap = _diffusers()
     cpu16 = torch.zeros(1, 4, 2, 40, dtype=torch.float16)
     assert ap.select_backend(cpu16, cpu16, cpu16, None, "sdpa") is ap.AttnBackend.SDPA
     if not at.interpreter_enabled():
@@ -197,6 +206,7 @@ def test_select_backend_is_explicit() -> None:
 
 
 def test_cross_kv_cache_projects_once_and_invalidates() -> None:
+    _, Attention, AttnProcessor2_0, ap = _diffusers()
     unet = _tiny_unet()
     counts = _count_kv_projections(unet)
     n = _n_cross(unet)
@@ -231,6 +241,7 @@ def test_cross_kv_cache_projects_once_and_invalidates() -> None:
 
 
 def test_cross_kv_cache_inference_mode_needs_request_scope() -> None:
+    _, Attention, AttnProcessor2_0, ap = _diffusers()
     unet = _tiny_unet()
     counts = _count_kv_projections(unet)
     n = _n_cross(unet)
@@ -252,6 +263,7 @@ def test_cross_kv_cache_inference_mode_needs_request_scope() -> None:
 
 
 def test_enable_fast_attention_rejects_module_without_attention() -> None:
+    _, Attention, AttnProcessor2_0, ap = _diffusers()
     with pytest.raises(ValueError, match="no diffusers Attention"):
         ap.enable_fast_attention(torch.nn.Linear(2, 2))
 
@@ -281,8 +293,30 @@ _UNET_TRITON_SCRIPT = textwrap.dedent(
 
 
 def test_unet_through_triton_kernel_interpreted() -> None:
+    _, Attention, AttnProcessor2_0, ap = _diffusers()
     out = _run_interpreted(_UNET_TRITON_SCRIPT)
     _, tri_vs_sdpa, sdpa_vs_fp32, used = next(ln for ln in out.splitlines() if ln.startswith("RESULT")).split(" ", 3)
     assert used == "['triton']"
     # bf16 network: Triton must be as close to the bf16 SDPA run as bf16 rounding allows
     assert float(tri_vs_sdpa) <= max(2 * float(sdpa_vs_fp32), 2e-2), (tri_vs_sdpa, sdpa_vs_fp32)
+
+
+@pytest.mark.gpu
+def test_processors_on_cuda_use_triton_and_match_sdpa() -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    _, Attention, _, ap = _diffusers()
+    unet = _tiny_unet().to("cuda", torch.float16)
+    x = torch.randn(2, 4, 8, 8, device="cuda", dtype=torch.float16)
+    t = torch.tensor([10, 10], device="cuda")
+    ctx = torch.randn(2, 7, 24, device="cuda", dtype=torch.float16)
+    with torch.no_grad():
+        ref = unet(x, t, ctx).sample.float()
+        cache = ap.enable_fast_attention(unet)
+        with ap.kv_cache_request(unet):
+            outs = [unet(x, t, ctx).sample.float() for _ in range(2)]
+        procs = [m.processor for m in unet.modules() if isinstance(m, Attention)]
+    assert all(p.last_backend is ap.AttnBackend.TRITON for p in procs)
+    assert cache.hits == _n_cross(unet)
+    for o in outs:
+        torch.testing.assert_close(o, ref, atol=1e-2, rtol=1e-2)
