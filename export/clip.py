@@ -36,13 +36,13 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2/CLIP byte-level alphabet: printable bytes map to themselves, the rest above 255."""
+    """GPT-2/CLIP byte-level alphabet: printable bytes map to themselves, the rest to chars above 255.
+    The dict ORDER matters (it is the vocabulary order): printable bytes first, then the others."""
     keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    table, extra = {}, 0
+    table = {b: chr(b) for b in keep}
+    extra = 0
     for b in range(256):
-        if b in keep:
-            table[b] = chr(b)
-        else:
+        if b not in table:
             table[b] = chr(256 + extra)
             extra += 1
     return table
@@ -73,7 +73,7 @@ def build_tokenizer_files(out_dir: Path) -> Path:
 
 def _cache_dir() -> Path:
     base = os.environ.get("CAPHUMAN_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "caphuman-rt")
-    return Path(base) / "clip-tokenizer"
+    return Path(base) / "clip-tokenizer-v2"  # bump when the generated files change
 
 
 def load_tokenizer(clip_dir: str | Path | None = None) -> CLIPTokenizer:
