@@ -49,6 +49,11 @@ def register(sub) -> None:
     c.add_argument("--identity-context", help=".npy [258,C] identity context (projected)")
     c.add_argument("--id-features", help=".npy [512] FaceNet embedding (with --clip-tokens)")
     c.add_argument("--clip-tokens", help=".npy [257,1024] CLIP image tokens of the parsed face (with --id-features)")
+    c.add_argument("--controlnet-checkpoint", help="an extra standard ControlNet (e.g. control_v11p_sd15_openpose.pth), "
+                                                   "added unmasked next to CapFace (official openpose option)")
+    c.add_argument("--controlnet-config", help="its ldm config (default: packaged controlnet_sd15_openpose.yaml)")
+    c.add_argument("--controlnet-hint", help="its condition image (e.g. an openpose map), RGB, resized to the output size")
+    c.add_argument("--controlnet-strength", type=float, default=1.0, help="its residual scale")
     s = p.add_argument_group("sampling")
     s.add_argument("--steps", type=int, default=20, help="DDIM steps (official: 20)")
     s.add_argument("--guidance", type=float, default=7.0, help="classifier-free guidance scale")
@@ -116,6 +121,32 @@ def _identity(args, pipe, rng_seed: int) -> torch.Tensor:
         return den.project_identity(tokens, fid)
 
 
+def _add_controlnet(args, pipe, size) -> None:
+    from PIL import Image
+
+    from export.config import packaged_config
+    from export.models import load_controlnet
+    if not args.controlnet_hint:
+        raise ValueError("--controlnet-checkpoint needs --controlnet-hint (its condition image)")
+    if not np.isfinite(args.controlnet_strength):
+        raise ValueError("--controlnet-strength must be finite")
+    path = Path(args.controlnet_hint)
+    if not path.is_file():
+        raise FileNotFoundError(f"ControlNet hint image not found: {path}")
+    try:
+        with Image.open(path) as im:
+            if im.width * im.height > 4096 * 4096:
+                raise ValueError(f"{path} is {im.width}x{im.height}, over the 4096x4096 limit")
+            im = im.convert("RGB").resize((int(size[1]), int(size[0])), Image.BILINEAR)
+            arr = np.asarray(im, dtype=np.float32) / 255.0
+    except (OSError, Image.DecompressionBombError) as e:
+        raise ValueError(f"{path} is not a readable image ({e})") from e
+    net = load_controlnet(args.controlnet_config or packaged_config("controlnet_sd15_openpose"),
+                          args.controlnet_checkpoint, dtype=pipe.dtype).to(pipe.device)
+    hint = torch.from_numpy(arr.transpose(2, 0, 1).copy())[None].to(pipe.device, pipe.dtype)
+    pipe.denoiser.add_controlnet(net, hint, args.controlnet_strength)
+
+
 def run(args) -> int:
     if args.checkpoint is None and (args.sd_checkpoint or args.vae_checkpoint):
         raise ValueError("--sd-checkpoint/--vae-checkpoint need --checkpoint (caphuman.ckpt) too")
@@ -140,6 +171,8 @@ def run(args) -> int:
             raise ValueError(f"--resolution must be a multiple of 64 in [256, 1024], got {args.resolution}")
         hint = sphere_hint(args.resolution)
     noise = load_npy(args.noise, "noise", (4,)) if args.noise else None
+    if args.controlnet_checkpoint:
+        _add_controlnet(args, pipe, hint.shape[-2:])
     req = GenerationRequest(prompt=args.prompt, added_prompt=args.added_prompt, negative_prompt=args.negative_prompt,
                             hint=hint, identity_context=_identity(args, pipe, args.seed), seed=args.seed,
                             num_samples=args.num_samples, steps=args.steps, guidance=args.guidance, eta=args.eta,

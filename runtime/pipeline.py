@@ -147,7 +147,9 @@ class CapHumanPipeline:
                       dtype=str(self.dtype).removeprefix("torch."), config=Path(self.config.path).name,
                       hint_sha256=_tensor_hash(req.hint), identity_sha256=_tensor_hash(req.identity_context),
                       noise="explicit" if req.noise is not None else "cpu-generator-per-seed",
-                      models=self.model_hashes, random_weights=self.random_weights)
+                      models=self.model_hashes, random_weights=self.random_weights,
+                      controlnets=[{"scale": c.scale, "hint_sha256": _tensor_hash(c.hint)}
+                                   for c in self.denoiser.extra_controls])
         return GenerationResult(latents_to_uint8(decoded), latents, seeds, params)
 
 

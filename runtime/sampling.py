@@ -162,3 +162,51 @@ def _step_noise(x: torch.Tensor, generators: Sequence[torch.Generator] | None) -
         raise ValueError(f"{len(generators)} generators for {x.shape[0]} samples")
     return torch.cat([torch.randn((1, *x.shape[1:]), generator=g, device=g.device, dtype=x.dtype).to(x.device)
                       for g in generators])
+
+
+def dpmpp_2m_timesteps(steps: int, start: int = 951) -> list[int]:
+    """Integer timesteps from `start` down to 1, evenly spaced. The default start is where the
+    official 20-step DDIM starts, so both integrate the same ODE from the same noise level."""
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or not 2 <= steps <= start:
+        raise ValueError(f"DPM-Solver++ steps must be an integer in [2, {start}], got {steps!r}")
+    return [int(round(t)) for t in np.linspace(start, 1, steps)]
+
+
+@torch.no_grad()
+def dpmpp_2m_sample(den, noise: torch.Tensor, text_cond: torch.Tensor, text_uncond: torch.Tensor,
+                    hint: torch.Tensor, identity_context: torch.Tensor, steps: int = 12, guidance: float = 7.0,
+                    strength: float | Sequence[float] = 1.0, tau: float = 0, *, cfg: str = "batched",
+                    start_timestep: int = 951,
+                    callback: Callable[[int, int, torch.Tensor], None] | None = None) -> torch.Tensor:
+    """DPM-Solver++(2M) (Lu et al. 2022: multistep, second order, data prediction), an option for
+    fewer steps. Not the official sampler: DDIM stays the default, and the benchmarks report the
+    image difference against DDIM at 20 steps.
+
+    It solves the same probability-flow ODE as DDIM (eta=0), from the same start (noise taken as
+    x_t at t=951) to the same end (the alpha_bar[0] level the official DDIM's last step lands on),
+    in k-diffusion's variables x = x_t / sqrt(alpha_bar), sigma = sqrt((1 - alpha_bar) / alpha_bar).
+    """
+    validate_sampling_args(20, guidance, 0.0, strength, tau)
+    ac = den.alphas_cumprod.detach().to("cpu", torch.float64)
+    ts = dpmpp_2m_timesteps(steps, start_timestep)
+    sigma_of = lambda a: math.sqrt((1 - a) / a)
+    sigmas = [sigma_of(float(ac[t])) for t in ts] + [sigma_of(float(ac[0]))]
+    x = noise.to(torch.float32) / math.sqrt(float(ac[ts[0]]))
+    dtype = next(den.parameters()).dtype
+    old_denoised = None
+    for i, t in enumerate(ts):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        eps = guided_eps(den, (x / math.sqrt(1.0 + sigma ** 2)).to(dtype), t, text_cond, text_uncond, hint,
+                         identity_context, float(guidance), strength, tau, cfg).to(torch.float32)
+        denoised = x - sigma * eps
+        h = math.log(sigma / sigma_next)
+        if old_denoised is None:
+            d = denoised
+        else:
+            r = math.log(sigmas[i - 1] / sigma) / h
+            d = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * old_denoised
+        x = (sigma_next / sigma) * x - math.expm1(-h) * d
+        old_denoised = denoised
+        if callback is not None:
+            callback(i, len(ts), x)
+    return x * math.sqrt(float(ac[0]))  # back to x_t at the alpha_bar[0] level, as DDIM returns
