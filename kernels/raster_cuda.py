@@ -5,8 +5,8 @@ faces_per_pixel=1, blur_radius=0, perspective_correct=False, no culling, as DECA
 it), for a batch of heads, compiled at run time by NVRTC through CuPy (no build step).
 
 Two kernels, one launch each:
-1. ``raster_faces``: one thread per (head, face). It walks the pixel centres of the face's bounding
-   box and, for each covered pixel, does ONE 64-bit ``atomicMin`` on a per-pixel key that packs the
+1. ``raster_faces``: one warp per (head, face). Its lanes walk the pixel centres of the face's
+   bounding box and, for each covered pixel, do ONE 64-bit ``atomicMin`` on a per-pixel key that packs the
    depth above the face index: the smallest depth wins and, at equal depth, the smallest face index
    (pytorch3d's per-face loop keeps the first face on ties). No second launch, no race.
 2. ``shade_pixels``: one thread per (head, pixel). It decodes the winning face, recomputes its
@@ -23,13 +23,14 @@ Numerics (chosen to equal the float64 CPU reference, not pytorch3d's float32):
 * barycentrics are rounded to float32 before interpolation, as the reference stores them.
 
 The pixel centre of (row i, col j) is x = (2j+1)/W - 1, y = (2i+1)/H - 1 (x right, y down).
-A face's thread loops over its whole bounding box, which suits FLAME's small faces (a few pixels
+A face's warp loops over its whole bounding box, which suits FLAME's small faces (tens of pixels
 each at 512x512); a mesh of screen-sized triangles would be correct but slow.
 """
 from __future__ import annotations
 
 import math
 import threading
+import warnings
 
 import numpy as np
 import torch
@@ -85,9 +86,12 @@ extern "C" __global__ void raster_faces(
     const int* __restrict__ faces,    /* [F, 3] */
     u64* __restrict__ zbuf,           /* [B, H, W] packed (depth | face), EMPTY_KEY = background */
     int B, int V, int F, int H, int W, int face_bits) {
-  const long long tid = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-  if (tid >= (long long)B * F) return;
-  const int b = (int)(tid / F), f = (int)(tid % F);
+  /* One warp per (head, face): the lanes stride over the face's bounding-box pixels, so a large
+     face costs ceil(pixels / 32) steps instead of `pixels` steps on one thread. */
+  const long long warp = ((long long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+  const int lane = threadIdx.x & 31;
+  if (warp >= (long long)B * F) return;
+  const int b = (int)(warp / F), f = (int)(warp % F);
   const int fa = faces[3 * f + 0], fb = faces[3 * f + 1], fc = faces[3 * f + 2];
   if (fa < 0 || fa >= V || fb < 0 || fb >= V || fc < 0 || fc >= V) return;  /* never read out of bounds */
   const Tri t = load_tri(verts, faces, (long long)b * V * 3, f);
@@ -101,27 +105,35 @@ extern "C" __global__ void raster_faces(
      inside test below decides. column = (x + 1) * W / 2 - 0.5. */
   const double xmin = fmin(t.x0, fmin(t.x1, t.x2)), xmax = fmax(t.x0, fmax(t.x1, t.x2));
   const double ymin = fmin(t.y0, fmin(t.y1, t.y2)), ymax = fmax(t.y0, fmax(t.y1, t.y2));
-  const int j0 = max(0, (int)floor((xmin + 1.0) * W * 0.5 - 0.5) - 1);
-  const int j1 = min(W - 1, (int)ceil((xmax + 1.0) * W * 0.5 - 0.5) + 1);
-  const int i0 = max(0, (int)floor((ymin + 1.0) * H * 0.5 - 0.5) - 1);
-  const int i1 = min(H - 1, (int)ceil((ymax + 1.0) * H * 0.5 - 0.5) + 1);
+  const double jlo = floor((xmin + 1.0) * W * 0.5 - 0.5) - 1.0, jhi = ceil((xmax + 1.0) * W * 0.5 - 0.5) + 1.0;
+  const double ilo = floor((ymin + 1.0) * H * 0.5 - 0.5) - 1.0, ihi = ceil((ymax + 1.0) * H * 0.5 - 0.5) + 1.0;
+  const int j0 = (int)fmax(jlo, 0.0), j1 = (int)fmin(jhi, (double)(W - 1));
+  const int i0 = (int)fmax(ilo, 0.0), i1 = (int)fmin(ihi, (double)(H - 1));
   if (j0 > j1 || i0 > i1) return;
 
+  /* w_k = e_k / denom > 0  <=>  e_k has denom's sign (denom = +0 counts as positive: e / +0 = +inf).
+     So the divisions, the costly part in float64, run only for covered pixels; results unchanged. */
+  const double denom = edge(t.x2, t.y2, t.x0, t.y0, t.x1, t.y1) + K_EPSILON;
+  const double sgn = denom >= 0.0 ? 1.0 : -1.0;
   u64* zb = zbuf + (long long)b * H * W;
   const u64 face_mask = (1ull << face_bits) - 1ull;
-  for (int i = i0; i <= i1; ++i) {
+  const int bw = j1 - j0 + 1;
+  const int n_pix = bw * (i1 - i0 + 1);
+  for (int p = lane; p < n_pix; p += 32) {
+    const int i = i0 + p / bw, j = j0 + p % bw;
     const double py = (2.0 * i + 1.0) / H - 1.0;
-    for (int j = j0; j <= j1; ++j) {
-      const double px = (2.0 * j + 1.0) / W - 1.0;
-      double w0, w1, w2;
-      bary(t, px, py, w0, w1, w2);
-      if (!(w0 > 0.0 && w1 > 0.0 && w2 > 0.0)) continue;  /* strictly inside (blur_radius 0) */
-      double pz = w0 * t.z0 + w1 * t.z1 + w2 * t.z2;
-      if (pz < 0.0) continue;                                /* behind the image plane */
-      pz = pz + 0.0;                                         /* -0.0 -> +0.0: bits stay monotone */
-      const u64 key = ((u64)__double_as_longlong(pz) & ~face_mask) | (u64)f;
-      atomicMin(zb + (long long)i * W + j, key);
-    }
+    const double px = (2.0 * j + 1.0) / W - 1.0;
+    const double e0 = edge(px, py, t.x1, t.y1, t.x2, t.y2);
+    const double e1 = edge(px, py, t.x2, t.y2, t.x0, t.y0);
+    const double e2 = edge(px, py, t.x0, t.y0, t.x1, t.y1);
+    if (!(sgn * e0 > 0.0 && sgn * e1 > 0.0 && sgn * e2 > 0.0)) continue;  /* strictly inside */
+    const double w0 = e0 / denom, w1 = e1 / denom, w2 = e2 / denom;
+    if (!(w0 > 0.0 && w1 > 0.0 && w2 > 0.0)) continue;  /* the reference's own test (underflow guard) */
+    double pz = w0 * t.z0 + w1 * t.z1 + w2 * t.z2;
+    if (pz < 0.0) continue;                               /* behind the image plane */
+    pz = pz + 0.0;                                        /* -0.0 -> +0.0: bits stay monotone */
+    const u64 key = ((u64)__double_as_longlong(pz) & ~face_mask) | (u64)f;
+    atomicMin(zb + (long long)i * W + j, key);
   }
 }
 
@@ -263,11 +275,21 @@ def _module(device_index: int):
         return mod
 
 
+def _external_stream(cupy, ptr: int):
+    """CuPy view of torch's current stream (ExternalStream; deprecated in CuPy 14 but still there)."""
+    if hasattr(cupy.cuda, "ExternalStream"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return cupy.cuda.ExternalStream(ptr)
+    return cupy.cuda.Stream.from_external(ptr)  # pragma: no cover - CuPy without ExternalStream
+
+
 def _ptr(t: torch.Tensor) -> np.uint64:
     return np.uint64(t.data_ptr())
 
 
 def _launch(name: str, device: torch.device, n_threads: int, args: tuple) -> None:
+    """Launch `name` with `n_threads` threads in blocks of 256 on torch's current stream."""
     import cupy
 
     mod = _module(device.index)
@@ -275,7 +297,7 @@ def _launch(name: str, device: torch.device, n_threads: int, args: tuple) -> Non
     block = 256
     grid = (n_threads + block - 1) // block
     stream = torch.cuda.current_stream(device)
-    with cupy.cuda.Device(device.index), cupy.cuda.ExternalStream(stream.cuda_stream):
+    with cupy.cuda.Device(device.index), _external_stream(cupy, stream.cuda_stream):
         kernel((grid,), (block,), args)
 
 
@@ -313,7 +335,7 @@ def _zbuffer(verts: torch.Tensor, faces: torch.Tensor, height: int, width: int) 
     B, V, F = verts.shape[0], verts.shape[1], faces.shape[0]
     bits = face_bits(F)
     zbuf = torch.full((B, height, width), -1, dtype=torch.int64, device=verts.device)  # all ones = empty
-    _launch("raster_faces", verts.device, B * F,
+    _launch("raster_faces", verts.device, 32 * B * F,  # one warp per (head, face)
             (_ptr(verts), _ptr(faces), _ptr(zbuf), np.int32(B), np.int32(V), np.int32(F),
              np.int32(height), np.int32(width), np.int32(bits)))
     return zbuf, bits
