@@ -25,7 +25,9 @@ with ``faces_per_pixel=1, blur_radius=0, perspective_correct=False, cull_backfac
   faces with max z < 0, and pixels whose interpolated z is < 0;
 * depth is the barycentric interpolation of z; the smallest depth wins; on equal depth the face
   seen first wins, which in pytorch3d's per-face loop is the smallest face index;
-* no backface culling: both windings rasterize.
+* no backface culling: both windings rasterize. (The +1e-8 in the area makes the barycentrics of a
+  negatively wound face sum to slightly more than 1; two copies of one triangle with opposite
+  windings are therefore not an exact depth tie. This reference keeps that, as pytorch3d does.)
 
 pytorch3d computes in float32; this reference computes in float64 (so pixels within ~1e-7 of an
 edge, and exact depth ties, may differ from a float32 implementation).

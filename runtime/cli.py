@@ -10,6 +10,7 @@ import sys
 # Subcommand modules, in the order `caphuman --help` lists them.
 SUBCOMMANDS = [
     "runtime.generate_cli",
+    "runtime.condition_cli",
 ]
 
 
