@@ -205,8 +205,9 @@ def test_fp16_checkpoint_loads_into_fp32(tmp_path, tiny_config_path, tiny_state)
 
 
 @pytest.mark.slow
-def test_full_size_official_checkpoint_fp16_loads(tmp_path):
-    """Every key of the official manifest, random fp16 values, written as a Lightning checkpoint:
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_full_size_official_checkpoint_loads(tmp_path, dtype):
+    """Every key of the official manifest, random values (fp16 and fp32), as a Lightning checkpoint:
     the whole pipeline (UNet, CapFace, projections, VAE, both CLIP towers) loads with no missing key."""
     header, keys = _manifest()
     g = torch.Generator().manual_seed(0)
@@ -217,8 +218,8 @@ def test_full_size_official_checkpoint_fp16_loads(tmp_path):
         elif k in header["schedule_buffers"]:
             state[k] = torch.rand(shape, generator=g)
         else:
-            state[k] = (torch.randn(shape, generator=g) * 0.02).half()
-    path = tmp_path / "caphuman_full_fp16.ckpt"
+            state[k] = (torch.randn(shape, generator=g) * 0.02).to(dtype)
+    path = tmp_path / "caphuman_full.ckpt"
     torch.save({"state_dict": state}, path)
     del state
     pipe = load_pipeline(packaged_config("cldm_v15"), path, with_image_encoder=True)
