@@ -1,0 +1,221 @@
+"""Start, watch and stop a Triton Inference Server on our model repository.
+
+Two server builds serve the same repository unchanged:
+
+* the `tritonserver` binary bundled in the `nvidia-pytriton` wheel (default here; CPU machines, CI): its
+  Python backend needs a stub built for the running Python version, which we place in a private backend
+  directory, and the wheel's bundled libraries on LD_LIBRARY_PATH;
+* the NGC container's `/opt/tritonserver/bin/tritonserver` (production): pass it as `binary`; it finds its
+  own backends.
+
+The Python backend stub runs our model.py files with the interpreter environment of the `python3` first
+on PATH, so we put this interpreter's bin directory first: the models then import `runtime` and
+`tritonserver` from the same installation as the launcher. That environment needs numpy<2 (the stub
+was built against numpy 1.x; with numpy 2 outputs come back empty).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL_REPOSITORY = Path(__file__).resolve().parent / "model_repository"
+WEIGHTS_ENV = "CAPHUMAN_WEIGHTS"          # folder of official weights, read by every model's initialize()
+SETTINGS_ENV = "CAPHUMAN_SERVE_SETTINGS"  # JSON overrides of tritonserver/params.py server settings (tests)
+
+
+class LaunchError(RuntimeError):
+    """The server could not be found, started, or did not become ready."""
+
+
+@dataclass(frozen=True)
+class WheelServer:
+    binary: Path
+    backends: Path      # the wheel's backends/ (python backend without a stub)
+    stubs: Path         # python_backend_stubs/<major.minor>/triton_python_backend_stub
+    libs: Path          # nvidia_pytriton.libs
+    caches: Path
+
+
+def wheel_server() -> WheelServer:
+    """Locate the tritonserver bundled in the nvidia-pytriton wheel (`pip install nvidia-pytriton`)."""
+    try:
+        import pytriton  # noqa: F401  (only to find the wheel's files; its launcher is not used)
+    except ImportError as e:
+        raise LaunchError("no tritonserver given and the nvidia-pytriton wheel is not installed: "
+                          "`pip install -e '.[serve]'`, or pass --tritonserver /opt/tritonserver/bin/tritonserver") from e
+    root = Path(pytriton.__file__).resolve().parent
+    ts = root / "tritonserver"
+    server = WheelServer(ts / "bin" / "tritonserver", ts / "backends", ts / "python_backend_stubs",
+                         root.parent / "nvidia_pytriton.libs", ts / "caches")
+    if not server.binary.is_file():
+        raise LaunchError(f"the nvidia-pytriton wheel has no tritonserver binary at {server.binary}")
+    return server
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class ServerConfig:
+    model_repository: Path = DEFAULT_MODEL_REPOSITORY
+    binary: Path | None = None          # None: the wheel's tritonserver
+    weights: Path | None = None         # None: tiny random-weight models
+    host: str = "0.0.0.0"
+    grpc_port: int = 8001
+    http_port: int = 8000
+    metrics_port: int = 8002
+    log_file: Path | None = None        # None: a file in the work directory
+    verbose: int = 0
+    extra_env: dict = field(default_factory=dict)
+    extra_args: list = field(default_factory=list)
+
+
+class TritonServer:
+    """One tritonserver process. Use as a context manager, or start()/wait_ready()/stop()."""
+
+    def __init__(self, config: ServerConfig):
+        self.config = config
+        self.proc: subprocess.Popen | None = None
+        self.workdir = Path(tempfile.mkdtemp(prefix="caphuman-triton-"))
+        self.log_path = Path(config.log_file) if config.log_file else self.workdir / "tritonserver.log"
+        self._log_handle = None
+
+    # -- endpoints ---------------------------------------------------------------------------------
+    @property
+    def grpc_url(self) -> str:
+        return f"127.0.0.1:{self.config.grpc_port}"
+
+    def endpoints(self) -> dict[str, str]:
+        host = "localhost" if self.config.host in ("0.0.0.0", "127.0.0.1") else self.config.host
+        return {"grpc": f"{host}:{self.config.grpc_port}", "http": f"http://{host}:{self.config.http_port}",
+                "metrics": f"http://{host}:{self.config.metrics_port}/metrics"}
+
+    # -- command line ------------------------------------------------------------------------------
+    def _wheel_backend_dir(self, server: WheelServer) -> Path:
+        """backends/python from the wheel plus the stub for this Python version (as the wheel expects)."""
+        version = f"{sys.version_info.major}.{sys.version_info.minor}"
+        stub = server.stubs / version / "triton_python_backend_stub"
+        if not stub.is_file():
+            raise LaunchError(f"the nvidia-pytriton wheel has no Python backend stub for Python {version}")
+        dst = self.workdir / "backends" / "python"
+        dst.mkdir(parents=True, exist_ok=True)
+        for f in server.backends.joinpath("python").iterdir():
+            if f.is_file():
+                shutil.copy2(f, dst / f.name)
+        shutil.copy2(stub, dst / "triton_python_backend_stub")
+        return dst.parent
+
+    def command(self) -> tuple[list[str], dict[str, str]]:
+        cfg = self.config
+        repo = Path(cfg.model_repository).resolve()
+        if not repo.is_dir():
+            raise LaunchError(f"model repository not found: {repo}")
+        env = dict(os.environ)
+        env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+        args: list[str] = []
+        if cfg.binary is None:
+            server = wheel_server()
+            binary = server.binary
+            args += [f"--backend-directory={self._wheel_backend_dir(server)}",
+                     f"--cache-directory={server.caches}"]
+            env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (env.get("LD_LIBRARY_PATH"), str(server.libs)) if p)
+        else:
+            binary = Path(cfg.binary)
+            if not binary.is_file():
+                raise LaunchError(f"tritonserver binary not found: {binary}")
+        if cfg.weights is not None:
+            weights = Path(cfg.weights).resolve()
+            if not weights.is_dir():
+                raise LaunchError(f"--weights must be a folder of official weight files, got {weights}")
+            env[WEIGHTS_ENV] = str(weights)
+        else:
+            env.pop(WEIGHTS_ENV, None)
+        env.update({k: str(v) for k, v in cfg.extra_env.items()})
+        args = [str(binary), f"--model-repository={repo}", *args,
+                f"--grpc-address={cfg.host}", f"--grpc-port={cfg.grpc_port}",
+                f"--http-address={cfg.host}", f"--http-port={cfg.http_port}",
+                "--allow-metrics=true", f"--metrics-port={cfg.metrics_port}",
+                f"--log-verbose={cfg.verbose}", "--exit-on-error=true",
+                "--strict-readiness=true", *cfg.extra_args]
+        return args, env
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+    def start(self) -> "TritonServer":
+        args, env = self.command()
+        log.info("starting %s", " ".join(args))
+        self._log_handle = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(args, env=env, stdout=self._log_handle, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, start_new_session=True)
+        return self
+
+    def log_tail(self, n: int = 40) -> str:
+        try:
+            lines = self.log_path.read_text(errors="replace").splitlines()
+        except OSError:
+            return ""
+        return "\n".join(lines[-n:])
+
+    def is_alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def is_ready(self) -> bool:
+        import tritonclient.grpc as grpcclient
+        try:
+            with grpcclient.InferenceServerClient(self.grpc_url) as c:
+                return bool(c.is_server_ready(client_timeout=2))
+        except Exception:  # noqa: BLE001 (not up yet: connection refused, timeout, ...)
+            return False
+
+    def wait_ready(self, timeout: float = 300.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.is_alive():
+                raise LaunchError(f"tritonserver exited with status {self.proc.returncode if self.proc else '?'} "
+                                  f"before becoming ready; log {self.log_path}:\n{self.log_tail()}")
+            if self.is_ready():
+                return
+            time.sleep(0.5)
+        raise LaunchError(f"tritonserver not ready after {timeout:.0f} s; log {self.log_path}:\n{self.log_tail()}")
+
+    def stop(self, timeout: float = 30.0) -> int | None:
+        """SIGINT (Triton's graceful shutdown: finish in-flight requests, unload models), then SIGKILL."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                log.warning("tritonserver did not stop in %.0f s; killing it", timeout)
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+        if self._log_handle:
+            self._log_handle.close()
+            self._log_handle = None
+        return self.proc.returncode
+
+    def __enter__(self) -> "TritonServer":
+        self.start()
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

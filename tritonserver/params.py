@@ -1,0 +1,256 @@
+"""The one place that documents what a CapHuman-RT request carries and what comes back.
+
+Every request field is a named input tensor of the `caphuman` model (Triton checks names, types and
+shapes against config.pbtxt before our code runs, so a wrong type or shape is rejected with a clear
+gRPC error). Optional inputs take the default below when absent. `tests/test_serving_params.py`
+checks that config.pbtxt and this table agree; docs/serving.md renders it.
+
+Batch requests: PROMPT holds 1..MAX_ITEMS prompts; POSE_IMAGE and HEAD_POSE hold 1 or N entries.
+N = the longest of the three; a list of length 1 is used for every item. Item i uses seed SEED + i.
+Results (one IMAGE response per item) come back in item order, each tagged with INDEX.
+
+Prompts longer than CLIP's 77 tokens are TRUNCATED, as CLIP and the official code do, and the
+response metadata carries a warning (`warnings`), as does the server log.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, fields
+
+import numpy as np
+
+MODEL_NAME = "caphuman"
+IDENTITY_MODEL = "identity"
+HEAD_MODEL = "head_condition"
+
+
+@dataclass(frozen=True)
+class Field:
+    name: str
+    dtype: str            # Triton type name as in config.pbtxt (TYPE_ prefix dropped)
+    dims: tuple[int, ...]
+    default: object       # None: required (inputs) / always present (outputs)
+    doc: str
+    optional: bool = True
+
+
+# ---------------------------------------------------------------------------------------- inputs
+INPUTS: tuple[Field, ...] = (
+    Field("REFERENCE_IMAGE", "STRING", (1,), None,
+          "encoded reference face photo (PNG/JPEG/WebP bytes); exactly one face is used (the largest)", False),
+    Field("PROMPT", "STRING", (-1,), None, "1..MAX_ITEMS UTF-8 prompts (one image each)", False),
+    Field("NEGATIVE_PROMPT", "STRING", (1,), "", "negative prompt (the unconditional branch), shared by all items"),
+    Field("ADDED_PROMPT", "STRING", (1,), "", "appended as 'PROMPT, ADDED_PROMPT' (official a_prompt)"),
+    Field("POSE_IMAGE", "STRING", (-1,), None, "0, 1 or N encoded pose photos (head position/pose per MODES)"),
+    Field("HEAD_POSE", "FP32", (-1, 3), None,
+          "0, 1 or N rows of explicit (yaw, pitch, roll) degrees; override the photos' pose"),
+    Field("MODES", "STRING", (1,), "position,pose", "what the pose photo gives: position, pose, expression, "
+          "lighting, all (official modes)"),
+    Field("LIGHT", "STRING", (1,), "", "lighting preset (front, left, right, top, bottom, flat); '' = from photos"),
+    Field("STEPS", "INT32", (1,), 20, "DDIM steps, 1..1000 (official 20)"),
+    Field("GUIDANCE", "FP32", (1,), 7.0, "classifier-free guidance scale (finite)"),
+    Field("ETA", "FP32", (1,), 0.0, "DDIM eta >= 0"),
+    Field("STRENGTH", "FP32", (1,), 1.0, "CapFace residual scale (finite)"),
+    Field("TAU", "FP32", (1,), 0.0, "ID dropout: identity off for timesteps > tau (0 = off), 0..1000"),
+    Field("SEED", "INT64", (1,), 12345, "seed of item 0 (item i: SEED + i), 0..2^32-1"),
+    Field("RESOLUTION", "INT32", (1,), 512, "square output size: a multiple of 64 in [256, 1024]"),
+    Field("PROGRESS", "BOOL", (1,), True, "stream a progress response after every denoising step"),
+    Field("PREVIEW_SIZE", "INT32", (1,), 0, "0 = no previews; else progress responses carry a "
+          "PREVIEW_SIZE x PREVIEW_SIZE RGB preview of the current latents (16..256)"),
+)
+
+# --------------------------------------------------------------------------------------- outputs
+OUTPUTS: tuple[Field, ...] = (
+    Field("KIND", "STRING", (1,), None, "'progress' or 'image'"),
+    Field("INDEX", "INT32", (1,), None, "item index in the request (results come in order)"),
+    Field("STEP", "INT32", (1,), None, "denoising steps done for this item (progress) / total (image)"),
+    Field("TOTAL_STEPS", "INT32", (1,), None, "denoising steps of this item"),
+    Field("IMAGE", "UINT8", (-1, -1, 3), None, "RGB image (KIND=image) or low-res preview (KIND=progress)"),
+    Field("METADATA", "STRING", (1,), None, "JSON: generation parameters, per-stage timings (ms), "
+          "identity/head cache hits, warnings, random_weights (image responses; '{}' on progress)"),
+)
+
+# The end of a stream is Triton's empty final response (client: enable_empty_final_response=True).
+
+INPUT_BY_NAME = {f.name: f for f in INPUTS}
+OUTPUT_BY_NAME = {f.name: f for f in OUTPUTS}
+NUMPY_DTYPES = {"STRING": np.object_, "FP32": np.float32, "INT32": np.int32, "INT64": np.int64, "BOOL": np.bool_,
+                "UINT8": np.uint8}
+LIGHT_NAMES = ("front", "left", "right", "top", "bottom", "flat")
+MAX_SEED = 2 ** 32 - 1
+
+
+# ---------------------------------------------------------------------------------------- server
+@dataclass(frozen=True)
+class ServerSettings:
+    """Limits and caches, the same for every model. Override with the CAPHUMAN_SERVE_SETTINGS
+    environment variable (JSON object, e.g. '{"max_items": 4}'); unknown keys are an error."""
+    max_image_bytes: int = 16 << 20        # encoded bytes per photo
+    max_image_pixels: int = 4096 * 4096    # decoded width * height per photo (checked before decoding)
+    max_items: int = 8                     # prompts/poses per request
+    max_prompt_bytes: int = 4096           # per prompt, before tokenizing
+    identity_cache_entries: int = 256      # LRU of identity contexts by photo sha256 (per model instance)
+    hint_cache_entries: int = 128          # LRU of head hints by (photos, controls, resolution)
+
+    @classmethod
+    def from_env(cls, environ=os.environ) -> "ServerSettings":
+        raw = environ.get("CAPHUMAN_SERVE_SETTINGS", "").strip()
+        if not raw:
+            return cls()
+        try:
+            values = json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"CAPHUMAN_SERVE_SETTINGS is not JSON: {e}") from None
+        known = {f.name for f in fields(cls)}
+        if not isinstance(values, dict) or set(values) - known:
+            raise ValueError(f"CAPHUMAN_SERVE_SETTINGS: unknown keys {sorted(set(values) - known)}; known: {sorted(known)}")
+        for k, v in values.items():
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"CAPHUMAN_SERVE_SETTINGS: {k} must be a positive integer, got {v!r}")
+        return cls(**values)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+class RequestError(ValueError):
+    """A bad request: sent back to the client as an INVALID_ARG error; the server keeps serving."""
+
+
+# --------------------------------------------------------------------------------- request parsing
+@dataclass
+class ParsedRequest:
+    reference: bytes
+    prompts: list[str]
+    negative_prompt: str
+    added_prompt: str
+    pose_images: list[bytes]
+    head_poses: list[tuple[float, float, float]]
+    modes: str
+    light: str
+    steps: int
+    guidance: float
+    eta: float
+    strength: float
+    tau: float
+    seed: int
+    resolution: int
+    progress: bool
+    preview_size: int
+
+    @property
+    def num_items(self) -> int:
+        return max(len(self.prompts), len(self.pose_images), len(self.head_poses), 1)
+
+    def item(self, lst: list, i: int):
+        return None if not lst else lst[0] if len(lst) == 1 else lst[i]
+
+
+def _text(value, name: str, max_bytes: int) -> str:
+    raw = value if isinstance(value, bytes) else str(value).encode()
+    if len(raw) > max_bytes:
+        raise RequestError(f"{name} is {len(raw)} bytes, over the {max_bytes}-byte limit")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise RequestError(f"{name} is not valid UTF-8 ({e})") from None
+
+
+def _scalar(arrays: dict, name: str):
+    spec = INPUT_BY_NAME[name]
+    arr = arrays.get(name)
+    if arr is None:
+        return spec.default
+    if arr.size != 1:
+        raise RequestError(f"{name} must hold exactly one value, got shape {list(arr.shape)}")
+    return arr.reshape(-1)[0]
+
+
+def parse_request(arrays: dict[str, np.ndarray], settings: ServerSettings) -> ParsedRequest:
+    """Validate the input tensors of one request (name -> numpy array). Raises RequestError."""
+    unknown = set(arrays) - set(INPUT_BY_NAME)
+    if unknown:
+        raise RequestError(f"unknown inputs {sorted(unknown)}; known: {sorted(INPUT_BY_NAME)}")
+    for f in INPUTS:
+        if not f.optional and f.name not in arrays:
+            raise RequestError(f"missing required input {f.name}: {f.doc}")
+    ref = _scalar(arrays, "REFERENCE_IMAGE")
+    if not isinstance(ref, bytes) or not ref:
+        raise RequestError("REFERENCE_IMAGE must be the non-empty bytes of an encoded photo")
+    prompts = [_text(p, f"PROMPT[{i}]", settings.max_prompt_bytes) for i, p in enumerate(arrays["PROMPT"].reshape(-1))]
+    poses = [] if "POSE_IMAGE" not in arrays else list(arrays["POSE_IMAGE"].reshape(-1))
+    if any(not isinstance(p, bytes) or not p for p in poses):
+        raise RequestError("POSE_IMAGE entries must be non-empty bytes of encoded photos")
+    head = [] if "HEAD_POSE" not in arrays else [tuple(float(v) for v in row) for row in arrays["HEAD_POSE"].reshape(-1, 3)]
+    for row in head:
+        if not all(math.isfinite(v) for v in row):
+            raise RequestError(f"HEAD_POSE must be finite (yaw, pitch, roll) degrees, got {row}")
+    lengths = {"PROMPT": len(prompts), "POSE_IMAGE": len(poses), "HEAD_POSE": len(head)}
+    if not prompts:
+        raise RequestError("PROMPT must hold at least one prompt")
+    n = max(lengths.values())
+    if n > settings.max_items:
+        raise RequestError(f"{n} items in one request; at most {settings.max_items} (split the request)")
+    bad = {k: v for k, v in lengths.items() if v not in (0, 1, n)}
+    if bad:
+        raise RequestError(f"batch lengths must be 1 or N={n}, got {bad}")
+    light = _text(_scalar(arrays, "LIGHT"), "LIGHT", 64).strip()
+    if light and light not in LIGHT_NAMES:
+        raise RequestError(f"LIGHT must be one of {LIGHT_NAMES} or empty, got {light!r}")
+    req = ParsedRequest(
+        reference=ref, prompts=prompts,
+        negative_prompt=_text(_scalar(arrays, "NEGATIVE_PROMPT"), "NEGATIVE_PROMPT", settings.max_prompt_bytes),
+        added_prompt=_text(_scalar(arrays, "ADDED_PROMPT"), "ADDED_PROMPT", settings.max_prompt_bytes),
+        pose_images=poses, head_poses=head, modes=_text(_scalar(arrays, "MODES"), "MODES", 128).strip(),
+        light=light, steps=int(_scalar(arrays, "STEPS")), guidance=float(_scalar(arrays, "GUIDANCE")),
+        eta=float(_scalar(arrays, "ETA")), strength=float(_scalar(arrays, "STRENGTH")),
+        tau=float(_scalar(arrays, "TAU")), seed=int(_scalar(arrays, "SEED")),
+        resolution=int(_scalar(arrays, "RESOLUTION")), progress=bool(_scalar(arrays, "PROGRESS")),
+        preview_size=int(_scalar(arrays, "PREVIEW_SIZE")))
+    _check_ranges(req)
+    return req
+
+
+def _check_ranges(r: ParsedRequest) -> None:
+    if not 1 <= r.steps <= 1000:
+        raise RequestError(f"STEPS must be an integer in [1, 1000], got {r.steps}")
+    for name in ("guidance", "eta", "strength", "tau"):
+        v = getattr(r, name)
+        if not math.isfinite(v):
+            raise RequestError(f"{name.upper()} must be a finite number, got {v}")
+    if r.eta < 0:
+        raise RequestError(f"ETA must be >= 0, got {r.eta}")
+    if not 0 <= r.tau <= 1000:
+        raise RequestError(f"TAU must be in [0, 1000], got {r.tau}")
+    if not 0 <= r.seed <= MAX_SEED - (r.num_items - 1):
+        raise RequestError(f"SEED must be in [0, {MAX_SEED}] for every item (SEED + i), got {r.seed}")
+    if r.resolution % 64 or not 256 <= r.resolution <= 1024:
+        raise RequestError(f"RESOLUTION must be a multiple of 64 in [256, 1024], got {r.resolution}")
+    if r.preview_size and not 16 <= r.preview_size <= 256:
+        raise RequestError(f"PREVIEW_SIZE must be 0 or in [16, 256], got {r.preview_size}")
+
+
+def request_arrays(reference: bytes, prompts: list[str] | str, **kwargs) -> dict[str, np.ndarray]:
+    """Client side: keyword arguments (lower-case input names) -> named numpy arrays, typed per INPUTS."""
+    arrays = {"REFERENCE_IMAGE": np.array([reference], dtype=np.object_),
+              "PROMPT": np.array([p.encode() for p in ([prompts] if isinstance(prompts, str) else prompts)],
+                                 dtype=np.object_)}
+    for key, value in kwargs.items():
+        name = key.upper()
+        if name not in INPUT_BY_NAME or name in arrays:
+            raise ValueError(f"unknown request field {key!r}; known: {sorted(k.lower() for k in INPUT_BY_NAME)}")
+        if value is None:
+            continue
+        spec = INPUT_BY_NAME[name]
+        if name == "POSE_IMAGE":
+            value = [value] if isinstance(value, bytes) else list(value)
+            arrays[name] = np.array(value, dtype=np.object_)
+        elif name == "HEAD_POSE":
+            arrays[name] = np.asarray(value, dtype=np.float32).reshape(-1, 3)
+        elif spec.dtype == "STRING":
+            arrays[name] = np.array([value.encode() if isinstance(value, str) else value], dtype=np.object_)
+        else:
+            arrays[name] = np.array([value], dtype=NUMPY_DTYPES[spec.dtype])
+    return arrays

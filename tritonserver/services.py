@@ -1,0 +1,186 @@
+"""What the identity and head-condition models compute, without Triton (testable in-process).
+
+Photos arrive as untrusted bytes: size-checked before decoding, pixel count checked from the header
+before the pixels are decoded, every decoder error turned into a RequestError. The networks are the
+ones of `runtime.condition` (MTCNN, FaceNet, BiSeNet, CLIP image encoder; DECA/FLAME or the template
+head and the reference rasterizer); each model calls ONE function of it:
+`runtime.condition.identity.identity_context` and `ConditionBuilder.build`.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import threading
+import time
+import warnings
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from .params import RequestError, ServerSettings
+
+# Photos never come from files here; this path exists only so messages and DECA's "<photo>.txt"
+# landmark lookup have something to look at (it never exists).
+_NO_FILE = Path("/nonexistent/caphuman-request")
+
+
+class LRU:
+    """A small thread-safe least-recently-used cache."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self._data: OrderedDict = OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = self.misses = 0
+
+    def get(self, key):
+        with self._lock:
+            if key in self._data:
+                self._data.move_to_end(key)
+                self.hits += 1
+                return self._data[key]
+            self.misses += 1
+            return None
+
+    def put(self, key, value) -> None:
+        with self._lock:
+            self._data[key] = value
+            self._data.move_to_end(key)
+            while len(self._data) > self.capacity:
+                self._data.popitem(last=False)
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def decode_photo(data: bytes, what: str, settings: ServerSettings) -> Image.Image:
+    """Encoded bytes -> RGB PIL image, within the size limits. Raises RequestError naming `what`."""
+    if not isinstance(data, bytes) or not data:
+        raise RequestError(f"{what} is empty; send the bytes of a PNG/JPEG/WebP photo")
+    if len(data) > settings.max_image_bytes:
+        raise RequestError(f"{what} is {len(data) / 2**20:.1f} MiB, over the "
+                           f"{settings.max_image_bytes / 2**20:.0f} MiB limit")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))  # header only
+            w, h = img.size
+            if w < 1 or h < 1 or w * h > settings.max_image_pixels:
+                raise RequestError(f"{what} is {w}x{h} pixels, over the {settings.max_image_pixels}-pixel limit "
+                                   f"(e.g. {int(settings.max_image_pixels ** 0.5)}x{int(settings.max_image_pixels ** 0.5)})")
+            img.load()
+    except RequestError:
+        raise
+    except UnidentifiedImageError:
+        raise RequestError(f"{what} is not a readable image (unknown or corrupt format; send PNG/JPEG/WebP)") from None
+    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError,
+            Image.DecompressionBombWarning) as e:
+        raise RequestError(f"{what} is not a readable image ({type(e).__name__}: {e})") from None
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def photo_from_bytes(analyzer, data: bytes, what: str, settings: ServerSettings):
+    """`runtime.condition.Photo` of encoded bytes (what `FaceAnalyzer.analyze` does for a file)."""
+    from runtime.condition import Photo
+    from runtime.condition.faces import DECA_FRAME
+    from runtime.condition.images import resize_like_deca
+
+    image = decode_photo(data, what, settings)
+    arr = np.asarray(image)
+    frame = resize_like_deca(arr, DECA_FRAME)
+    det = analyzer.mtcnn.detect(arr)
+    fdet = analyzer.mtcnn.detect(frame)
+    return Photo(_NO_FILE / what, image, frame, det[0] if det else None, fdet[0] if fdet else None)
+
+
+def no_face(what: str) -> RequestError:
+    return RequestError(f"no face found in {what} (MTCNN); send a photo with a clearly visible face")
+
+
+class IdentityService:
+    """Reference photo bytes -> identity context [258, C] float32, cached by the photo's sha256."""
+
+    def __init__(self, pipe, facenet, bisenet, analyzer, settings: ServerSettings):
+        self.pipe, self.facenet, self.bisenet, self.analyzer = pipe, facenet, bisenet, analyzer
+        self.settings = settings
+        self.cache = LRU(settings.identity_cache_entries)
+
+    @torch.no_grad()
+    def context(self, data: bytes) -> tuple[np.ndarray, bool, float]:
+        """(context [258, C] float32, cache hit, milliseconds)."""
+        from runtime.condition import NoFaceError
+        from runtime.condition.identity import identity_context
+
+        t0 = time.perf_counter()
+        key = sha256(data) if isinstance(data, bytes) else None
+        cached = self.cache.get(key) if key else None
+        if cached is not None:
+            return cached, True, (time.perf_counter() - t0) * 1e3
+        photo = photo_from_bytes(self.analyzer, data, "REFERENCE_IMAGE", self.settings)
+        if photo.detection is None:
+            raise no_face("REFERENCE_IMAGE")
+        try:
+            ctx = identity_context(self.pipe.denoiser, self.facenet, self.bisenet, self.pipe.image_encoder, photo)
+        except NoFaceError:
+            raise no_face("REFERENCE_IMAGE") from None
+        ctx = ctx[0].float().cpu().numpy()
+        if not np.isfinite(ctx).all():
+            raise RuntimeError("identity context is not finite (check the weights)")
+        self.cache.put(key, ctx)
+        return ctx, False, (time.perf_counter() - t0) * 1e3
+
+
+class HeadConditionService:
+    """Reference (+ pose photo, + explicit controls) -> hint [9, R, R] float32, cached by content."""
+
+    def __init__(self, builder, settings: ServerSettings):
+        self.builder = builder
+        self.settings = settings
+        self.cache = LRU(settings.hint_cache_entries)
+        self.photos = LRU(max(4, settings.hint_cache_entries // 4))
+
+    def _photo(self, data: bytes, what: str):
+        key = (sha256(data), what)
+        photo = self.photos.get(key)
+        if photo is None:
+            photo = photo_from_bytes(self.builder.analyzer, data, what, self.settings)
+            if photo.frame_detection is None:
+                raise no_face(what)
+            self.photos.put(key, photo)
+        return photo
+
+    def hint(self, reference: bytes, pose: bytes | None, head_pose: tuple[float, float, float] | None,
+             modes: str, light: str, resolution: int) -> tuple[np.ndarray, bool, float, list[str]]:
+        """(hint [9, R, R] float32, cache hit, milliseconds, notes)."""
+        from runtime.condition import HeadControls, NoFaceError
+
+        t0 = time.perf_counter()
+        key = (sha256(reference), sha256(pose) if pose else None, head_pose, modes, light, resolution)
+        cached = self.cache.get(key)
+        if cached is not None:
+            return cached[0], True, (time.perf_counter() - t0) * 1e3, cached[1]
+        try:
+            yaw, pitch, roll = head_pose if head_pose is not None else (None, None, None)
+            controls = HeadControls(yaw=yaw, pitch=pitch, roll=roll, light=light or None)
+        except ValueError as e:
+            raise RequestError(f"HEAD_POSE/LIGHT: {e}") from None
+        ref = self._photo(reference, "REFERENCE_IMAGE")
+        pph = self._photo(pose, "POSE_IMAGE") if pose else None
+        try:
+            cond, _, _ = self.builder.build(ref, pph, modes or "position,pose", controls)
+        except NoFaceError as e:
+            raise RequestError(str(e)) from None
+        except ValueError as e:  # modes, light values
+            raise RequestError(f"head condition: {e}") from None
+        hint = torch.from_numpy(np.ascontiguousarray(cond.hint, dtype=np.float32))[None]
+        if hint.shape[-1] != resolution:
+            hint = torch.nn.functional.interpolate(hint, size=(resolution, resolution), mode="bilinear",
+                                                   align_corners=False, antialias=True)
+        out = hint[0].numpy()
+        notes = list(cond.notes) + [f"head euler (yaw, pitch, roll) = {tuple(round(float(a), 2) for a in cond.euler)}"]
+        self.cache.put(key, (out, notes))
+        return out, False, (time.perf_counter() - t0) * 1e3, notes

@@ -1,0 +1,110 @@
+"""Which networks each served model loads: the official files from a weights folder, or tiny random ones.
+
+`caphuman serve --weights DIR` sets CAPHUMAN_WEIGHTS=DIR for the server; every model reads it in
+`initialize`. The folder holds the official files under their official names:
+
+    caphuman.ckpt                          required (CapFace, projections, CLIP image encoder, UNet/VAE/text)
+    <one SD1.x>.ckpt | .safetensors        optional, overrides UNet/VAE/text (e.g. Realistic_Vision_V3.0.ckpt)
+    vae*.ckpt                              optional, overrides the VAE (vae-ft-mse-840000-ema-pruned.ckpt)
+    clip-vit-large-patch14/                optional tokenizer folder
+    20180402-114759-vggface2.pt            FaceNet (name must contain 'vggface2' or start with 'facenet')
+    79999_iter.pth                         BiSeNet face parsing
+    deca_model.tar                         optional DECA encoder (else neutral head codes)
+    generic_model.pkl, FLAME_texture.npz   optional FLAME (else the rigid template head)
+
+Without CAPHUMAN_WEIGHTS every model builds the same seeded tiny random-weight networks (the
+`cldm_tiny` config), says so in the server log, and every response's metadata says
+`"random_weights": true`.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+WEIGHTS_ENV = "CAPHUMAN_WEIGHTS"
+RANDOM_WEIGHTS_NOTICE = ("NO WEIGHTS GIVEN: serving the built-in TINY model with RANDOM weights; images are "
+                         "patterns, not photos. Start with `caphuman serve --weights DIR` for real images.")
+TINY_SEED = 0
+
+
+@dataclass(frozen=True)
+class WeightFiles:
+    root: Path
+    checkpoint: Path
+    sd_checkpoint: Path | None
+    vae_checkpoint: Path | None
+    clip_dir: Path | None
+    facenet: Path | None
+    bisenet: Path | None
+    deca: Path | None
+    flame_model: Path | None
+    flame_texture: Path | None
+
+    @classmethod
+    def discover(cls, root: str | Path) -> "WeightFiles":
+        root = Path(root)
+        if not root.is_dir():
+            raise FileNotFoundError(f"weights folder not found: {root}")
+        ckpt = root / "caphuman.ckpt"
+        if not ckpt.is_file():
+            raise FileNotFoundError(f"weights folder {root} has no caphuman.ckpt")
+        files = [p for p in root.iterdir() if p.is_file()]
+        vae = [p for p in files if p.name.lower().startswith("vae") and p.suffix in (".ckpt", ".safetensors")]
+        sd = [p for p in files if p.suffix in (".ckpt", ".safetensors") and p != ckpt and p not in vae]
+        if len(sd) > 1 or len(vae) > 1:
+            raise ValueError(f"weights folder {root}: more than one SD checkpoint {[p.name for p in sd]} "
+                             f"or VAE {[p.name for p in vae]}; keep one of each")
+
+        def one(pred) -> Path | None:
+            hits = [p for p in files if pred(p.name.lower())]
+            return hits[0] if hits else None
+
+        clip = root / "clip-vit-large-patch14"
+        return cls(root, ckpt, sd[0] if sd else None, vae[0] if vae else None, clip if clip.is_dir() else None,
+                   one(lambda n: "vggface2" in n or (n.startswith("facenet") and n.endswith((".pt", ".pth")))),
+                   one(lambda n: n == "79999_iter.pth"), one(lambda n: n == "deca_model.tar"),
+                   one(lambda n: n == "generic_model.pkl"), one(lambda n: n == "flame_texture.npz"))
+
+
+def weight_files(environ=os.environ) -> WeightFiles | None:
+    root = environ.get(WEIGHTS_ENV, "").strip()
+    return WeightFiles.discover(root) if root else None
+
+
+def load_generation_pipeline(files: WeightFiles | None, device: str, with_image_encoder: bool = False):
+    """The CapHumanPipeline of the orchestrator (and, with the image encoder, the identity model)."""
+    from runtime.pipeline import load_pipeline, tiny_random_pipeline
+    if files is None:
+        pipe = tiny_random_pipeline(seed=TINY_SEED, device=device)
+        if with_image_encoder:
+            from export.clip import ImageEncoder
+            torch.manual_seed(TINY_SEED + 1)
+            pipe.image_encoder = ImageEncoder(pipe.config.vision_clip).eval().requires_grad_(False).to(device)
+        return pipe
+    from export.config import packaged_config
+    dtype = torch.float16 if device.startswith("cuda") else torch.float32
+    return load_pipeline(packaged_config("cldm_v15"), files.checkpoint, files.sd_checkpoint, files.vae_checkpoint,
+                         files.clip_dir, device=device, dtype=dtype, with_image_encoder=with_image_encoder)
+
+
+def load_face_networks(files: WeightFiles | None, device: str):
+    """(FaceNet, BiSeNet) for the identity context: official weights, or seeded random ones (tiny mode)."""
+    from export.face.bisenet import BiSeNet, load_bisenet
+    from export.face.facenet import InceptionResnetV1, load_facenet
+    if files is None:
+        torch.manual_seed(TINY_SEED + 2)
+        return InceptionResnetV1().eval().to(device), BiSeNet().eval().to(device)
+    if files.facenet is None or files.bisenet is None:
+        raise FileNotFoundError(f"weights folder {files.root} needs the FaceNet VGGFace2 weights "
+                                "(20180402-114759-vggface2.pt) and BiSeNet's 79999_iter.pth for the identity model")
+    return load_facenet(files.facenet).eval().to(device), load_bisenet(files.bisenet).eval().to(device)
+
+
+def load_condition_builder(files: WeightFiles | None):
+    from runtime.condition import ConditionBuilder
+    if files is None:
+        return ConditionBuilder()
+    return ConditionBuilder(files.deca, files.flame_model, files.flame_texture)
