@@ -11,6 +11,7 @@ import sys
 SUBCOMMANDS = [
     "runtime.generate_cli",
     "runtime.condition_cli",
+    "runtime.export_cli",
 ]
 
 

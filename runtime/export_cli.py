@@ -1,0 +1,121 @@
+"""`caphuman export` (PyTorch -> ONNX graphs) and `caphuman build` (ONNX -> TensorRT engines)."""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import time
+from pathlib import Path
+
+from .cli import UserError
+
+GRAPH_HELP = ("text_encoder, image_encoder, capface, unet, denoiser, vae_decoder, vae_encoder (default: all of these), "
+              "facenet, bisenet, deca_encoder (need their weight files, or --random-weights)")
+
+
+def register(sub) -> None:
+    e = sub.add_parser("export", help="export the networks as ONNX graphs (validated against PyTorch)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       description="One ONNX graph per network, stable I/O names (docs/engines.md), dynamic batch "
+                                   "and resolution, checked with the ONNX checker, TensorRT's operator matrix "
+                                   "and ONNX Runtime against PyTorch.")
+    e.add_argument("--config", help="official-format config (default: the packaged cldm_v15.yaml)")
+    e.add_argument("--checkpoint", help="caphuman.ckpt")
+    e.add_argument("--sd-checkpoint", help="SD1.x checkpoint overriding UNet/VAE/text encoder")
+    e.add_argument("--vae-checkpoint", help="VAE checkpoint overriding the VAE")
+    e.add_argument("--clip-dir", help="CLIP folder (tokenizer; vision weights when the checkpoint lacks them)")
+    e.add_argument("--facenet", help="FaceNet VGGFace2 weights (20180402-114759-vggface2.pt)")
+    e.add_argument("--bisenet", help="BiSeNet weights (79999_iter.pth)")
+    e.add_argument("--deca", help="DECA weights (deca_model.tar)")
+    e.add_argument("--random-weights", action="store_true",
+                   help="no checkpoint: export random weights (size and speed checks, tests)")
+    e.add_argument("--out", required=True, help="output folder")
+    e.add_argument("--fp16", action="store_true", help="float16 graphs (validated on a GPU, not on ORT's CPU provider)")
+    e.add_argument("--only", help=f"comma-separated graphs: {GRAPH_HELP}")
+    e.add_argument("--opset", type=int, default=17, help="ONNX opset (TensorRT 10 parses 9..20)")
+    e.add_argument("--no-validate", action="store_true", help="skip the ONNX Runtime comparison")
+    e.add_argument("--size", type=int, help="trace image size in pixels (multiple of 64; default from the config)")
+    e.set_defaults(func=run_export)
+
+    b = sub.add_parser("build", help="build TensorRT engines from exported graphs (needs TensorRT)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       description="fp16 TensorRT engines with optimization profiles, a timing cache and an engine "
+                                   "cache keyed by graph hash + GPU + TensorRT version.")
+    b.add_argument("--onnx-dir", required=True, help="folder written by `caphuman export`")
+    b.add_argument("--out", required=True, help="engine cache folder")
+    b.add_argument("--only", help="comma-separated graphs (default: capface, unet, text_encoder, vae_decoder)")
+    b.add_argument("--batch", default="1:1:4", help="MIN:OPT:MAX batch of each graph (UNet: twice this, CFG pairs)")
+    b.add_argument("--resolution", default="256:512:1024", help="MIN:OPT:MAX image side in pixels, multiples of 64")
+    b.add_argument("--fp32", action="store_true", help="no fp16 kernels")
+    b.add_argument("--no-refit", action="store_true", help="build non-refittable engines (a little faster)")
+    b.add_argument("--workspace-gib", type=float, default=8.0, help="builder workspace limit")
+    b.set_defaults(func=run_build)
+
+
+def _parse_triple(text: str, what: str) -> tuple[int, int, int]:
+    try:
+        lo, opt, hi = (int(x) for x in text.split(":"))
+    except ValueError:
+        raise UserError(f"--{what} must be MIN:OPT:MAX integers, got {text!r}") from None
+    if not 0 < lo <= opt <= hi:
+        raise UserError(f"--{what} needs 0 < MIN <= OPT <= MAX, got {text!r}")
+    return lo, opt, hi
+
+
+def run_export(args) -> int:
+    from export.config import packaged_config
+    from export.onnx_export import export_graphs, face_modules_available, load_sources
+    from export.onnx_specs import FACE_GRAPHS, NETWORK_GRAPHS
+
+    names = [n.strip() for n in args.only.split(",")] if args.only else list(NETWORK_GRAPHS)
+    unknown = [n for n in names if n not in NETWORK_GRAPHS + FACE_GRAPHS]
+    if unknown:
+        raise UserError(f"unknown graph(s) {unknown}; known: {GRAPH_HELP}")
+    if not args.random_weights and not args.checkpoint:
+        raise UserError("--checkpoint is required (or --random-weights for a weightless size/speed check)")
+    absent = [n for n, ok in face_modules_available().items() if n in names and not ok]
+    if absent:
+        raise UserError(f"the face network modules for {absent} are not in this installation (export/face/)")
+    if args.size is not None and (args.size % 64 or args.size < 64):
+        raise UserError(f"--size must be a positive multiple of 64, got {args.size}")
+    t0 = time.perf_counter()
+    src = load_sources(args.config or packaged_config("cldm_v15"), args.checkpoint, args.sd_checkpoint,
+                       args.vae_checkpoint, args.clip_dir, names=names, random_weights=args.random_weights,
+                       facenet=args.facenet, bisenet=args.bisenet, deca=args.deca)
+    print(f"loaded networks in {time.perf_counter() - t0:.1f} s")
+    reports = export_graphs(src, names, args.out, fp16=args.fp16, opset=args.opset, validate=not args.no_validate,
+                            size=(args.size, args.size) if args.size else None)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    bad = [r.name for r in reports if r.trt_problems]
+    print(f"exported {len(reports)} graph(s) to {args.out} in {time.perf_counter() - t0:.1f} s, "
+          f"peak memory {peak:.1f} GiB; manifest: {Path(args.out) / 'manifest.json'}")
+    if bad:
+        print(f"graphs TensorRT's parser would reject: {bad} (see manifest.json 'trt_problems')")
+        return 1
+    return 0
+
+
+def run_build(args) -> int:
+    from engines.tensorrt_engine import BuildSettings, TensorRTUnavailable, build_engines
+
+    onnx_dir = Path(args.onnx_dir)
+    manifest = onnx_dir / "manifest.json"
+    if not manifest.is_file():
+        raise UserError(f"{manifest} not found: run `caphuman export --out {onnx_dir}` first")
+    graphs = json.loads(manifest.read_text())["graphs"]
+    names = [n.strip() for n in args.only.split(",")] if args.only else \
+        [n for n in ("capface", "unet", "text_encoder", "vae_decoder") if n in graphs]
+    missing = [n for n in names if n not in graphs]
+    if missing:
+        raise UserError(f"graphs {missing} are not in {manifest}; exported: {sorted(graphs)}")
+    settings = BuildSettings(batch=_parse_triple(args.batch, "batch"),
+                             resolution=_parse_triple(args.resolution, "resolution"), fp16=not args.fp32,
+                             refit=not args.no_refit, workspace_bytes=int(args.workspace_gib * 2**30))
+    try:
+        built = build_engines(onnx_dir, names, Path(args.out), settings)
+    except TensorRTUnavailable as e:
+        print(f"caphuman build: error: {e}")
+        return 3
+    for name, path in built.items():
+        print(f"{name}: {path}")
+    return 0
