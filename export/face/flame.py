@@ -114,16 +114,19 @@ def load_flame_texture(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError(f"FLAME texture {path} is not a readable .npz: {e}") from None
     mean = mean.reshape(1, -1).astype(np.float32)
     n = mean.shape[1]
-    if n != 512 * 512 * 3 or tex_dir.size % n:
-        raise ValueError(f"FLAME texture {path}: mean has {n} values, expected 512*512*3")
+    if n != 512 * 512 * 3 or tex_dir.size % n or tex_dir.size // n < N_TEX:
+        raise ValueError(f"FLAME texture {path}: expected mean of 512*512*3 values and tex_dir with at least "
+                         f"{N_TEX} components, got {n} and {tex_dir.size / max(n, 1):g}")
     return mean, tex_dir.reshape(n, -1).astype(np.float32)
 
 
 def flame_albedo(mean: torch.Tensor, tex_dir: torch.Tensor, texcode: torch.Tensor) -> torch.Tensor:
     """DECA FLAMETex: [B, n_tex] texture code -> [B, 3, 256, 256] UV albedo (BGR->RGB reversed, ~[0, 1])."""
     n_tex = texcode.shape[1]
-    basis = tex_dir[:, :n_tex] / 255.0
-    tex = mean / 255.0 + (basis[None] * texcode[:, None, :]).sum(-1)
+    if tex_dir.shape[1] < n_tex:
+        raise ValueError(f"FLAME texture has {tex_dir.shape[1]} components, the texture code {n_tex}")
+    # mean/255 + sum_k tex_dir[:, k]/255 * code[k] (the official elementwise-sum, as one matmul)
+    tex = mean / 255.0 + texcode @ (tex_dir[:, :n_tex] / 255.0).T
     tex = tex.reshape(texcode.shape[0], 512, 512, 3).permute(0, 3, 1, 2)
     tex = F.interpolate(tex, size=(256, 256))  # mode 'nearest', the default, as the official code
     return tex[:, [2, 1, 0]]

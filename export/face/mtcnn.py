@@ -207,7 +207,7 @@ class MTCNN(nn.Module):
         """All faces in an RGB uint8 [H, W, 3] image, sorted by box area, largest first (select_largest)."""
         if image.ndim != 3 or image.shape[2] != 3:
             raise ValueError(f"MTCNN needs an RGB [H, W, 3] image, got shape {image.shape}")
-        img = torch.as_tensor(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float()
+        img = torch.from_numpy(np.array(image, dtype=np.float32)).permute(2, 0, 1)[None]
         h, w = img.shape[2:]
         th = self.thresholds
 

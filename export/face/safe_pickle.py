@@ -80,8 +80,12 @@ def _resolve(obj: Any) -> Any:
 
 
 def _numpy_reconstruct():
-    core = getattr(np, "_core", None) or np.core
-    return core.multiarray._reconstruct, core.multiarray.scalar
+    import importlib
+    try:
+        multiarray = importlib.import_module("numpy._core.multiarray")  # NumPy >= 2
+    except ImportError:
+        multiarray = importlib.import_module("numpy.core.multiarray")
+    return multiarray._reconstruct, multiarray.scalar
 
 
 def _reconstructor(cls, base, state):
@@ -94,9 +98,16 @@ def _reconstructor(cls, base, state):
 _SAFE_CLASSES = (ChumpyArray, SparseMatrix, CsrMatrix, np.ndarray, collections.OrderedDict, object)
 
 
+def _latin1_bytes(text: str, encoding: str = "latin1") -> bytes:
+    """`_codecs.encode` as Python 3 protocol-2 pickles use it for bytes; only latin-1 is allowed."""
+    if encoding not in ("latin1", "latin-1") or not isinstance(text, str):
+        raise UnsafePickleError(f"refusing _codecs.encode with encoding {encoding!r}")
+    return text.encode("latin1")
+
+
 def _allowed_numpy() -> dict[tuple[str, str], Any]:
     reconstruct, scalar = _numpy_reconstruct()
-    table = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype}
+    table = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype, ("_codecs", "encode"): _latin1_bytes}
     for mod in ("numpy.core.multiarray", "numpy._core.multiarray"):
         table[(mod, "_reconstruct")] = reconstruct
         table[(mod, "scalar")] = scalar
@@ -113,6 +124,10 @@ _FLAME_GLOBALS: dict[tuple[str, str], Any] = {
     ("copyreg", "_reconstructor"): _reconstructor,
     ("__builtin__", "object"): object,
     ("builtins", "object"): object,
+    ("__builtin__", "set"): set,
+    ("builtins", "set"): set,
+    ("__builtin__", "frozenset"): frozenset,
+    ("builtins", "frozenset"): frozenset,
     ("collections", "OrderedDict"): collections.OrderedDict,
 }
 
