@@ -100,9 +100,15 @@ def test_pitch_and_roll(head, frontal):
         return v[:, -1]
     # The long axis of the head turns from vertical to horizontal.
     assert abs(axis(m0)[1]) > 0.9 and abs(axis(m90)[0]) > 0.9
-    # +roll is counter-clockwise in the image: the top of the head goes to the left.
-    ys, xs = np.nonzero(m90)
-    assert xs.mean() < SIZE / 2
+    # +roll is counter-clockwise in the image about the face centre: (dx, dy) -> (dy, -dx), so the
+    # top of the head goes to the left and the neck to the right.
+    c = (frontal.landmarks2d_ndc.mean(0) + 1) / 2 * SIZE - 0.5
+    ys0, xs0 = np.nonzero(m0)
+    ys1, xs1 = np.nonzero(m90)
+    assert xs1.mean() - c[0] == pytest.approx(ys0.mean() - c[1], abs=3)
+    assert ys1.mean() - c[1] == pytest.approx(-(xs0.mean() - c[0]), abs=3)
+    top = np.nonzero(m0.any(1))[0][0]  # crown row in the frontal view
+    assert np.nonzero(m90.any(0))[0][0] == pytest.approx(top - c[1] + c[0], abs=3)
 
 
 def test_scale_and_center_place_the_head(head):
