@@ -22,6 +22,7 @@ import signal
 import socket
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -61,6 +62,14 @@ def wheel_server() -> WheelServer:
     if not server.binary.is_file():
         raise LaunchError(f"the nvidia-pytriton wheel has no tritonserver binary at {server.binary}")
     return server
+
+
+def _libpython_dir() -> str | None:
+    """This interpreter's libpython folder: the stub must link the same libpython as our environment
+    (else it may pick the system's and miss our site-packages)."""
+    libdir = sysconfig.get_config_var("LIBDIR")
+    ldlib = sysconfig.get_config_var("LDLIBRARY")
+    return libdir if libdir and ldlib and (Path(libdir) / ldlib).exists() else None
 
 
 def free_port() -> int:
@@ -132,7 +141,8 @@ class TritonServer:
             binary = server.binary
             args += [f"--backend-directory={self._wheel_backend_dir(server)}",
                      f"--cache-directory={server.caches}"]
-            env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (env.get("LD_LIBRARY_PATH"), str(server.libs)) if p)
+            env["LD_LIBRARY_PATH"] = os.pathsep.join(
+                p for p in (_libpython_dir(), env.get("LD_LIBRARY_PATH"), str(server.libs)) if p)
         else:
             binary = Path(cfg.binary)
             if not binary.is_file():

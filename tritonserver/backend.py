@@ -1,0 +1,64 @@
+"""Helpers shared by the three Python-backend models (model_repository/*/1/model.py).
+
+`pb_utils` (triton_python_backend_utils) exists only inside the Triton stub, so it is passed in.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+from .params import RequestError, ServerSettings
+
+KNOWN_PARAMETERS = {"torch_threads"}
+
+
+def model_setup(args: dict, pb_utils) -> tuple[dict, str, ServerSettings]:
+    """(model config, torch device, settings) from initialize()'s args; fails the load on bad config."""
+    config = json.loads(args["model_config"])
+    name = config.get("name", "?")
+    params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
+    unknown = set(params) - KNOWN_PARAMETERS
+    if unknown:
+        raise pb_utils.TritonModelException(f"{name}: unknown config.pbtxt parameters {sorted(unknown)}; "
+                                            f"known: {sorted(KNOWN_PARAMETERS)}")
+    raw = params.get("torch_threads", "0") or "0"
+    if not raw.isdigit():
+        raise pb_utils.TritonModelException(f"{name}: parameter torch_threads must be an integer >= 0, got {raw!r}")
+    threads = int(raw) or max(1, (os.cpu_count() or 2) // 2)
+    torch.set_num_threads(threads)
+    if args.get("model_instance_kind") == "GPU":
+        if not torch.cuda.is_available():
+            raise pb_utils.TritonModelException(f"{name}: KIND_GPU instance but torch sees no CUDA device")
+        device = f"cuda:{args.get('model_instance_device_id', '0')}"
+    else:
+        device = "cpu"
+    try:
+        settings = ServerSettings.from_env()
+    except ValueError as e:
+        raise pb_utils.TritonModelException(f"{name}: {e}") from None
+    return config, device, settings
+
+
+def triton_error(pb_utils, exc: BaseException):
+    """A TritonError for a failed request: INVALID_ARG for bad requests, INTERNAL otherwise."""
+    if isinstance(exc, RequestError):
+        code, msg = pb_utils.TritonError.INVALID_ARG, str(exc)
+    else:
+        code, msg = pb_utils.TritonError.INTERNAL, f"internal error ({type(exc).__name__}): {exc}"
+    return pb_utils.TritonError(msg, code)
+
+
+def error_from_bls(pb_utils, model: str, error) -> Exception:
+    """Re-raise a BLS response error: a bad-request error stays a RequestError."""
+    msg = error.message()
+    code = error.code() if hasattr(error, "code") else None
+    if code == pb_utils.TritonError.INVALID_ARG:
+        return RequestError(msg)
+    return RuntimeError(f"{model}: {msg}")
+
+
+def log(pb_utils, level: str, message: str) -> None:
+    logger = pb_utils.Logger
+    {"info": logger.log_info, "warn": logger.log_warn, "error": logger.log_error}[level](message)
