@@ -1,0 +1,292 @@
+"""The torch engine: the fast path on the GPU we can reach.
+
+One denoising step -- CapFace at batch N, the UNet at batch 2N on the [cond, uncond] pair, guidance
+and the DDIM update (`runtime.sampling.ddim_update`, the official formulas) -- runs as ONE CUDA
+graph over static buffers, captured once per (batch, height, width, guidance on/off, eta on/off,
+tau on/off) and replayed every step; per step only the scalars (timestep, alphas, sigma, tau gate)
+are written into their buffers. Networks run in fp16 (or fp32), channels-last, with the Triton
+attention processors of `export.attention_processors` where that module is present.
+
+Cross-attention K/V are computed once per request: `StaticCrossKV` holds one K and one V buffer
+per cross-attention layer; a request writes the text pair's and the identity context's
+projections into them (outside the graph) and the captured graph reads them. ID dropout (tau)
+multiplies CapFace's cached K/V by a 0/1 gate, which equals projecting the gated context because
+SD's `to_k`/`to_v` have no bias.
+
+Aliasing: `sample` returns a fresh tensor; the per-step `callback` receives a clone.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+from export.models import CapHumanDenoiser
+from export.networks import hard_mask_like, run_unet
+from export.onnx_specs import graph_specs
+from runtime.sampling import _step_noise, ddim_schedule, ddim_update, validate_sampling_args
+
+from .base import Engine, EngineError
+from .sampler import per_residual_strength
+
+
+def _fast_attention_module():
+    try:
+        from export import attention_processors
+        return attention_processors
+    except ImportError:
+        return None
+
+
+class StaticCrossKV:
+    """Cross-attention K/V in static buffers, duck-typed as the `kv_cache` of `FastAttnProcessor`.
+
+    mode "off": compute K/V as usual; "fill": compute them and store into this key's buffers,
+    remembering which context each layer reads; "use": return the buffers (inside CUDA graphs).
+    """
+
+    def __init__(self):
+        self.mode = "off"
+        self.sources: dict[str, torch.Tensor] = {}       # source name -> the static context buffer
+        self.entries: dict[int, tuple] = {}              # id(attn) -> (attn, source, K, V)
+        self.gate: torch.Tensor | None = None            # 0/1 for the identity context (tau), or None
+
+    def get_or_compute(self, attn, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.mode == "off":
+            return attn.to_k(context), attn.to_v(context)
+        entry = self.entries.get(id(attn))
+        if self.mode == "fill":
+            source = next((n for n, buf in self.sources.items() if buf is context), None)
+            if source is None:
+                raise EngineError("cross-attention context is not a static buffer of the torch engine")
+            if source == "identity" and (attn.to_k.bias is not None or attn.to_v.bias is not None):
+                raise EngineError("identity K/V gating needs bias-free to_k/to_v (SD1.x has none)")
+            k, v = attn.to_k(context), attn.to_v(context)
+            if entry is None:
+                entry = (attn, source, k, v)
+                self.entries[id(attn)] = entry
+            else:
+                entry[2].copy_(k)
+                entry[3].copy_(v)
+        if entry is None:
+            raise EngineError("K/V of a cross-attention layer were not filled before use")
+        _, source, k, v = entry
+        if source == "identity" and self.gate is not None:
+            return k * self.gate, v * self.gate
+        return k, v
+
+    @torch.no_grad()
+    def refill(self) -> None:
+        """Recompute every stored K/V from the current contents of the context buffers (eager)."""
+        for attn, source, k, v in self.entries.values():
+            ctx = self.sources[source]
+            k.copy_(attn.to_k(ctx))
+            v.copy_(attn.to_v(ctx))
+
+
+@dataclass
+class _StepState:
+    """Static buffers and the captured graph of one (batch, h, w, flags) key."""
+    x: torch.Tensor
+    t: torch.Tensor
+    text: torch.Tensor
+    hint: torch.Tensor
+    ctx: torch.Tensor
+    strength: torch.Tensor
+    guidance: torch.Tensor
+    a_t: torch.Tensor
+    a_prev: torch.Tensor
+    sigma: torch.Tensor
+    sqrt_1m: torch.Tensor
+    noise: torch.Tensor | None
+    gate: torch.Tensor | None
+    kv: StaticCrossKV = field(default_factory=StaticCrossKV)
+    graph: torch.cuda.CUDAGraph | None = None
+
+
+class TorchDenoiserEngine(Engine):
+    """The CapHuman denoiser in PyTorch: `run` for the `denoiser` graph's I/O, `sample` for whole
+    DDIM loops (the `ddim_sample` signature without the model)."""
+
+    backend = "torch"
+
+    def __init__(self, den: CapHumanDenoiser, *, device: str | torch.device = "cuda", dtype=torch.float16,
+                 channels_last: bool | None = None, fast_attention: bool = True, cuda_graph: bool | None = None,
+                 compile: bool = False):
+        self.device = torch.device(device)
+        self.dtype = dtype
+        on_gpu = self.device.type == "cuda"
+        self.cuda_graph = on_gpu if cuda_graph is None else cuda_graph
+        if self.cuda_graph and not on_gpu:
+            raise EngineError("CUDA graphs need a CUDA device")
+        self.den = den.to(self.device, dtype).eval().requires_grad_(False)
+        self.den.alphas_cumprod = self.den.alphas_cumprod.float()
+        self.spec = graph_specs(den.config)["denoiser"]
+        self.num_residuals = den.num_residuals
+        if channels_last if channels_last is not None else on_gpu:
+            self.den.unet.to(memory_format=torch.channels_last)
+            self.den.capface.to(memory_format=torch.channels_last)
+        self._attn = _fast_attention_module() if fast_attention else None
+        self._proxy = _KVProxy()
+        if self._attn is not None:
+            for net in (self.den.unet, self.den.capface.net):
+                for m in net.modules():
+                    if isinstance(m, self._attn.Attention):
+                        m.set_processor(self._attn.FastAttnProcessor(self._attn.AttnBackend.AUTO, self._proxy))
+        self._unet_fn = self.den.unet
+        self._capface_fn = self.den.capface
+        if compile:
+            self._unet_fn = torch.compile(self.den.unet, dynamic=False)
+            self._capface_fn = torch.compile(self.den.capface, dynamic=False)
+        self._states: dict[tuple, _StepState] = {}
+
+    # -- the Engine interface: one fused denoiser call ------------------------------------------
+    @torch.no_grad()
+    def run(self, feed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        self.check_feed(feed)
+        self._proxy.target = None
+        f = {k: v.to(self.device) for k, v in feed.items()}
+        f = {k: (v.to(self.dtype) if v.is_floating_point() and k != "strength" else v) for k, v in f.items()}
+        res, mask = self._capface_fn(f["sample"], f["timestep"], f["hint"], f["identity_context"])
+        scaled = [(r * f["strength"][i]) * hard_mask_like(mask, r) for i, r in enumerate(res)]
+        return {"eps": run_unet(self._unet_fn, f["sample"], f["timestep"], f["text_embeddings"], scaled)}
+
+    # -- whole DDIM loops ---------------------------------------------------------------------------
+    def _step(self, s: _StepState, branches: int) -> None:
+        """One denoising step on the static buffers (captured as a CUDA graph)."""
+        xi = s.x.to(self.dtype)
+        res, mask = self._capface_fn(xi, s.t, s.hint, s.ctx)
+        scaled = [(r * s.strength[i]) * hard_mask_like(mask, r) for i, r in enumerate(res)]
+        if branches == 1:
+            eps = run_unet(self._unet_fn, xi, s.t, s.text, scaled)
+        else:
+            n = xi.shape[0]
+            pair = run_unet(self._unet_fn, torch.cat([xi, xi]), torch.cat([s.t, s.t]), s.text,
+                            [torch.cat([r, r]) for r in scaled])
+            eps_c, eps_u = pair[:n], pair[n:]
+            eps = eps_u + s.guidance * (eps_c - eps_u)
+        x_prev = ddim_update(s.x, eps.to(torch.float32), s.a_t, s.a_prev, s.sigma, s.sqrt_1m, s.noise)
+        s.x.copy_(x_prev)
+
+    def _state(self, key: tuple, n: int, h: int, w: int, branches: int, eta_on: bool, tau_on: bool) -> _StepState:
+        dev, dt, cfg = self.device, self.dtype, self.den.config
+        lat = cfg.unet.in_channels
+
+        def scalar(dtype=torch.float32):
+            return torch.zeros((), device=dev, dtype=dtype)
+
+        s = _StepState(x=torch.zeros(n, lat, h // 8, w // 8, device=dev), t=torch.zeros(n, dtype=torch.long, device=dev),
+                       text=torch.zeros(n * branches, 77, cfg.context_dim, device=dev, dtype=dt),
+                       hint=torch.zeros(n, cfg.capface.hint_channels, h, w, device=dev, dtype=dt),
+                       ctx=torch.zeros(n, 258, cfg.context_dim, device=dev, dtype=dt),
+                       strength=torch.zeros(self.num_residuals, device=dev), guidance=scalar(), a_t=scalar(),
+                       a_prev=scalar(), sigma=scalar(), sqrt_1m=scalar(),
+                       noise=torch.zeros(n, lat, h // 8, w // 8, device=dev) if eta_on else None,
+                       gate=scalar(dt) if tau_on else None)
+        s.kv.sources = {"text": s.text, "identity": s.ctx}
+        s.kv.gate = s.gate
+        self._states[key] = s
+        return s
+
+    def _prepare(self, s: _StepState, branches: int, first: bool) -> None:
+        """Fill K/V for this request; on a new key, warm up (Triton JIT, cuDNN) and capture."""
+        self._proxy.target = s.kv
+        if not first:
+            s.kv.refill()
+            return
+        x0 = s.x.clone()
+        a = (s.a_t, s.a_prev, s.sqrt_1m)
+        for buf in a:
+            buf.fill_(0.5)  # a valid schedule point for the warm-up steps; overwritten per step
+        if s.gate is not None:
+            s.gate.fill_(1.0)
+        s.kv.mode = "fill"
+        if self.cuda_graph:
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    self._step(s, branches)
+                    s.x.copy_(x0)
+                    s.kv.mode = "use"
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            s.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(s.graph):
+                self._step(s, branches)
+            s.x.copy_(x0)
+        else:
+            self._step(s, branches)
+            s.x.copy_(x0)
+            s.kv.mode = "use"
+
+    @torch.no_grad()
+    def sample(self, noise: torch.Tensor, text_cond: torch.Tensor, text_uncond: torch.Tensor, hint: torch.Tensor,
+               identity_context: torch.Tensor, steps: int = 20, guidance: float = 7.0, eta: float = 0.0,
+               strength: float | Sequence[float] = 1.0, tau: float = 0, *, cfg: str = "batched",
+               generators: Sequence[torch.Generator] | None = None,
+               callback: Callable[[int, int, torch.Tensor], None] | None = None) -> torch.Tensor:
+        """Final DDIM latents; same contract and numerics as `runtime.sampling.ddim_sample` with
+        batched CFG (`cfg="serial"` computes the same value, so it is accepted and batched)."""
+        validate_sampling_args(steps, guidance, eta, strength, tau)
+        if cfg not in ("batched", "serial"):
+            raise ValueError(f"cfg must be 'batched' or 'serial', got {cfg!r}")
+        if noise.ndim != 4:
+            raise ValueError(f"noise must be [N, C, h, w], got shape {tuple(noise.shape)}")
+        n, h, w = noise.shape[0], noise.shape[-2] * 8, noise.shape[-1] * 8
+        if tuple(hint.shape[-2:]) != (h, w):
+            raise ValueError(f"hint is {tuple(hint.shape[-2:])}, expected 8x the latent size {tuple(noise.shape[-2:])}")
+        branches = 1 if guidance == 1.0 else 2
+        key = (n, h, w, branches, eta > 0, bool(tau))
+        first = key not in self._states
+        s = self._states[key] if not first else self._state(key, n, h, w, branches, eta > 0, bool(tau))
+        dt = self.dtype
+        cond = text_cond.to(self.device, dt).expand(n, -1, -1)
+        s.text.copy_(cond if branches == 1 else torch.cat([cond, text_uncond.to(self.device, dt).expand(n, -1, -1)]))
+        s.hint.copy_(hint.to(self.device, dt).expand(n, -1, -1, -1))
+        s.ctx.copy_(identity_context.to(self.device, dt).expand(n, -1, -1))
+        s.strength.copy_(per_residual_strength(strength, self.num_residuals))
+        s.guidance.fill_(float(guidance))
+        s.x.copy_(noise.to(self.device, torch.float32))
+        self._prepare(s, branches, first)
+
+        sched = ddim_schedule(self.den.alphas_cumprod, steps, eta)
+        total = len(sched.timesteps)
+        for i, index in enumerate(reversed(range(total))):
+            t = sched.timesteps[index]
+            s.t.fill_(t)
+            s.a_t.fill_(sched.alphas[index].item())
+            s.a_prev.fill_(sched.alphas_prev[index].item())
+            s.sigma.fill_(sched.sigmas[index].item())
+            s.sqrt_1m.fill_(sched.sqrt_one_minus_alphas[index].item())
+            if s.gate is not None:
+                s.gate.fill_(1.0 if t <= tau else 0.0)
+            if s.noise is not None:
+                s.noise.copy_(_step_noise(s.x, generators))
+            if s.graph is not None:
+                s.graph.replay()
+            else:
+                self._step(s, branches)
+            if callback is not None:
+                callback(i, total, s.x.clone())
+        self._proxy.target = None
+        return s.x.clone()
+
+    def close(self) -> None:
+        if self._attn is not None:
+            for net in (self.den.unet, self.den.capface.net):
+                self._attn.disable_fast_attention(net)
+        self._states.clear()
+
+
+class _KVProxy:
+    """The one `kv_cache` object the processors hold; forwards to the active key's StaticCrossKV
+    (None: compute K/V as usual)."""
+
+    def __init__(self):
+        self.target: StaticCrossKV | None = None
+
+    def get_or_compute(self, attn, context):
+        if self.target is None:
+            return attn.to_k(context), attn.to_v(context)
+        return self.target.get_or_compute(attn, context)
