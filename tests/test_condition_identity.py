@@ -1,0 +1,42 @@
+"""Identity context: FaceNet + parsed-face CLIP tokens through the projections, [1, 258, ctx]."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+
+from export.clip import ImageEncoder, clip_preprocess
+from export.face.bisenet import KEPT_LABELS, BiSeNet
+from export.face.facenet import InceptionResnetV1
+from export.models import CapHumanDenoiser
+from runtime.condition import FaceAnalyzer
+from runtime.condition.identity import identity_context, parse_labels, whiten_non_face
+
+from ._shared_data import shared_path
+
+
+def test_whitening_keeps_only_face_labels():
+    img = Image.fromarray(np.full((4, 5, 3), 40, dtype=np.uint8))
+    labels = np.arange(20).reshape(4, 5) % 19
+    out = np.asarray(whiten_non_face(img, labels))
+    keep = np.isin(labels, KEPT_LABELS)
+    assert (out[keep] == 40).all() and (out[~keep] == 255).all()
+    assert set(KEPT_LABELS) == {1, 2, 3, 4, 5, 6, 10, 11, 12, 13}
+
+
+def test_identity_context_shape(tiny_config):
+    torch.manual_seed(0)
+    den = CapHumanDenoiser(tiny_config).eval()
+    facenet = InceptionResnetV1().eval()
+    bisenet = BiSeNet().eval()
+    clip = ImageEncoder(tiny_config.vision_clip).eval()
+    photo = FaceAnalyzer().analyze(shared_path("faces", "image02673.png"))
+    labels = parse_labels(bisenet, photo.image)
+    assert labels.shape == photo.image.size[::-1] and labels.max() < 19
+    ctx = identity_context(den, facenet, bisenet, clip, photo)
+    assert ctx.shape == (1, 258, tiny_config.context_dim)
+    # The last token is id_linear of the FaceNet embedding.
+    emb = facenet(FaceAnalyzer.facenet_crop(photo)[None])
+    torch.testing.assert_close(ctx[0, -1], den.id_linear(emb)[0])
+    pix = clip_preprocess(whiten_non_face(photo.image, labels))
+    torch.testing.assert_close(ctx[0, :-1], den.img_linear(clip(pix))[0])
