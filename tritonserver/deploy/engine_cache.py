@@ -1,0 +1,127 @@
+"""The container's start step: TensorRT engines for this node's GPU, built once and kept on a volume.
+
+    python -m tritonserver.deploy.engine_cache --weights /weights --cache /engines
+
+1. ONNX graphs of the mounted weights, exported once per weight set into `<cache>/onnx/<fingerprint>/`
+   (`caphuman export`; the graphs do not depend on the GPU, so every node shares them).
+2. `caphuman build --onnx-dir <that folder> --out <cache>/trt`: the engine builder keys its cache by graph
+   hash + GPU + TensorRT version (docs/engines.md), so a node whose GPU and TensorRT already have engines
+   there pays nothing, and nodes of different GPU types share one volume safely.
+
+Skipped, with the reason printed, where TensorRT does not import (the torch backend serves), where no
+weights are mounted (the built-in tiny model has nothing to build) or with CAPHUMAN_BUILD_ENGINES=0.
+A file lock on the volume keeps two pods of one node from building the same thing at once; exports land in
+a temporary folder renamed into place, so a pod killed mid-export leaves nothing half-written behind.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+# The engine builder's command line, in one place (runtime/export_cli.py defines it). {onnx} and {engines}
+# are filled in below; extra arguments come from CAPHUMAN_BUILD_ARGS / CAPHUMAN_EXPORT_ARGS.
+BUILD_COMMAND = ("caphuman", "build", "--onnx-dir", "{onnx}", "--out", "{engines}")
+EXPORT_COMMAND = ("caphuman", "export", "--out", "{onnx}")
+SAMPLE_BYTES = 1 << 20
+
+
+def fingerprint(paths: list[Path]) -> str:
+    """A short key of a weight set: each file's name, size, first and last MiB (cheap on multi-GB files)."""
+    h = hashlib.sha256()
+    for p in sorted(paths, key=lambda p: p.name):
+        files = sorted(q for q in p.rglob("*") if q.is_file()) if p.is_dir() else [p]
+        for f in files:
+            size = f.stat().st_size
+            h.update(f"{f.relative_to(p.parent)}\0{size}\0".encode())
+            with open(f, "rb") as fh:
+                h.update(fh.read(SAMPLE_BYTES))
+                if size > SAMPLE_BYTES:
+                    fh.seek(max(size - SAMPLE_BYTES, SAMPLE_BYTES))
+                    h.update(fh.read())
+    return h.hexdigest()[:16]
+
+
+def export_args(files) -> list[str]:
+    """`caphuman export` flags for a tritonserver.weights.WeightFiles (the files the served models load)."""
+    args = ["--checkpoint", str(files.checkpoint)]
+    for flag, path in (("--sd-checkpoint", files.sd_checkpoint), ("--vae-checkpoint", files.vae_checkpoint),
+                       ("--clip-dir", files.clip_dir)):
+        if path is not None:
+            args += [flag, str(path)]
+    return args
+
+
+def plan(cache: Path, files, environ=os.environ) -> list[tuple[str, list[str], Path | None]]:
+    """The steps to run: (what, command, folder the step creates or None). Empty when all is in place."""
+    used = [p for p in (files.checkpoint, files.sd_checkpoint, files.vae_checkpoint) if p is not None]
+    onnx = cache / "onnx" / fingerprint(used)
+    steps = []
+    if not (onnx / "manifest.json").is_file():
+        cmd = [a.format(onnx=onnx.with_name(onnx.name + ".partial")) for a in EXPORT_COMMAND]
+        steps.append(("export", cmd + export_args(files) + environ.get("CAPHUMAN_EXPORT_ARGS", "").split(), onnx))
+    cmd = [a.format(onnx=onnx, engines=cache / "trt") for a in BUILD_COMMAND]
+    steps.append(("build", cmd + environ.get("CAPHUMAN_BUILD_ARGS", "").split(), None))
+    return steps
+
+
+def skip_reason(weights: Path | None, environ=os.environ) -> str | None:
+    if environ.get("CAPHUMAN_BUILD_ENGINES", "1").strip().lower() in ("0", "false", "no", "off"):
+        return "CAPHUMAN_BUILD_ENGINES=0"
+    if weights is None or not weights.is_dir() or not (weights / "caphuman.ckpt").is_file():
+        return f"no caphuman.ckpt under {weights} (the built-in tiny model serves; nothing to build)"
+    if importlib.util.find_spec("tensorrt") is None:
+        return "TensorRT does not import here (the torch backend serves)"
+    return None
+
+
+@contextlib.contextmanager
+def locked(path: Path):
+    import fcntl
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def prepare(cache: Path, weights: Path | None, run=subprocess.run, environ=os.environ) -> int:
+    reason = skip_reason(weights, environ)
+    if reason:
+        print(f"engine cache: skipped: {reason}", flush=True)
+        return 0
+    from tritonserver.weights import WeightFiles
+    files = WeightFiles.discover(weights)
+    with locked(cache / ".lock"):
+        for what, cmd, creates in plan(cache, files, environ):
+            print(f"engine cache: {what}: {' '.join(cmd)}", flush=True)
+            if creates is not None:
+                partial = creates.with_name(creates.name + ".partial")
+                shutil.rmtree(partial, ignore_errors=True)
+            rc = run(cmd).returncode
+            if rc != 0:
+                print(f"engine cache: {what} failed with exit status {rc}", file=sys.stderr, flush=True)
+                return rc
+            if creates is not None:
+                partial.rename(creates)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m tritonserver.deploy.engine_cache", description=__doc__.split("\n")[0])
+    ap.add_argument("--weights", default=os.environ.get("CAPHUMAN_WEIGHTS") or None, help="official weights folder")
+    ap.add_argument("--cache", default=os.environ.get("CAPHUMAN_ENGINE_CACHE", "/engines"), help="engine cache volume")
+    args = ap.parse_args(argv)
+    return prepare(Path(args.cache), Path(args.weights) if args.weights else None)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
