@@ -69,6 +69,10 @@ def register(sub) -> None:
     r = p.add_argument_group("runtime")
     r.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     r.add_argument("--fp16", action="store_true", help="run the networks in float16 (GPU)")
+    r.add_argument("--backend", choices=["eager", "torch", "onnxruntime", "tensorrt"], default="eager",
+                   help="denoiser backend: eager PyTorch modules (with --cfg serial: the reference mode), the torch "
+                        "engine (CUDA graphs, Triton attention), ONNX Runtime, or TensorRT engines (docs/engines.md)")
+    r.add_argument("--engine-dir", help="ONNX graphs (onnxruntime) or `caphuman build` engines (tensorrt)")
     r.add_argument("--out", default="outputs", help="output folder")
     r.add_argument("--name", default="caphuman", help="file name prefix")
     p.set_defaults(func=run)
@@ -162,6 +166,11 @@ def run(args) -> int:
         pipe = load_pipeline(args.config or packaged_config("cldm_v15"), args.checkpoint, args.sd_checkpoint,
                              args.vae_checkpoint, args.clip_dir, device=args.device, dtype=dtype)
     log.info("models ready in %.1f s", time.perf_counter() - t0)
+    if args.backend != "eager":
+        if getattr(args, "controlnet_checkpoint", None):
+            raise ValueError(f"extra ControlNets run on --backend eager only, not {args.backend}")
+        from engines.backends import attach_backend
+        attach_backend(pipe, args.backend, dtype if args.backend == "torch" else None, args.engine_dir)
 
     if args.hint:
         hint = load_npy(args.hint, "hint", (3, 4))

@@ -8,6 +8,7 @@ takes them as tensors.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import math
@@ -115,6 +116,10 @@ class CapHumanPipeline:
         self.device = torch.device(device)
         self.model_hashes = model_hashes or {}
         self.random_weights = random_weights
+        # Engine-backed DDIM (`engines.sampler.EngineSampler`, `TorchDenoiserEngine.sample`): same
+        # signature as `ddim_sample` without the model. None: `ddim_sample` on `self.denoiser`.
+        self.sampler: Callable | None = None
+        self.backend = "eager"
 
     @property
     def dtype(self) -> torch.dtype:
@@ -136,14 +141,15 @@ class CapHumanPipeline:
         text_uncond = self.encode_prompts([req.negative_prompt])
         hint = req.hint.to(self.device, self.dtype)
         ctx = req.identity_context.to(self.device, self.dtype)
-        latents = ddim_sample(self.denoiser, noise.to(self.device), text_cond, text_uncond, hint, ctx,
-                              steps=req.steps, guidance=req.guidance, eta=req.eta, strength=req.strength,
-                              tau=req.tau, cfg=cfg, callback=callback,
-                              generators=[torch.Generator("cpu").manual_seed(s + 1) for s in seeds]
-                              if req.eta > 0 else None)
+        sample = self.sampler or functools.partial(ddim_sample, self.denoiser)
+        latents = sample(noise.to(self.device), text_cond, text_uncond, hint, ctx,
+                         steps=req.steps, guidance=req.guidance, eta=req.eta, strength=req.strength,
+                         tau=req.tau, cfg=cfg, callback=callback,
+                         generators=[torch.Generator("cpu").manual_seed(s + 1) for s in seeds]
+                         if req.eta > 0 else None)
         decoded = self.vae.decode(latents.to(self.dtype))
         params = {k: v for k, v in asdict(req).items() if k not in ("hint", "identity_context", "noise")}
-        params.update(seeds=seeds, cfg=cfg, width=int(w), height=int(h), sampler="ddim",
+        params.update(seeds=seeds, cfg=cfg, backend=self.backend, width=int(w), height=int(h), sampler="ddim",
                       dtype=str(self.dtype).removeprefix("torch."), config=Path(self.config.path).name,
                       hint_sha256=_tensor_hash(req.hint), identity_sha256=_tensor_hash(req.identity_context),
                       noise="explicit" if req.noise is not None else "cpu-generator-per-seed",
