@@ -40,7 +40,7 @@ def flame_arrays(seed: int = 0, jaw_weight: bool = True) -> dict:
     rng = np.random.default_rng(seed)
     mesh = head_template()
     V = len(mesh.vertices)
-    v = mesh.vertices.copy()
+    v = mesh.vertices - (mesh.vertices.min(0) + mesh.vertices.max(0)) / 2  # FLAME's head sits near the origin
     weights = np.zeros((V, 5))
     weights[:, 0] = 1.0
     if jaw_weight:  # lower face follows the jaw joint
@@ -54,10 +54,12 @@ def flame_arrays(seed: int = 0, jaw_weight: bool = True) -> dict:
     jaw_pt = np.argsort(np.linalg.norm(v - (v.mean(0) + [0, -0.05, 0]), axis=1))[:4]
     J[2, jaw_pt] = 0.25
     J[3, 0] = J[4, 1] = 1.0
+    posedirs = rng.standard_normal((V, 3, 36)) * 1e-3
+    posedirs[weights[:, 2] == 0] = 0  # pose correctives on the jaw region only
     return {
         "v_template": v, "f": mesh.faces.astype(np.uint32),
         "shapedirs": (rng.standard_normal((V, 3, N_COMPONENTS)) * 1e-3).astype(np.float32),
-        "posedirs": (rng.standard_normal((V, 3, 36)) * 1e-3).astype(np.float32),
+        "posedirs": posedirs.astype(np.float32),
         "J_regressor": scipy.sparse.csc_matrix(J), "weights": weights,
         "kintree_table": np.array([[4294967295, 0, 1, 1, 1], [0, 1, 2, 3, 4]], dtype=np.int64),
         "bs_style": "lbs", "bs_type": "lrotmin",

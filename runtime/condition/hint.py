@@ -85,9 +85,13 @@ def _fit_framing(head: HeadModel, code: HeadCode, five_px: np.ndarray, height: i
 
 
 def _place(code: HeadCode, posed: PosedHead, head: HeadModel, center, scale, height: int, width: int) -> HeadCode:
-    """Explicit framing: face centre (mean of the 68 landmarks) at `center`, face size `scale` of the frame height."""
-    anchor = posed.landmarks3d.mean(0)
-    neutral = head.pose_vertices(code.shape, code.exp, np.zeros(6)).landmarks3d
+    """Explicit framing: face centre (mean of the 68 landmarks) at `center`, face size `scale` of the frame height.
+
+    The anchor is taken with the global rotation but a closed jaw and neutral expression, so opening
+    the jaw or changing the expression does not move the head."""
+    rigid_pose = np.concatenate([code.pose[:3], np.zeros(3)])
+    anchor = head.pose_vertices(code.shape, np.zeros_like(code.exp), rigid_pose).landmarks3d.mean(0)
+    neutral = head.pose_vertices(code.shape, np.zeros_like(code.exp), np.zeros(6)).landmarks3d
     size = float(max(np.ptp(neutral[:, 0]), np.ptp(neutral[:, 1])))
     if code.cam is not None:
         p0 = project(anchor[None], code.cam, code.tform, height, width)[0]
