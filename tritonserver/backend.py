@@ -12,6 +12,8 @@ import torch
 from .params import RequestError, ServerSettings
 
 KNOWN_PARAMETERS = {"torch_threads"}
+# BLS responses lose the error code (they arrive as INTERNAL), so bad-request errors also carry this prefix.
+BAD_REQUEST_PREFIX = "invalid request: "
 
 
 def model_setup(args: dict, pb_utils) -> tuple[dict, str, ServerSettings]:
@@ -44,7 +46,7 @@ def model_setup(args: dict, pb_utils) -> tuple[dict, str, ServerSettings]:
 def triton_error(pb_utils, exc: BaseException):
     """A TritonError for a failed request: INVALID_ARG for bad requests, INTERNAL otherwise."""
     if isinstance(exc, RequestError):
-        code, msg = pb_utils.TritonError.INVALID_ARG, str(exc)
+        code, msg = pb_utils.TritonError.INVALID_ARG, f"{BAD_REQUEST_PREFIX}{exc}"
     else:
         code, msg = pb_utils.TritonError.INTERNAL, f"internal error ({type(exc).__name__}): {exc}"
     return pb_utils.TritonError(msg, code)
@@ -53,9 +55,8 @@ def triton_error(pb_utils, exc: BaseException):
 def error_from_bls(pb_utils, model: str, error) -> Exception:
     """Re-raise a BLS response error: a bad-request error stays a RequestError."""
     msg = error.message()
-    code = error.code() if hasattr(error, "code") else None
-    if code == pb_utils.TritonError.INVALID_ARG:
-        return RequestError(msg)
+    if msg.startswith(BAD_REQUEST_PREFIX):
+        return RequestError(msg[len(BAD_REQUEST_PREFIX):])
     return RuntimeError(f"{model}: {msg}")
 
 

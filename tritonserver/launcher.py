@@ -202,11 +202,11 @@ class TritonServer:
         raise LaunchError(f"tritonserver not ready after {timeout:.0f} s; log {self.log_path}:\n{self.log_tail()}")
 
     def stop(self, timeout: float = 30.0) -> int | None:
-        """SIGINT (Triton's graceful shutdown: finish in-flight requests, unload models), then SIGKILL."""
+        """SIGTERM (Triton's graceful shutdown: finish in-flight requests, unload models), then SIGKILL."""
         if self.proc is None:
             return None
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
+            self.proc.send_signal(signal.SIGTERM)
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:

@@ -1,0 +1,83 @@
+"""`caphuman serve`: run NVIDIA Triton Inference Server on the CapHuman-RT model repository."""
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import time
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "serve", help="serve CapHuman over gRPC with NVIDIA Triton Inference Server",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Start tritonserver on the CapHuman-RT model repository (models: caphuman, identity, "
+                    "head_condition), wait until every model is loaded and warm, print the endpoints, and run "
+                    "until Ctrl-C. Without --weights the models are tiny and have random weights (a demo). "
+                    "Needs the serve extra: pip install -e '.[serve]'.")
+    p.add_argument("--model-repository", type=Path, default=None,
+                   help="model repository (default: the packaged tritonserver/model_repository)")
+    p.add_argument("--weights", type=Path, default=None,
+                   help="folder of official weight files (caphuman.ckpt, FaceNet, BiSeNet, ...; see docs/serving.md)")
+    p.add_argument("--tritonserver", type=Path, default=None,
+                   help="tritonserver binary (default: the one in the nvidia-pytriton wheel; in the NGC container "
+                        "/opt/tritonserver/bin/tritonserver)")
+    p.add_argument("--host", default="0.0.0.0", help="address to listen on")
+    p.add_argument("--grpc-port", type=int, default=8001)
+    p.add_argument("--http-port", type=int, default=8000)
+    p.add_argument("--metrics-port", type=int, default=8002, help="Prometheus metrics (/metrics)")
+    p.add_argument("--log-file", type=Path, default=None, help="server log (default: a temporary folder; printed)")
+    p.add_argument("--ready-timeout", type=float, default=600.0, help="seconds to wait for the models to load")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from runtime.cli import UserError
+    from tritonserver.launcher import DEFAULT_MODEL_REPOSITORY, LaunchError, ServerConfig, TritonServer
+
+    for name in ("grpc_port", "http_port", "metrics_port"):
+        if not 1 <= getattr(args, name) <= 65535:
+            raise UserError(f"--{name.replace('_', '-')} must be a TCP port number, got {getattr(args, name)}")
+    cfg = ServerConfig(model_repository=args.model_repository or DEFAULT_MODEL_REPOSITORY, binary=args.tritonserver,
+                       weights=args.weights, host=args.host, grpc_port=args.grpc_port, http_port=args.http_port,
+                       metrics_port=args.metrics_port, log_file=args.log_file)
+    server = TritonServer(cfg)
+    if args.weights is None:
+        print("NOTE: no --weights: the models are the built-in TINY ones with RANDOM weights (images are patterns, "
+              "not photos); responses say \"random_weights\": true.")
+    stop = {"signal": None}
+
+    def on_term(signum, _frame):
+        stop["signal"] = signum
+        raise KeyboardInterrupt
+
+    old_term = signal.signal(signal.SIGTERM, on_term)
+    try:
+        server.start()
+        print(f"starting tritonserver (log: {server.log_path}) ...", flush=True)
+        t0 = time.monotonic()
+        server.wait_ready(args.ready_timeout)
+        ep = server.endpoints()
+        print(f"ready in {time.monotonic() - t0:.0f} s: models caphuman, identity, head_condition\n"
+              f"  gRPC     {ep['grpc']}   (caphuman client --url {ep['grpc']} ...)\n"
+              f"  HTTP     {ep['http']}\n"
+              f"  metrics  {ep['metrics']}\n"
+              f"Ctrl-C stops the server.", flush=True)
+        while server.is_alive():
+            time.sleep(0.5)
+        raise UserError(f"tritonserver exited with status {server.proc.returncode}; log {server.log_path}:\n"
+                        f"{server.log_tail()}")
+    except LaunchError as e:
+        raise UserError(str(e)) from None
+    except KeyboardInterrupt:
+        print("stopping tritonserver ...", flush=True)
+        code = server.stop()
+        print(f"stopped (status {code})")
+        return 0
+    finally:
+        signal.signal(signal.SIGTERM, old_term)
+        if server.is_alive():
+            server.stop()
