@@ -12,6 +12,8 @@ SUBCOMMANDS = [
     "runtime.generate_cli",
     "runtime.condition_cli",
     "runtime.export_cli",
+    "runtime.serve_cli",
+    "runtime.client_cli",
 ]
 
 
