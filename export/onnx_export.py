@@ -39,7 +39,7 @@ from .clip import ImageEncoder, TextEncoder
 from .config import CapHumanConfig, load_config
 from .models import (VAE, CapHumanDenoiser, clip_folder_state, denoiser_from_state, image_encoder_from_state,
                      text_encoder_from_state, vae_from_state)
-from .onnx_refit import build_refit_map, save_refit_map
+from .onnx_refit import RefitError, build_refit_map, save_refit_map
 from .onnx_specs import FACE_GRAPHS, NETWORK_GRAPHS, GraphSpec, graph_specs
 from .trt_ops import check_model
 
@@ -323,9 +323,14 @@ def export_graph(name: str, module: nn.Module, spec: GraphSpec, path: Path, *, f
     refit_unmapped = None
     if name in REFIT_GRAPHS:
         stage("refit map")
-        entries, unmapped = build_refit_map(model, module.state_dict(), (REFIT_GRAPHS[name],))
-        save_refit_map(path.with_name(f"{name}.refit.json"), entries, unmapped)
-        refit_unmapped = unmapped
+        refit_path = path.with_name(f"{name}.refit.json")
+        try:
+            entries, unmapped = build_refit_map(model, module.state_dict(), (REFIT_GRAPHS[name],))
+            save_refit_map(refit_path, entries, unmapped)
+            refit_unmapped = unmapped
+        except RefitError as e:  # e.g. untrained weights with many equal tensors: no refit, the graph is fine
+            log.warning("%s: no refit map (%s)", name, e)
+            refit_path.unlink(missing_ok=True)
     stage("save + shape inference")
     external = save_model(model, path)
     nodes, ops = len(model.graph.node), sorted({n.op_type for n in model.graph.node})
