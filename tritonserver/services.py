@@ -159,6 +159,8 @@ class HeadConditionService:
         from runtime.condition import HeadControls, NoFaceError
 
         t0 = time.perf_counter()
+        if resolution % 64 or not 256 <= resolution <= 1024:
+            raise RequestError(f"RESOLUTION must be a multiple of 64 in [256, 1024], got {resolution}")
         key = (sha256(reference), sha256(pose) if pose else None, head_pose, modes, light, resolution)
         cached = self.cache.get(key)
         if cached is not None:
