@@ -76,9 +76,10 @@ def test_builder_with_deca_and_flame_mixes_codes(flame_path, deca_path):
     builder = ConditionBuilder(deca_model=deca_path, flame_model=flame_path)
     ref = builder.analyzer.analyze(shared_path("faces", "reference_196251.png"))
     pose = builder.analyzer.analyze(shared_path("faces", "pose2.png"))
-    c_ref, c_pose = builder.code_of(ref), builder.code_of(pose)
-    assert c_ref.estimated and c_ref.shape.shape == (CODE_SIZES["shape"],) and c_ref.light.shape == (9, 3)
     cond, _, _ = builder.build(ref, pose, modes="position,pose")
+    c_ref, c_pose = cond.reference_code, cond.pose_code
+    assert c_ref.estimated and c_ref.shape.shape == (CODE_SIZES["shape"],) and c_ref.light.shape == (9, 3)
+    assert not np.allclose(c_ref.pose, c_pose.pose)  # the two photos give different codes
     np.testing.assert_allclose(cond.code.cam, c_pose.cam)
     np.testing.assert_allclose(cond.code.tform, c_pose.tform)
     np.testing.assert_allclose(cond.code.pose[:3], c_pose.pose[:3])

@@ -1,7 +1,6 @@
 """FLAME: the restricted unpickler on a synthesized chumpy-era generic_model.pkl, LBS, landmarks, texture."""
 from __future__ import annotations
 
-import io
 import os
 import pickle
 import sys

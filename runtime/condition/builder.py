@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from export.face.deca_encoder import DecaEncoder, decompose_code, load_deca_encoder
@@ -60,6 +59,7 @@ class ConditionBuilder:
         position_photo = pph if (pph is not None and ("position" in modes_t or "all" in modes_t)) else ref
         five = position_photo.frame_detection.landmarks if position_photo.frame_detection is not None else None
         cond = build_head_condition(self.head, ref_code, pose_code, modes_t, controls, five)
+        cond.reference_code, cond.pose_code = ref_code, pose_code
         if self.deca is None:
             cond.notes.append("no DECA weights: shape, expression, pose and light are neutral unless set explicitly")
         return cond, ref, pph

@@ -42,6 +42,8 @@ class HeadCondition:
     code: HeadCode                # the final code (after mixing, controls and framing)
     euler: tuple[float, float, float]  # yaw, pitch, roll (degrees) of the final global rotation
     notes: list[str] = field(default_factory=list)
+    reference_code: HeadCode | None = None  # the codes before mixing (set by ConditionBuilder)
+    pose_code: HeadCode | None = None
 
 
 def _fit_similarity(src: np.ndarray, dst: np.ndarray, rotation: bool) -> tuple[float, float, np.ndarray]:
