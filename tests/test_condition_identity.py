@@ -40,3 +40,23 @@ def test_identity_context_shape(tiny_config):
     torch.testing.assert_close(ctx[0, -1], den.id_linear(emb)[0])
     pix = clip_preprocess(whiten_non_face(photo.image, labels))
     torch.testing.assert_close(ctx[0, :-1], den.img_linear(clip(pix))[0])
+
+
+def test_clip_preprocess_matches_clip_feature_extractor_4_24():
+    """transformers 4.24 CLIPFeatureExtractor = ImageFeatureExtractionMixin: convert_rgb, resize (short side
+    224, bicubic, unchanged when already 224), centre crop with top = (H - 224) // 2, /255, mean/std."""
+    import pytest
+    image_utils = pytest.importorskip("transformers.image_utils")
+    mixin = getattr(image_utils, "ImageFeatureExtractionMixin", None)
+    if mixin is None:
+        pytest.skip("this transformers no longer has ImageFeatureExtractionMixin (4.24's CLIPFeatureExtractor base)")
+    from export.clip import CLIP_MEAN, CLIP_STD
+    m = mixin()
+    rng = np.random.default_rng(0)
+    for w, h in [(224, 224), (224, 301), (301, 224), (225, 400), (640, 427), (97, 131), (224, 225)]:
+        img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        ref = m.resize(m.convert_rgb(img), size=224, resample=Image.BICUBIC, default_to_square=False)
+        ref = m.normalize(m.center_crop(ref, 224), mean=list(CLIP_MEAN), std=list(CLIP_STD))
+        got = clip_preprocess(img)[0].numpy()
+        # x/255 here vs x*(1/255) there: 1-2 float32 ulps.
+        np.testing.assert_allclose(got, ref, atol=1e-6, rtol=0)
