@@ -100,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
     yaw, pitch, roll = cond.euler
     meta = {
         "reference": str(ref.path), "pose": str(pose.path) if pose else None, "modes": args.modes,
-        "controls": {k: v for k, v in vars(controls).items() if v is not None and k != "extra"},
+        "controls": {k: v for k, v in vars(controls).items() if v is not None},
         "head": type(builder.head).__name__, "deca": builder.deca is not None,
         "euler_degrees": {"yaw": yaw, "pitch": pitch, "roll": roll},
         "cam": cond.code.cam.tolist(), "light": cond.code.light.tolist(),

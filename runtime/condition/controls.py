@@ -15,7 +15,7 @@ Lighting is 27 SH coefficients (9 bands x RGB, DECA's layout) or a named preset.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -69,7 +69,6 @@ class HeadControls:
     center: tuple[float, float] | None = None
     scale: float | None = None
     light: str | tuple[float, ...] | None = None
-    extra: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self):
         for name, lim in LIMITS.items():
