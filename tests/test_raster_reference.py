@@ -138,3 +138,34 @@ def test_bad_inputs():
         rasterize(np.zeros((3, 3)), np.array([[0, 1, 3]]), 4, 4)
     with pytest.raises(ValueError, match="NaN"):
         rasterize(np.full((3, 3), np.nan), np.array([[0, 1, 2]]), 4, 4)
+
+
+def test_render_hint_attributes_match_brute_force_and_torch_grid_sample():
+    """Normals from brute-force barycentrics, albedo from torch's grid_sample, SH from the spec's formula."""
+    import torch
+    import torch.nn.functional as F
+
+    verts, mesh = _template_ndc(30.0)
+    h = w = 48
+    rng = np.random.default_rng(3)
+    normals = rng.normal(size=(len(verts), 3))
+    normals /= np.linalg.norm(normals, axis=1, keepdims=True)
+    uvs = mesh.face_uvs
+    albedo = rng.uniform(size=(3, 16, 16))
+    light = rng.normal(size=(9, 3))
+    hint = render_hint(verts, mesh.faces, normals, uvs, albedo, light, h, w)
+    fi, bary, _ = brute_force(verts, mesh.faces, h, w)
+    m = fi >= 0
+    f = np.where(m, fi, 0)
+    n_ref = np.einsum("hwk,hwkc->chw", bary, normals[mesh.faces[f]]) * m
+    np.testing.assert_allclose(hint[0:3], n_ref, atol=1e-4)
+    uv = np.einsum("hwk,hwkc->hwc", bary, uvs[f])
+    grid = torch.from_numpy(np.stack([uv[..., 0] * 2 - 1, -(uv[..., 1] * 2 - 1)], -1)[None])
+    a_ref = F.grid_sample(torch.from_numpy(albedo)[None], grid, mode="bilinear", padding_mode="zeros",
+                          align_corners=False)[0].numpy() * m
+    np.testing.assert_allclose(hint[3:6], a_ref, atol=1e-4)
+    nx, ny, nz = n_ref
+    basis = np.stack([np.ones_like(nx), nx, ny, nz, nx * ny, nx * nz, ny * nz, nx ** 2 - ny ** 2, 3 * nz ** 2 - 1])
+    consts = [0.28209479, 1.02332671, 1.02332671, 1.02332671, 0.85808553, 0.85808553, 0.85808553, 0.42904277, 0.24770796]
+    shading = np.einsum("kc,khw->chw", light, basis * np.array(consts)[:, None, None])
+    np.testing.assert_allclose(hint[6:9], a_ref * shading * m, atol=1e-4)
