@@ -27,6 +27,7 @@ from tritonserver.launcher import ServerConfig, TritonServer, free_port  # noqa:
 
 FACES = Path(__file__).resolve().parents[2] / "shared" / "testdata" / "faces"
 FAST = dict(steps=2, resolution=256)
+CAPHUMAN = [sys.executable, "-c", "import sys; from runtime.cli import main; sys.exit(main())"]  # `caphuman`
 CONCURRENT_CLIENTS = 16
 CONCURRENCY_SECONDS = float(os.environ.get("CAPHUMAN_SERVING_LOAD_SECONDS", "60"))
 
@@ -275,15 +276,20 @@ def test_16_concurrent_clients_for_60_seconds(client):
 
 # ------------------------------------------------------------------------------------ caphuman serve
 def test_caphuman_serve_starts_prints_endpoints_and_stops_on_ctrl_c(tmp_path):
+    """The CLI's life cycle (start, wait for ready, endpoints, Ctrl-C) on an empty model repository, so it
+    does not load the models a second time (the module's server shows that they load)."""
+    repo = tmp_path / "empty_repository"
+    repo.mkdir()
     ports = [str(free_port()) for _ in range(3)]
-    proc = subprocess.Popen([sys.executable, "-m", "runtime.cli", "serve", "--host", "127.0.0.1",
+    proc = subprocess.Popen([*CAPHUMAN, "serve", "--host", "127.0.0.1",
+                             "--model-repository", str(repo),
                              "--grpc-port", ports[0], "--http-port", ports[1], "--metrics-port", ports[2],
                              "--log-file", str(tmp_path / "serve.log")],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             cwd=Path(__file__).resolve().parents[1])
     lines = []
     try:
-        deadline = time.monotonic() + 300
+        deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             line = proc.stdout.readline()
             if not line:
@@ -294,12 +300,20 @@ def test_caphuman_serve_starts_prints_endpoints_and_stops_on_ctrl_c(tmp_path):
         text = "".join(lines)
         assert f"gRPC     localhost:{ports[0]}" in text and "/metrics" in text, text
         assert "RANDOM" in text
-        assert CapHumanClient(f"127.0.0.1:{ports[0]}").is_ready()
+        import tritonclient.grpc as grpcclient
+        with grpcclient.InferenceServerClient(f"127.0.0.1:{ports[0]}") as c:
+            assert c.is_server_ready()
         proc.send_signal(signal.SIGINT)
-        out, _ = proc.communicate(timeout=120)
+        out, _ = proc.communicate(timeout=60)
         assert proc.returncode == 0, text + out
         assert "stopped (status 0)" in out, out
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_caphuman_serve_reports_a_missing_binary(tmp_path):
+    out = subprocess.run([*CAPHUMAN, "serve", "--tritonserver", str(tmp_path / "nope")],
+                         capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], timeout=60)
+    assert out.returncode == 2 and "tritonserver binary not found" in out.stderr, out.stderr
