@@ -21,6 +21,7 @@ needs_repo = pytest.mark.skipif(not any(REPO.glob("*/config.pbtxt")),
 FAKE_TRITON = """#!/usr/bin/env bash
 printf '%s\\n' "$@" > "$FAKE_OUT/args"
 echo "${CAPHUMAN_WEIGHTS-<unset>}" > "$FAKE_OUT/weights"
+echo "${CAPHUMAN_ENGINE_DIR-<unset>}" > "$FAKE_OUT/engine_dir"
 """
 FAKE_SMI = """#!/usr/bin/env bash
 for i in $(seq 0 $((FAKE_GPUS - 1))); do echo "GPU $i: NVIDIA H100 80GB HBM3 (UUID: GPU-$i)"; done
@@ -102,6 +103,7 @@ def test_serve_with_weights_runs_the_engine_step_and_passes_weights(box):
     assert r.returncode == 0, r.stderr
     assert "engine cache: skipped: CAPHUMAN_BUILD_ENGINES=0" in r.stdout
     assert (box.out / "weights").read_text().strip() == str(weights)
+    assert (box.out / "engine_dir").read_text().strip() == "<unset>"      # no engines: the torch backend
 
 
 def test_build_and_other_commands(box):
@@ -146,7 +148,7 @@ def test_fingerprint_follows_the_weights(tmp_path, monkeypatch):
 
 def test_plan_exports_once_then_only_builds(tmp_path, weights):
     cache = tmp_path / "engines"
-    steps = ec.plan(cache, files_of(weights), environ={"CAPHUMAN_BUILD_ARGS": "--batch 1:1:2"})
+    steps = ec.plan(cache, files_of(weights), "nvidia-h100-sm90", environ={"CAPHUMAN_BUILD_ARGS": "--batch 1:1:2"})
     assert [s[0] for s in steps] == ["export", "build"]
     export, build = steps[0][1], steps[1][1]
     onnx = steps[0][2]
@@ -156,17 +158,21 @@ def test_plan_exports_once_then_only_builds(tmp_path, weights):
     assert export[export.index("--sd-checkpoint") + 1].endswith("Realistic_Vision_V3.0.safetensors")
     assert export[export.index("--vae-checkpoint") + 1].endswith("vae-ft-mse-840000-ema-pruned.ckpt")
     assert export[export.index("--clip-dir") + 1].endswith("clip-vit-large-patch14")
-    assert build == ["caphuman", "build", "--onnx-dir", str(onnx), "--out", str(cache / "trt"), "--batch", "1:1:2"]
+    # engines per GPU type and weight set (the builder's engines.json and timing cache are per folder)
+    engines = cache / "trt" / "nvidia-h100-sm90" / onnx.name
+    assert build == ["caphuman", "build", "--onnx-dir", str(onnx), "--out", str(engines), "--batch", "1:1:2"]
     onnx.mkdir(parents=True)
     (onnx / "manifest.json").write_text("{}")
-    assert [s[0] for s in ec.plan(cache, files_of(weights), environ={})] == ["build"]
+    assert [s[0] for s in ec.plan(cache, files_of(weights), "nvidia-h100-sm90", environ={})] == ["build"]
+    other = ec.plan(cache, files_of(weights), "nvidia-l4-sm89", environ={})[0][1]
+    assert other[other.index("--out") + 1] == str(cache / "trt" / "nvidia-l4-sm89" / onnx.name)
 
 
 def test_commands_match_the_caphuman_cli(tmp_path, weights):
     """The contract with the engine builder: our command lines parse with `caphuman`'s own parser."""
     from runtime.cli import build_parser
     parser = build_parser()
-    for what, cmd, _ in ec.plan(tmp_path / "engines", files_of(weights), environ={}):
+    for what, cmd, _ in ec.plan(tmp_path / "engines", files_of(weights), "gpu-sm90", environ={}):
         args = parser.parse_args(cmd[1:])
         assert args.command == what and args.out
 
@@ -183,22 +189,26 @@ def test_prepare_runs_the_steps_under_a_lock(tmp_path, weights, monkeypatch):
             (out / "manifest.json").write_text("{}")
         return subprocess.CompletedProcess(cmd, 0)
 
-    cache = tmp_path / "engines"
-    assert ec.prepare(cache, weights, run=fake_run, environ={}) == 0
+    cache, record = tmp_path / "engines", tmp_path / "engine_dir"
+    gpu = lambda: "nvidia-h100-sm90"  # noqa: E731
+    assert ec.prepare(cache, weights, run=fake_run, environ={}, gpu_fn=gpu, record=record) == 0
     assert [c[1] for c in ran] == ["export", "build"]
     onnx = next((cache / "onnx").iterdir())
     assert (onnx / "manifest.json").is_file() and not onnx.name.endswith(".partial")
     assert (cache / ".lock").is_file()
+    assert record.read_text().strip() == str(cache / "trt" / "nvidia-h100-sm90" / onnx.name)
     ran.clear()
-    assert ec.prepare(cache, weights, run=fake_run, environ={}) == 0
+    assert ec.prepare(cache, weights, run=fake_run, environ={}, gpu_fn=gpu) == 0
     assert [c[1] for c in ran] == ["build"]                  # exported graphs reused
 
 
 def test_prepare_stops_on_a_failed_export(tmp_path, weights, monkeypatch):
     monkeypatch.setattr(ec.importlib.util, "find_spec", lambda name: object())
     cache = tmp_path / "engines"
-    rc = ec.prepare(cache, weights, run=lambda cmd: subprocess.CompletedProcess(cmd, 3), environ={})
-    assert rc == 3
+    record = tmp_path / "engine_dir"
+    rc = ec.prepare(cache, weights, run=lambda cmd: subprocess.CompletedProcess(cmd, 3), environ={},
+                    gpu_fn=lambda: "g-sm90", record=record)
+    assert rc == 3 and not record.exists()
     assert not [p for p in (cache / "onnx").glob("*") if not p.name.endswith(".partial")]
 
 
@@ -208,9 +218,22 @@ def test_prepare_skips_with_a_reason(tmp_path, weights, monkeypatch, capsys):
     assert "no caphuman.ckpt" in capsys.readouterr().out
     assert ec.prepare(tmp_path / "e", weights, run=never, environ={"CAPHUMAN_BUILD_ENGINES": "false"}) == 0
     assert "CAPHUMAN_BUILD_ENGINES=0" in capsys.readouterr().out
+    monkeypatch.setattr(ec.importlib.util, "find_spec", lambda name: object())
+    assert ec.prepare(tmp_path / "e", weights, run=never, environ={}, gpu_fn=lambda: None) == 0
+    assert "no CUDA GPU visible" in capsys.readouterr().out
     monkeypatch.setattr(ec.importlib.util, "find_spec", lambda name: None)
     assert ec.prepare(tmp_path / "e", weights, run=never, environ={}) == 0
     assert "TensorRT does not import" in capsys.readouterr().out
+
+
+def test_gpu_tag_names_the_device(monkeypatch):
+    import torch
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=0: "NVIDIA H100 80GB HBM3")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=0: (9, 0))
+    assert ec.gpu_tag() == "nvidia-h100-80gb-hbm3-sm90"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert ec.gpu_tag() is None
 
 
 def test_engine_cache_cli_without_weights(tmp_path):

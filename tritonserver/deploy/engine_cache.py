@@ -4,12 +4,18 @@
 
 1. ONNX graphs of the mounted weights, exported once per weight set into `<cache>/onnx/<fingerprint>/`
    (`caphuman export`; the graphs do not depend on the GPU, so every node shares them).
-2. `caphuman build --onnx-dir <that folder> --out <cache>/trt`: the engine builder keys its cache by graph
-   hash + GPU + TensorRT version (docs/engines.md), so a node whose GPU and TensorRT already have engines
-   there pays nothing, and nodes of different GPU types share one volume safely.
+2. `caphuman build --onnx-dir <that folder> --out <cache>/trt/<gpu>/<fingerprint>`: the engine builder keys
+   each plan by graph hash + GPU + SM + TensorRT version + settings (engines/tensorrt_engine.py), so a node
+   whose GPU and TensorRT already have engines there pays nothing. The folder is per GPU type and weight
+   set because the builder's `engines.json` index and timing cache are per folder: nodes of different GPU
+   types, and old and new pods during a base-model upgrade, share one volume without overwriting each
+   other's index.
+3. The engine folder is written to `--record FILE` (the entrypoint passes it on to the models as
+   CAPHUMAN_ENGINE_DIR).
 
-Skipped, with the reason printed, where TensorRT does not import (the torch backend serves), where no
-weights are mounted (the built-in tiny model has nothing to build) or with CAPHUMAN_BUILD_ENGINES=0.
+Skipped, with the reason printed, where TensorRT does not import or no CUDA GPU is visible (the torch
+backend serves), where no weights are mounted (the built-in tiny model has nothing to build) or with
+CAPHUMAN_BUILD_ENGINES=0.
 A file lock on the volume keeps two pods of one node from building the same thing at once; exports land in
 a temporary folder renamed into place, so a pod killed mid-export leaves nothing half-written behind.
 """
@@ -20,6 +26,7 @@ import contextlib
 import hashlib
 import importlib.util
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -58,15 +65,32 @@ def export_args(files) -> list[str]:
     return args
 
 
-def plan(cache: Path, files, environ=os.environ) -> list[tuple[str, list[str], Path | None]]:
-    """The steps to run: (what, command, folder the step creates or None). Empty when all is in place."""
-    used = [p for p in (files.checkpoint, files.sd_checkpoint, files.vae_checkpoint) if p is not None]
-    onnx = cache / "onnx" / fingerprint(used)
+def gpu_tag() -> str | None:
+    """'nvidia-h100-80gb-hbm3-sm90' for the first visible GPU (as the builder names it), None without one."""
+    import torch
+    if not torch.cuda.is_available():
+        return None
+    major, minor = torch.cuda.get_device_capability(0)
+    name = re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(0).lower()).strip("-")
+    return f"{name}-sm{major}{minor}"
+
+
+def engine_dir(cache: Path, files, gpu: str) -> Path:
+    return cache / "trt" / gpu / fingerprint(_weight_paths(files))
+
+
+def _weight_paths(files) -> list[Path]:
+    return [p for p in (files.checkpoint, files.sd_checkpoint, files.vae_checkpoint) if p is not None]
+
+
+def plan(cache: Path, files, gpu: str, environ=os.environ) -> list[tuple[str, list[str], Path | None]]:
+    """The steps to run: (what, command, folder the step creates or None)."""
+    onnx = cache / "onnx" / fingerprint(_weight_paths(files))
     steps = []
     if not (onnx / "manifest.json").is_file():
         cmd = [a.format(onnx=onnx.with_name(onnx.name + ".partial")) for a in EXPORT_COMMAND]
         steps.append(("export", cmd + export_args(files) + environ.get("CAPHUMAN_EXPORT_ARGS", "").split(), onnx))
-    cmd = [a.format(onnx=onnx, engines=cache / "trt") for a in BUILD_COMMAND]
+    cmd = [a.format(onnx=onnx, engines=engine_dir(cache, files, gpu)) for a in BUILD_COMMAND]
     steps.append(("build", cmd + environ.get("CAPHUMAN_BUILD_ARGS", "").split(), None))
     return steps
 
@@ -81,6 +105,11 @@ def skip_reason(weights: Path | None, environ=os.environ) -> str | None:
     return None
 
 
+def gpu_or_reason(gpu_fn=None) -> tuple[str | None, str | None]:
+    gpu = (gpu_fn or gpu_tag)()
+    return (gpu, None) if gpu else (None, "no CUDA GPU visible (the torch backend serves)")
+
+
 @contextlib.contextmanager
 def locked(path: Path):
     import fcntl
@@ -93,15 +122,19 @@ def locked(path: Path):
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def prepare(cache: Path, weights: Path | None, run=subprocess.run, environ=os.environ) -> int:
+def prepare(cache: Path, weights: Path | None, run=subprocess.run, environ=os.environ, gpu_fn=None,
+            record: Path | None = None) -> int:
     reason = skip_reason(weights, environ)
+    gpu = None
+    if reason is None:
+        gpu, reason = gpu_or_reason(gpu_fn)
     if reason:
         print(f"engine cache: skipped: {reason}", flush=True)
         return 0
     from tritonserver.weights import WeightFiles
     files = WeightFiles.discover(weights)
     with locked(cache / ".lock"):
-        for what, cmd, creates in plan(cache, files, environ):
+        for what, cmd, creates in plan(cache, files, gpu, environ):
             print(f"engine cache: {what}: {' '.join(cmd)}", flush=True)
             if creates is not None:
                 partial = creates.with_name(creates.name + ".partial")
@@ -112,6 +145,10 @@ def prepare(cache: Path, weights: Path | None, run=subprocess.run, environ=os.en
                 return rc
             if creates is not None:
                 partial.rename(creates)
+    engines = engine_dir(cache, files, gpu)
+    print(f"engine cache: ready: {engines}", flush=True)
+    if record is not None:
+        Path(record).write_text(f"{engines}\n")
     return 0
 
 
@@ -119,8 +156,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tritonserver.deploy.engine_cache", description=__doc__.split("\n")[0])
     ap.add_argument("--weights", default=os.environ.get("CAPHUMAN_WEIGHTS") or None, help="official weights folder")
     ap.add_argument("--cache", default=os.environ.get("CAPHUMAN_ENGINE_CACHE", "/engines"), help="engine cache volume")
+    ap.add_argument("--record", help="file to write the engine folder to (only when engines are ready)")
     args = ap.parse_args(argv)
-    return prepare(Path(args.cache), Path(args.weights) if args.weights else None)
+    return prepare(Path(args.cache), Path(args.weights) if args.weights else None,
+                   record=Path(args.record) if args.record else None)
 
 
 if __name__ == "__main__":

@@ -38,7 +38,17 @@ build_engines() {
         unset CAPHUMAN_WEIGHTS
         return 0
     fi
-    python3 -m tritonserver.deploy.engine_cache --weights "${CAPHUMAN_WEIGHTS}" --cache "${CAPHUMAN_ENGINE_CACHE}"
+    local record="${CAPHUMAN_RUN_DIR}/engine_dir"
+    rm -f "${record}"
+    mkdir -p "${CAPHUMAN_RUN_DIR}"
+    python3 -m tritonserver.deploy.engine_cache --weights "${CAPHUMAN_WEIGHTS}" \
+        --cache "${CAPHUMAN_ENGINE_CACHE}" --record "${record}"
+    if [ -s "${record}" ]; then
+        # The models' contract: TensorRT engines (and engines.json) for this GPU and weight set are here.
+        CAPHUMAN_ENGINE_DIR="$(cat "${record}")"
+        export CAPHUMAN_ENGINE_DIR
+        log "TensorRT engines in ${CAPHUMAN_ENGINE_DIR}"
+    fi
 }
 
 model_repository() {
