@@ -18,6 +18,7 @@ the UNet-bearing graphs (`export.onnx_refit`).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -248,6 +249,8 @@ def cleanup(model: onnx.ModelProto) -> onnx.ModelProto:
         import onnx_graphsurgeon as gs
     except ImportError:
         gs = None
+    if _initializer_bytes(model) > EXTERNAL_DATA_THRESHOLD:
+        gs = None  # graphsurgeon copies every weight; full-size fp32 graphs would need twice their size in RAM
     if gs is not None:
         graph = gs.import_onnx(model)
         graph.cleanup(remove_unused_graph_inputs=False).toposort()
@@ -300,6 +303,28 @@ def save_model(model: onnx.ModelProto, path: Path) -> bool:
     return external
 
 
+@contextlib.contextmanager
+def _global_avg_pool_war():
+    """WAR(BiSeNet): `F.avg_pool2d(x, x.shape[2:])` takes its kernel from traced shapes, which the
+    ONNX exporter cannot export. During the trace only, a pool whose kernel covers the whole feature
+    map is traced as `adaptive_avg_pool2d(x, 1)` (GlobalAveragePool: the same mean); the graph is then
+    validated against the unpatched module. Other calls pass through unchanged."""
+    original = torch.nn.functional.avg_pool2d
+
+    def pool(x, kernel_size, *args, **kwargs):
+        k = tuple(int(v) for v in (kernel_size if isinstance(kernel_size, (tuple, list, torch.Size)) else
+                                   (kernel_size, kernel_size)))
+        if not args and not kwargs and k == tuple(int(v) for v in x.shape[2:]):
+            return torch.nn.functional.adaptive_avg_pool2d(x, 1)
+        return original(x, kernel_size, *args, **kwargs)
+
+    torch.nn.functional.avg_pool2d = pool
+    try:
+        yield
+    finally:
+        torch.nn.functional.avg_pool2d = original
+
+
 def export_graph(name: str, module: nn.Module, spec: GraphSpec, path: Path, *, float_dtype=torch.float32,
                  opset: int = OPSET, size: tuple[int, int] = (64, 64), stage: Callable[[str], None] = lambda s: None
                  ) -> GraphReport:
@@ -313,7 +338,8 @@ def export_graph(name: str, module: nn.Module, spec: GraphSpec, path: Path, *, f
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{name}-") as tmp:
         raw = Path(tmp) / f"{name}.onnx"
         stage("trace + export")
-        with torch.no_grad(), warnings.catch_warnings():
+        war = _global_avg_pool_war() if name == "bisenet" else contextlib.nullcontext()
+        with torch.no_grad(), warnings.catch_warnings(), war:
             warnings.simplefilter("ignore")  # TracerWarnings of diffusers' shape asserts; deprecation notes
             torch.onnx.export(module, tuple(feed.values()), str(raw), input_names=spec.input_names,
                               output_names=spec.output_names, dynamic_axes=spec.dynamic_axes(), opset_version=opset,

@@ -4,10 +4,14 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import sys
 import time
 from pathlib import Path
 
-from .cli import UserError
+
+
+class UserError(ValueError):
+    """A bad command line: printed as one line by `caphuman` (exit status 2)."""
 
 GRAPH_HELP = ("text_encoder, image_encoder, capface, unet, denoiser, vae_decoder, vae_encoder (default: all of these), "
               "facenet, bisenet, deca_encoder (need their weight files, or --random-weights)")
@@ -114,7 +118,7 @@ def run_build(args) -> int:
     try:
         built = build_engines(onnx_dir, names, Path(args.out), settings)
     except TensorRTUnavailable as e:
-        print(f"caphuman build: error: {e}")
+        print(f"caphuman build: error: {e}", file=sys.stderr)
         return 3
     for name, path in built.items():
         print(f"{name}: {path}")
