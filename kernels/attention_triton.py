@@ -6,10 +6,11 @@ follows the Triton fused-attention tutorial (06-fused-attention.py), written ane
 
 CapHuman at 512x512 runs self-attention over 4096/1024/256/64 tokens at head dims 40/80/160/160 and
 cross-attention from those queries to 77 text tokens (UNet) or 258 identity tokens (CapFace).
-Head dims 40, 80 and 160 are not powers of two. Instead of padding the head dim to the next power
-of two (64/128/256, i.e. 37.5% of every matrix product spent on zeros), the kernel splits it into
-two power-of-two slabs ``D = HEAD_A + HEAD_B`` (80 = 64 + 16, 160 = 128 + 32, exact; 40 = 32 + 16,
-8 columns masked) and issues two ``tl.dot`` per product. Masks (not tensor copies) cover the rest.
+Head dims 40, 80 and 160 are not powers of two. The kernel covers the head dim with one or two
+power-of-two slabs ``HEAD_A (+ HEAD_B)`` addressed with masks (no tensor copies): either one padded
+slab (64/128/256, as FlashAttention does), or two slabs with one ``tl.dot`` each (80 = 64 + 16,
+160 = 128 + 32 exactly; 40 = 32 + 16), which skips the 37.5% of padded work. Which one runs is
+``DEFAULT_SPLIT_MODE``, chosen from measurements on the H100 (docs/kernels.md).
 
 Only API present in both Triton 3.6 and 3.9 is used (tl.dot, masked tl.load/tl.store, tl.exp2,
 program_id, constexpr blocks); no TMA or tensor descriptors.
@@ -57,23 +58,33 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def split_head_dim(head_dim: int) -> tuple[int, int]:
+def split_head_dim(head_dim: int, min_slab: int = 16) -> tuple[int, int]:
     """Split ``head_dim`` into power-of-two slabs (HEAD_A, HEAD_B) with HEAD_A + HEAD_B >= head_dim.
 
-    HEAD_B is 0 (single slab) or >= 16 (the smallest K of tl.dot). Falls back to one padded slab
-    when two slabs would not save anything. 40 -> (32, 16), 80 -> (64, 16), 160 -> (128, 32),
-    64 -> (64, 0), 100 -> (128, 0).
+    HEAD_B is 0 (single slab) or >= ``min_slab`` (>= 16, the smallest K of tl.dot). Falls back to
+    one padded slab when two slabs would not save anything. With min_slab 16: 40 -> (32, 16),
+    80 -> (64, 16), 160 -> (128, 32), 64 -> (64, 0), 100 -> (128, 0). ``min_slab=0`` means
+    "never split": one padded power-of-two slab (40 -> (64, 0)).
     """
     if head_dim < 1 or head_dim > _MAX_HEAD_DIM:
         raise ValueError(f"head_dim={head_dim} must be in [1, {_MAX_HEAD_DIM}]")
     pow2 = max(16, 1 << (head_dim - 1).bit_length())
-    if pow2 == head_dim or pow2 == 16:
+    if min_slab == 0 or pow2 == head_dim or pow2 == 16:
         return pow2, 0
+    if min_slab < 16 or min_slab & (min_slab - 1):
+        raise ValueError(f"min_slab={min_slab} must be 0 or a power of two >= 16")
     head_a = pow2 // 2
-    head_b = max(16, 1 << (head_dim - head_a - 1).bit_length())
+    head_b = max(min_slab, 1 << (head_dim - head_a - 1).bit_length())
     if head_b >= head_a:  # two equal slabs cost as much as one padded slab
         return pow2, 0
     return head_a, head_b
+
+
+# How a non-power-of-two head dim is laid out: "padded" (one power-of-two slab, as FlashAttention
+# does), "split16"/"split32" (two slabs, the second at least 16/32 wide). Chosen on the H100 by
+# bench/bench_kernels.py (see docs/kernels.md for why and for the measurements).
+SPLIT_MODES = {"padded": 0, "split16": 16, "split32": 32}
+DEFAULT_SPLIT_MODE = "padded"
 
 
 def attention_reference(
@@ -243,12 +254,12 @@ def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, names: str) ->
         raise ValueError(f"devices differ: q {q.device}, k {k.device}, v {v.device}")
 
 
-def _launch(q, k, v, out, b, h, n_q, n_kv, d, scale, config, head_split=True):
+def _launch(q, k, v, out, b, h, n_q, n_kv, d, scale, config, split_mode):
     """Launch on [B, H, N, D]-indexed tensors (their strides go to the kernel)."""
-    if head_split:
-        head_a, head_b = split_head_dim(d)
-    else:  # one padded power-of-two slab: what FlashAttention kernels do; kept for benchmarks
-        head_a, head_b = max(16, 1 << (d - 1).bit_length()), 0
+    mode = DEFAULT_SPLIT_MODE if split_mode is None else split_mode
+    if mode not in SPLIT_MODES:
+        raise ValueError(f"split_mode={mode!r} must be one of {sorted(SPLIT_MODES)}")
+    head_a, head_b = split_head_dim(d, SPLIT_MODES[mode])
     qk_scale = float(scale) * _LOG2E
     args = (
         q, k, v, out,  #
@@ -281,7 +292,7 @@ def attention(
     *,
     out: torch.Tensor | None = None,
     config: dict | None = None,
-    head_split: bool = True,
+    split_mode: str | None = None,
 ) -> torch.Tensor:
     """softmax(q k^T * scale) v with the fused Triton kernel.
 
@@ -291,8 +302,7 @@ def attention(
         scale: softmax scale; default 1/sqrt(D).
         out: optional [B, H, Nq, D] output (any strides, e.g. a permuted [B, Nq, H, D] buffer).
         config: optional fixed {"BLOCK_M", "BLOCK_N"[, "num_warps", "num_stages"]} instead of autotune.
-        head_split: split a non-power-of-two head dim into two slabs (default); False pads it to one
-            power-of-two slab instead (benchmark comparison only).
+        split_mode: layout of a non-power-of-two head dim, one of SPLIT_MODES; None: DEFAULT_SPLIT_MODE.
     Returns:
         [B, H, Nq, D] in q's dtype; by default a [B, H, Nq, D] view of a contiguous [B, Nq, H, D]
         buffer, so ``.transpose(1, 2).reshape(B, Nq, H * D)`` is free.
@@ -316,7 +326,7 @@ def attention(
                          f"{out.dtype} on {out.device}")
     if n_q == 0 or b * h == 0:
         return out
-    return _launch(q, k, v, out, b, h, n_q, n_kv, d, scale, config, head_split)
+    return _launch(q, k, v, out, b, h, n_q, n_kv, d, scale, config, split_mode)
 
 
 def attention_bnhd(
@@ -326,7 +336,7 @@ def attention_bnhd(
     scale: float | None = None,
     *,
     config: dict | None = None,
-    head_split: bool = True,
+    split_mode: str | None = None,
 ) -> torch.Tensor:
     """Same as ``attention`` on [B, N, H, D] tensors (e.g. ``to_q(x).view(B, N, H, D)``).
 
@@ -336,5 +346,5 @@ def attention_bnhd(
         if not isinstance(t, torch.Tensor) or t.ndim != 4:
             raise ValueError(f"{name} must be a 4-D [B, N, H, D] tensor")
     o = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale, config=config,
-                  head_split=head_split)
+                  split_mode=split_mode)
     return o.transpose(1, 2)

@@ -24,7 +24,7 @@ from kernels import attention_triton as at
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(not at.HAS_TRITON, reason="triton is not installed")
 
-# name: (B, H, Nq, Nk, D, dtype, layout, config)
+# name: (B, H, Nq, Nk, D, dtype, layout, config[, split_mode])
 #   layout "bhnd": contiguous [B,H,N,D]; "bnhd": [B,N,H,D] views via attention_bnhd;
 #   "sliced": q/k/v are column slices of one fused [B,N,3*H*D] projection (non-contiguous).
 _KERNEL_CASES = {
@@ -37,6 +37,11 @@ _KERNEL_CASES = {
     "fp16_d80_multiblock_even": (1, 1, 40, 64, 80, "float16", "bhnd", {"BLOCK_M": 16, "BLOCK_N": 16}),
     "bf16_d40_irregular": (1, 2, 20, 33, 40, "bfloat16", "bhnd", None),
     "bf16_d80_bnhd": (1, 2, 19, 45, 80, "bfloat16", "bnhd", {"BLOCK_M": 16, "BLOCK_N": 16}),
+    "fp16_d40_padded": (1, 2, 37, 29, 40, "float16", "bhnd", None, "padded"),
+    "fp16_d40_split16": (1, 2, 37, 29, 40, "float16", "bhnd", None, "split16"),
+    "fp16_d80_split16": (1, 1, 33, 50, 80, "float16", "bnhd", None, "split16"),
+    "fp16_d80_split32": (1, 1, 33, 50, 80, "float16", "bhnd", {"BLOCK_M": 16, "BLOCK_N": 16}, "split32"),
+    "bf16_d160_split16": (1, 1, 20, 21, 160, "bfloat16", "bhnd", None, "split16"),
 }
 _TOL = {"float16": 4e-3, "bfloat16": 3e-2}  # outputs are O(1): a few ulps of the output dtype
 
@@ -47,7 +52,8 @@ _KERNEL_SCRIPT = textwrap.dedent(
     from kernels.attention_triton import attention, attention_bnhd, attention_reference
     cases = json.loads(sys.argv[1])
     res = {}
-    for name, (b, h, nq, nk, d, dt, layout, cfg) in cases.items():
+    for name, (b, h, nq, nk, d, dt, layout, cfg, *mode) in cases.items():
+        mode = mode[0] if mode else None
         g = torch.Generator().manual_seed(len(name))
         dt = getattr(torch, dt)
         scale = 0.7 / math.sqrt(d)  # not the default: the scale argument must be honoured
@@ -59,10 +65,11 @@ _KERNEL_SCRIPT = textwrap.dedent(
             k = torch.randn(b, h, nk, d, generator=g).to(dt)
             v = torch.randn(b, h, nk, d, generator=g).to(dt)
         if layout == "bnhd":
-            o = attention_bnhd(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale, config=cfg)
+            o = attention_bnhd(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale, config=cfg,
+                               split_mode=mode)
             o = o.transpose(1, 2)
         else:
-            o = attention(q, k, v, scale, config=cfg)
+            o = attention(q, k, v, scale, config=cfg, split_mode=mode)
         ref = attention_reference(q, k, v, scale)
         res[name] = {"err": (o.double() - ref).abs().max().item(), "dtype": str(o.dtype),
                      "shape": list(o.shape), "ref_absmax": ref.abs().max().item()}
@@ -89,7 +96,7 @@ def kernel_results() -> dict:
 
 @pytest.mark.parametrize("case", sorted(_KERNEL_CASES))
 def test_kernel_matches_float64_reference(kernel_results: dict, case: str) -> None:
-    b, h, nq, nk, d, dt, _, _ = _KERNEL_CASES[case]
+    b, h, nq, nk, d, dt = _KERNEL_CASES[case][:6]
     r = kernel_results[case]
     assert r["shape"] == [b, h, nq, d]
     assert r["dtype"] == f"torch.{dt}"
@@ -107,6 +114,14 @@ def test_split_head_dim(d: int, expected: tuple[int, int]) -> None:
 def test_split_head_dim_rejects_out_of_range() -> None:
     with pytest.raises(ValueError, match="head_dim"):
         at.split_head_dim(300)
+    with pytest.raises(ValueError, match="min_slab"):
+        at.split_head_dim(40, 8)
+
+
+@pytest.mark.parametrize("d, mode, expected", [(40, "padded", (64, 0)), (80, "split32", (64, 32)),
+                                               (160, "split32", (128, 32)), (40, "split32", (64, 0))])
+def test_split_modes(d: int, mode: str, expected: tuple[int, int]) -> None:
+    assert at.split_head_dim(d, at.SPLIT_MODES[mode]) == expected
 
 
 def test_reference_matches_naive_softmax() -> None:
