@@ -70,9 +70,12 @@ def attach_backend(pipe, backend: str, dtype: torch.dtype | None = None, engine_
         pipe.sampler = EngineSampler(eng["capface"], eng["unet"], alphas, torch.float32, denoiser=eng["denoiser"])
         pipe.backend = "onnxruntime-" + "+".join(eng["unet"].providers)
         return
-    from .tensorrt_engine import TensorRTEngine, import_tensorrt
+    from .tensorrt_engine import TensorRTEngine, TensorRTUnavailable, import_tensorrt
 
-    import_tensorrt()
+    try:
+        import_tensorrt()
+    except TensorRTUnavailable as e:
+        raise ValueError(f"--backend tensorrt: {e}") from None
     if engine_dir is None:
         raise ValueError("--backend tensorrt needs --engine-dir (the folder `caphuman build --out` wrote)")
     index = Path(engine_dir) / "engines.json"
