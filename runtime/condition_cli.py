@@ -37,7 +37,15 @@ def register(subparsers) -> None:
         "condition", help="render the 9-channel head hint (normal | albedo | shading) from photos and head controls",
         description="Build CapHuman's head condition: FLAME head from the reference photo (and a pose photo, "
                     "mixed by --modes), explicit pose/framing/lighting controls, rendered to PNGs and hint.npy.")
-    p.add_argument("--reference", required=True, help="reference face photo")
+    add_head_arguments(p, reference_required=True)
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--out", required=True, help="output folder")
+    p.set_defaults(func=run)
+
+
+def add_head_arguments(p, reference_required: bool) -> None:
+    """The head-condition options, shared by `caphuman condition` and `caphuman generate`."""
+    p.add_argument("--reference", required=reference_required, help="reference face photo")
     p.add_argument("--pose", help="pose photo (its fields are taken per --modes)")
     p.add_argument("--modes", default="position,pose", help="official modes: position,pose,expression,lighting,all")
     p.add_argument("--yaw", type=float, help="degrees, >0 turns the face to the image's right [-90, 90]")
@@ -55,9 +63,22 @@ def register(subparsers) -> None:
     p.add_argument("--flame-texture", help="FLAME_texture.npz (albedo from the texture code; default: mean texture)")
     p.add_argument("--allow-no-face", action="store_true",
                    help="official fallback when a photo has no detectable face (whole image) instead of an error")
-    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    p.add_argument("--out", required=True, help="output folder")
-    p.set_defaults(func=run)
+
+
+def build_condition(args, renderer=None):
+    """ConditionBuilder from the parsed options -> (condition, reference photo, pose photo, builder, controls)."""
+    from runtime.cli import UserError
+    from runtime.condition import ConditionBuilder, HeadControls, NoFaceError, PhotoError
+    try:
+        controls = HeadControls(yaw=args.yaw, pitch=args.pitch, roll=args.roll, jaw=args.jaw,
+                                expression=args.expression, center=tuple(args.center) if args.center else None,
+                                scale=args.scale, light=args.light)
+        builder = ConditionBuilder(args.deca_model, args.flame_model, args.flame_texture)
+        cond, ref, pose = builder.build(args.reference, args.pose, args.modes, controls,
+                                        allow_no_face=args.allow_no_face, renderer=renderer)
+    except (NoFaceError, PhotoError) as e:
+        raise UserError(str(e)) from None
+    return cond, ref, pose, builder, controls
 
 
 def _to_png(chw: np.ndarray) -> Image.Image:
@@ -80,21 +101,13 @@ def write_outputs(out_dir: Path, cond, frame: np.ndarray, meta: dict) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from runtime.cli import UserError
-    from runtime.condition import ConditionBuilder, HeadControls, NoFaceError, PhotoError
 
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a folder")
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise UserError(f"--out {out} exists and is not empty; choose a new folder or pass --overwrite")
-    try:
-        controls = HeadControls(yaw=args.yaw, pitch=args.pitch, roll=args.roll, jaw=args.jaw,
-                                expression=args.expression, center=tuple(args.center) if args.center else None,
-                                scale=args.scale, light=args.light)
-        builder = ConditionBuilder(args.deca_model, args.flame_model, args.flame_texture)
-        cond, ref, pose = builder.build(args.reference, args.pose, args.modes, controls, allow_no_face=args.allow_no_face)
-    except (NoFaceError, PhotoError) as e:
-        raise UserError(str(e)) from None
+    cond, ref, pose, builder, controls = build_condition(args)
 
     position_photo = pose if (pose is not None and any(m in args.modes for m in ("position", "all"))) else ref
     yaw, pitch, roll = cond.euler

@@ -10,8 +10,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from .condition_cli import add_head_arguments, build_condition
 from .outputs import save_png_with_sidecar
-from .pipeline import GenerationRequest, load_pipeline, sphere_hint, tiny_random_pipeline
+from .pipeline import GenerationRequest, load_pipeline, tiny_random_pipeline
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ def register(sub) -> None:
     c.add_argument("--added-prompt", default="", help="appended as 'PROMPT, ADDED' (official --a_prompt)")
     c.add_argument("--negative-prompt", default="", help="negative prompt (the unconditional branch)")
     c.add_argument("--hint", help="raw head hint as .npy [9,H,W] or [1,9,H,W] (from `caphuman condition`); "
-                                   "default: a built-in frontal stand-in head")
+                                   "default: rendered from --reference/--pose, else the template head, frontal")
     c.add_argument("--identity-context", help=".npy [258,C] identity context (projected)")
     c.add_argument("--id-features", help=".npy [512] FaceNet embedding (with --clip-tokens)")
     c.add_argument("--clip-tokens", help=".npy [257,1024] CLIP image tokens of the parsed face (with --id-features)")
@@ -54,6 +55,10 @@ def register(sub) -> None:
     c.add_argument("--controlnet-config", help="its ldm config (default: packaged controlnet_sd15_openpose.yaml)")
     c.add_argument("--controlnet-hint", help="its condition image (e.g. an openpose map), RGB, resized to the output size")
     c.add_argument("--controlnet-strength", type=float, default=1.0, help="its residual scale")
+    h = p.add_argument_group("photos and head controls (as `caphuman condition`; the hint and identity come from them)")
+    add_head_arguments(h, reference_required=False)
+    h.add_argument("--facenet-weights", help="FaceNet VGGFace2 weights (20180402-114759-vggface2.pt) for the identity")
+    h.add_argument("--bisenet-weights", help="BiSeNet face parsing weights (79999_iter.pth) for the identity")
     s = p.add_argument_group("sampling")
     s.add_argument("--steps", type=int, default=20, help="DDIM steps (official: 20)")
     s.add_argument("--guidance", type=float, default=7.0, help="classifier-free guidance scale")
@@ -96,7 +101,25 @@ def load_npy(path: str, what: str, ndim: tuple[int, ...]) -> torch.Tensor:
     return t
 
 
-def _identity(args, pipe, rng_seed: int) -> torch.Tensor:
+def _identity_from_photo(args, pipe, photo) -> torch.Tensor:
+    """FaceNet + BiSeNet-parsed CLIP tokens of the reference photo, projected (runtime.condition.identity)."""
+    from export.face.bisenet import BiSeNet, load_bisenet
+    from export.face.facenet import InceptionResnetV1, load_facenet
+    from runtime.condition.identity import identity_context
+    if pipe.image_encoder is None:
+        raise ValueError("the identity from a photo needs the CLIP image encoder (in caphuman.ckpt)")
+    if not pipe.random_weights and not (args.facenet_weights and args.bisenet_weights):
+        raise ValueError("--reference with real weights needs --facenet-weights and --bisenet-weights "
+                         "(or pass --identity-context)")
+    torch.manual_seed(0)  # the demo's random stand-ins are reproducible
+    facenet = load_facenet(args.facenet_weights) if args.facenet_weights else InceptionResnetV1().eval()
+    bisenet = load_bisenet(args.bisenet_weights) if args.bisenet_weights else BiSeNet().eval()
+    facenet, bisenet = facenet.to(pipe.device), bisenet.to(pipe.device)
+    with torch.no_grad():
+        return identity_context(pipe.denoiser, facenet, bisenet, pipe.image_encoder, photo).float().cpu()
+
+
+def _identity(args, pipe, rng_seed: int, photo=None) -> torch.Tensor:
     den = pipe.denoiser
     if args.identity_context:
         ctx = load_npy(args.identity_context, "identity context", (2, 3))
@@ -116,8 +139,11 @@ def _identity(args, pipe, rng_seed: int) -> torch.Tensor:
         with torch.no_grad():
             p = next(den.parameters())
             return den.project_identity(tokens.to(p), fid.to(p)).float().cpu()
+    if photo is not None:
+        return _identity_from_photo(args, pipe, photo)
     if not pipe.random_weights:
-        raise ValueError("real weights need an identity: --identity-context, or --id-features with --clip-tokens")
+        raise ValueError("real weights need an identity: --reference, --identity-context, "
+                         "or --id-features with --clip-tokens")
     g = torch.Generator().manual_seed(rng_seed)
     with torch.no_grad():
         tokens = torch.randn(1, 257, pipe.config.img_linear_dim, generator=g)
@@ -151,6 +177,32 @@ def _add_controlnet(args, pipe, size) -> None:
     pipe.denoiser.add_controlnet(net, hint, args.controlnet_strength)
 
 
+def _hint_from_photos(args):
+    """The head hint from --reference/--pose and head controls, or the template head (frontal) without
+    photos. Rendered at 512x512 as the official code does (other sizes: `caphuman condition` + --hint)."""
+    from runtime.condition import HeadControls
+    if args.resolution != 512 and (args.reference or args.resolution % 64 or not 256 <= args.resolution <= 1024):
+        raise ValueError(f"--resolution must be 512 with --reference (the official hint size), or a multiple of 64 "
+                         f"in [256, 1024] for the template head; got {args.resolution}")
+    if args.reference:
+        cond, ref, _pose, builder, _controls = build_condition(args)
+        for note in cond.notes:
+            log.info("%s", note)
+        return torch.from_numpy(np.asarray(cond.hint, dtype=np.float32))[None], ref
+    if args.pose:
+        raise ValueError("--pose needs --reference")
+    from runtime.condition.codes import HeadCode
+    from runtime.condition.controls import DEFAULT_LIGHT, light_sh
+    from runtime.condition.head import load_head_model
+    from runtime.condition.hint import build_head_condition
+    controls = HeadControls(yaw=args.yaw, pitch=args.pitch, roll=args.roll, jaw=args.jaw, expression=args.expression,
+                            center=tuple(args.center) if args.center else None, scale=args.scale, light=args.light)
+    head = load_head_model(args.flame_model, args.flame_texture)
+    cond = build_head_condition(head, HeadCode.neutral(light_sh(DEFAULT_LIGHT)), controls=controls,
+                                size=args.resolution)
+    return torch.from_numpy(np.asarray(cond.hint, dtype=np.float32))[None], None
+
+
 def run(args) -> int:
     if args.checkpoint is None and (args.sd_checkpoint or args.vae_checkpoint):
         raise ValueError("--sd-checkpoint/--vae-checkpoint need --checkpoint (caphuman.ckpt) too")
@@ -164,7 +216,8 @@ def run(args) -> int:
     else:
         from export.config import packaged_config
         pipe = load_pipeline(args.config or packaged_config("cldm_v15"), args.checkpoint, args.sd_checkpoint,
-                             args.vae_checkpoint, args.clip_dir, device=args.device, dtype=dtype)
+                             args.vae_checkpoint, args.clip_dir, device=args.device, dtype=dtype,
+                             with_image_encoder=bool(args.reference) and not args.identity_context)
     log.info("models ready in %.1f s", time.perf_counter() - t0)
     if args.backend != "eager":
         if getattr(args, "controlnet_checkpoint", None):
@@ -172,18 +225,17 @@ def run(args) -> int:
         from engines.backends import attach_backend
         attach_backend(pipe, args.backend, dtype if args.backend == "torch" else None, args.engine_dir)
 
+    photo = None
     if args.hint:
         hint = load_npy(args.hint, "hint", (3, 4))
         hint = hint[None] if hint.ndim == 3 else hint
     else:
-        if args.resolution % 64 or not 256 <= args.resolution <= 1024:
-            raise ValueError(f"--resolution must be a multiple of 64 in [256, 1024], got {args.resolution}")
-        hint = sphere_hint(args.resolution)
+        hint, photo = _hint_from_photos(args)
     noise = load_npy(args.noise, "noise", (4,)) if args.noise else None
     if args.controlnet_checkpoint:
         _add_controlnet(args, pipe, hint.shape[-2:])
     req = GenerationRequest(prompt=args.prompt, added_prompt=args.added_prompt, negative_prompt=args.negative_prompt,
-                            hint=hint, identity_context=_identity(args, pipe, args.seed), seed=args.seed,
+                            hint=hint, identity_context=_identity(args, pipe, args.seed, photo), seed=args.seed,
                             num_samples=args.num_samples, steps=args.steps, guidance=args.guidance, eta=args.eta,
                             strength=args.strength, tau=args.tau, noise=noise)
     req.validate(pipe.config.unet.in_channels)

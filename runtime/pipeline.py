@@ -11,7 +11,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
-import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -207,25 +206,22 @@ def tiny_random_pipeline(seed: int = 0, device="cpu") -> CapHumanPipeline:
                 p.normal_(0, 0.02)
     text = TextEncoder(config.text_clip).eval()
     vae = VAE(config).eval()
-    return CapHumanPipeline(config, text, den.requires_grad_(False), vae.requires_grad_(False), device=device,
+    image = ImageEncoder(config.vision_clip).eval().requires_grad_(False)
+    return CapHumanPipeline(config, text, den.requires_grad_(False), vae.requires_grad_(False), image, device=device,
                             model_hashes={"weights": f"tiny-random-seed{seed}"}, random_weights=True)
 
 
 def sphere_hint(size: int = 512, light: Sequence[float] | None = None) -> torch.Tensor:
-    """A stand-in head condition without FLAME: a centred ellipsoid's normals, a flat skin albedo and
-    SH-shaded Lambertian, in the hint's raw layout [1, 9, size, size]."""
+    """A cheap stand-in head condition (warm-ups, tests): a centred ellipsoid's normals, a flat skin
+    albedo and SH-shaded Lambertian, in the hint's raw layout [1, 9, size, size]. Real hints come from
+    `runtime.condition` (the FLAME template head or model)."""
+    from kernels.raster_reference import sh_shading
     ys, xs = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size), indexing="ij")
-    rx, ry = 0.36, 0.48
-    u, v = xs / rx, (ys + 0.05) / ry
+    u, v = xs / 0.36, (ys + 0.05) / 0.48
     inside = (u ** 2 + v ** 2) < 1
     nz = torch.sqrt(torch.clamp(1 - u ** 2 - v ** 2, min=0))
     normal = torch.stack([u, -v, nz]) * inside          # FLAME world: x right, y up, z toward camera
     albedo = torch.tensor([0.75, 0.57, 0.47])[:, None, None] * inside
-    sh = torch.tensor(light if light is not None else [0.9, 0.0, 0.25, 0.45, 0, 0, 0, 0, 0], dtype=torch.float32)
-    c = torch.tensor([1 / math.sqrt(4 * math.pi)] + [2 * math.pi / 3 * math.sqrt(3 / (4 * math.pi))] * 3
-                     + [math.pi / 4 * 3 * math.sqrt(5 / (12 * math.pi))] * 3
-                     + [math.pi / 4 * 1.5 * math.sqrt(5 / (12 * math.pi)), math.pi / 4 * 0.5 * math.sqrt(5 / (4 * math.pi))])
-    nx, ny, nzz = normal
-    basis = torch.stack([torch.ones_like(nx), nx, ny, nzz, nx * ny, nx * nzz, ny * nzz, nx ** 2 - ny ** 2, 3 * nzz ** 2 - 1])
-    shading = (sh[:, None, None] * c[:, None, None] * basis).sum(0) * inside
+    sh = np.asarray(light if light is not None else [0.9, 0.0, 0.25, 0.45, 0, 0, 0, 0, 0], dtype=np.float64)
+    shading = torch.from_numpy(sh_shading(normal.numpy(), np.repeat(sh[:, None], 3, axis=1))).float() * inside
     return torch.cat([normal, albedo, albedo * shading]).unsqueeze(0).float()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import math
 import subprocess
 import sys
@@ -102,3 +103,23 @@ def test_console_script_help():
     out = subprocess.run([sys.executable, "-m", "runtime.cli", "generate", "--help"], capture_output=True, text=True)
     assert out.returncode == 0
     assert "--checkpoint" in out.stdout and "random" in out.stdout.lower()
+
+
+def test_generate_from_reference_and_pose_photos(tmp_path, capsys):
+    faces = Path(__file__).resolve().parents[2] / "shared" / "testdata" / "faces"
+    if not faces.is_dir():
+        pytest.skip(f"test photos not found at {faces}")
+    rc = main(["generate", "--out", str(tmp_path / "photo"), "--steps", "2", "--seed", "1",
+               "--reference", str(faces / "reference_196251.png"), "--pose", str(faces / "pose1.png")])
+    assert rc == 0
+    rc = main(["generate", "--out", str(tmp_path / "template"), "--steps", "2", "--seed", "1", "--yaw", "30"])
+    assert rc == 0
+    a = json.loads((tmp_path / "photo" / "caphuman_1.json").read_text())
+    b = json.loads((tmp_path / "template" / "caphuman_1.json").read_text())
+    assert a["hint_sha256"] != b["hint_sha256"] and a["identity_sha256"] != b["identity_sha256"]
+    blank = tmp_path / "blank.png"
+    Image.new("RGB", (256, 256), (128, 128, 128)).save(blank)
+    assert main(["generate", "--out", str(tmp_path / "none"), "--steps", "2", "--reference", str(blank)]) == 2
+    err = capsys.readouterr().err
+    assert "no face" in err and "blank.png" in err
+    assert not (tmp_path / "none").exists()

@@ -41,7 +41,7 @@ class ConditionBuilder:
 
     def build(self, reference: str | Path | Photo, pose: str | Path | Photo | None = None,
               modes: str | tuple[str, ...] = "position,pose", controls: HeadControls | None = None,
-              allow_no_face: bool = False) -> tuple[HeadCondition, Photo, Photo | None]:
+              allow_no_face: bool = False, renderer=None) -> tuple[HeadCondition, Photo, Photo | None]:
         """The hint for a reference photo, an optional pose photo, modes and explicit controls.
 
         A photo without a face raises NoFaceError naming it, unless `allow_no_face` (the official
@@ -58,7 +58,8 @@ class ConditionBuilder:
         pose_code = self.code_of(pph) if pph is not None else None
         position_photo = pph if (pph is not None and ("position" in modes_t or "all" in modes_t)) else ref
         five = position_photo.frame_detection.landmarks if position_photo.frame_detection is not None else None
-        cond = build_head_condition(self.head, ref_code, pose_code, modes_t, controls, five)
+        kw = {"renderer": renderer} if renderer is not None else {}
+        cond = build_head_condition(self.head, ref_code, pose_code, modes_t, controls, five, **kw)
         cond.reference_code, cond.pose_code = ref_code, pose_code
         if self.deca is None:
             cond.notes.append("no DECA weights: shape, expression, pose and light are neutral unless set explicitly")

@@ -15,6 +15,7 @@ Framing, in order of precedence:
 from __future__ import annotations
 
 import logging
+from typing import Callable
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -29,6 +30,25 @@ from .template import five_points
 
 log = logging.getLogger(__name__)
 
+
+def cuda_renderer(device="cuda") -> Callable:
+    """`render_hint` on the GPU (kernels.raster_cuda, same semantics): returns a [9, H, W] CUDA tensor."""
+    import torch
+
+    from kernels.raster_cuda import render_hint_cuda
+    cache: dict = {}
+
+    def render(verts, faces, normals, face_uvs, albedo, light, height, width):
+        key = (id(faces), id(face_uvs))  # topology is constant: upload it once
+        if key not in cache:
+            cache.clear()
+            cache[key] = (torch.as_tensor(np.asarray(faces), device=device),
+                          torch.as_tensor(np.asarray(face_uvs, dtype=np.float32), device=device))
+        f, uv = cache[key]
+        t = lambda a: torch.as_tensor(np.asarray(a, dtype=np.float32), device=device)[None]
+        return render_hint_cuda(t(verts), f, t(normals), uv, t(albedo), t(light), height, width)[0]
+    return render
+
 HINT_SIZE = 512
 DEFAULT_CENTER = (0.5, 0.5)
 DEFAULT_SCALE = 0.45
@@ -36,7 +56,7 @@ DEFAULT_SCALE = 0.45
 
 @dataclass
 class HeadCondition:
-    hint: np.ndarray              # [9, H, W] float32: normal | albedo | rendered
+    hint: np.ndarray              # [9, H, W] float32: normal | albedo | rendered (a CUDA tensor with cuda_renderer)
     verts_ndc: np.ndarray         # [V, 3] image NDC (x right, y down), z with the +10 offset
     landmarks2d_ndc: np.ndarray   # [68, 2] image NDC
     code: HeadCode                # the final code (after mixing, controls and framing)
@@ -132,9 +152,11 @@ def apply_controls(code: HeadCode, controls: HeadControls, head: HeadModel) -> H
 
 def build_head_condition(head: HeadModel, ref: HeadCode, pose_code: HeadCode | None = None,
                          modes: tuple[str, ...] = ("position", "pose"), controls: HeadControls | None = None,
-                         position_five_points: np.ndarray | None = None, size: int = HINT_SIZE) -> HeadCondition:
+                         position_five_points: np.ndarray | None = None, size: int = HINT_SIZE,
+                         renderer: Callable = render_hint) -> HeadCondition:
     """Mix, control, frame and render. `position_five_points`: MTCNN's 5 points (frame pixels) of the
-    photo that gives the position (the pose photo under 'position'/'all', else the reference)."""
+    photo that gives the position (the pose photo under 'position'/'all', else the reference).
+    `renderer`: the CPU reference rasterizer by default; `cuda_renderer()` renders on the GPU."""
     controls = controls or HeadControls()
     notes: list[str] = []
     code = mix_codes(ref, pose_code, modes) if pose_code is not None else ref
@@ -160,6 +182,6 @@ def build_head_condition(head: HeadModel, ref: HeadCode, pose_code: HeadCode | N
     verts[:, 2] += Z_OFFSET
     lmk = project(posed.landmarks2d, code.cam, code.tform, size, size)[:, :2]
     albedo = head.albedo(code.tex)
-    hint = render_hint(verts, head.faces, posed.normals, head.face_uvs, albedo, code.light, size, size)
+    hint = renderer(verts, head.faces, posed.normals, head.face_uvs, albedo, code.light, size, size)
     euler = matrix_to_euler(axis_angle_to_matrix(code.pose[:3]))
     return HeadCondition(hint, verts, lmk, code, euler, notes)

@@ -24,8 +24,9 @@ def parse_labels(bisenet: BiSeNet, image: Image.Image) -> np.ndarray:
     x = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32).transpose(2, 0, 1) / 255.0)
     mean = torch.tensor(IMAGENET_MEAN)[:, None, None]
     std = torch.tensor(IMAGENET_STD)[:, None, None]
-    logits = bisenet(((x - mean) / std)[None])
-    return logits[0].argmax(0).numpy()
+    p = next(bisenet.parameters())
+    logits = bisenet(((x - mean) / std)[None].to(p.device, p.dtype))
+    return logits[0].argmax(0).cpu().numpy()
 
 
 def whiten_non_face(image: Image.Image, labels: np.ndarray) -> Image.Image:
@@ -39,7 +40,8 @@ def whiten_non_face(image: Image.Image, labels: np.ndarray) -> Image.Image:
 def facenet_embedding(facenet: InceptionResnetV1, photo: Photo, fallback: bool = False) -> torch.Tensor:
     """[1, 512] L2-normalised FaceNet embedding of the photo's largest face."""
     crop = FaceAnalyzer.facenet_crop(photo, fallback=fallback)
-    return facenet(crop[None])
+    p = next(facenet.parameters())
+    return facenet(crop[None].to(p.device, p.dtype))
 
 
 @torch.no_grad()
@@ -54,5 +56,6 @@ def identity_context(denoiser, facenet: InceptionResnetV1, bisenet: BiSeNet, ima
 
     id_feat = facenet_embedding(facenet, photo, fallback=fallback)
     parsed = whiten_non_face(photo.image, parse_labels(bisenet, photo.image))
-    tokens = image_encoder(clip_preprocess(parsed))
-    return denoiser.project_identity(tokens, id_feat)
+    p = next(denoiser.parameters())
+    tokens = image_encoder(clip_preprocess(parsed).to(p.device, next(image_encoder.parameters()).dtype))
+    return denoiser.project_identity(tokens.to(p.dtype), id_feat.to(p.dtype))
