@@ -5,9 +5,11 @@
 engine turns them on; the reference path never does.
 
 What the processor does per call:
-1. Picks a backend explicitly (``select_backend``): the Triton kernel for CUDA fp16/bf16 tensors
-   without an attention mask (or CPU tensors under ``TRITON_INTERPRET=1`` when forced), torch SDPA
-   otherwise. The choice is recorded in ``processor.last_backend`` so tests can see it.
+1. Picks a backend explicitly (``select_backend``): by default (AUTO) the Triton kernel where it
+   measured faster on the H100 (CUDA fp16/bf16, no mask, inside CUDA-graph capture, small
+   attention problems; see ``triton_preferred``), torch SDPA otherwise; "triton" forces the kernel
+   (also on CPU tensors under ``TRITON_INTERPRET=1``), "sdpa" forces SDPA. The choice is recorded
+   in ``processor.last_backend`` so tests can see it.
 2. Feeds q/k/v as [B, N, H, D] stride views of the projections: no transpose or copy.
 3. For cross-attention, reuses K/V projected from the same context tensor (see ``CrossKVCache``):
    the text (77 tokens) and identity (258 tokens) contexts are constant for a whole request, so
@@ -36,6 +38,7 @@ __all__ = [
     "enable_fast_attention",
     "kv_cache_request",
     "select_backend",
+    "triton_preferred",
 ]
 
 
@@ -47,12 +50,28 @@ class AttnBackend(str, enum.Enum):
     SDPA = "sdpa"  # always torch.nn.functional.scaled_dot_product_attention
 
 
+# Where the Triton kernel measured faster than torch SDPA (H100, torch 2.11, Triton 3.6, fp16,
+# 8 heads; bench/results/kernels_h100.json): GPU time inside a CUDA graph, for attention problems
+# with n_q * n_kv up to ~300k (1024x77, 1024x258, 256x256, 256x77/258, 64x64, 64x77/258: 1.38x to
+# 1.93x), and slower above it (4096x4096 0.53x, 4096x77 0.85x, 1024x1024 0.91x, 4096x258 0.68x).
+# Outside graph capture Triton's Python launch cost (tens of microseconds) outweighs the kernel
+# time on every CapHuman shape, so AUTO leaves eager calls to SDPA.
+TRITON_MAX_QK_ELEMENTS = 300_000
+
+
+def triton_preferred(n_q: int, n_kv: int, capturing: bool) -> bool:
+    """AUTO's measured rule: Triton only inside CUDA-graph capture and for n_q * n_kv <= 300k."""
+    return capturing and n_q * n_kv <= TRITON_MAX_QK_ELEMENTS
+
+
 def select_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_mask: torch.Tensor | None,
-                   requested: AttnBackend = AttnBackend.AUTO) -> AttnBackend:
+                   requested: AttnBackend = AttnBackend.AUTO, capturing: bool | None = None) -> AttnBackend:
     """The backend that runs these inputs: explicit and side-effect free, so it is testable.
 
-    AUTO takes Triton only for CUDA tensors (the interpreter is for tests; ask for TRITON to use it),
-    fp16/bf16, no mask. TRITON raises ValueError, naming the reason, where the kernel cannot run.
+    q/k/v are [B, N, H, D]. AUTO takes Triton only where it can run (CUDA fp16/bf16, no mask) AND
+    ``triton_preferred`` holds; ``capturing`` defaults to whether the current CUDA stream is being
+    captured into a graph. TRITON raises ValueError, naming the reason, where the kernel cannot
+    run (on CPU tensors it needs TRITON_INTERPRET=1). SDPA always takes SDPA.
     """
     requested = AttnBackend(requested)
     if requested is AttnBackend.SDPA:
@@ -64,9 +83,11 @@ def select_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_
         if reason is not None:
             raise ValueError(f"backend 'triton' requested but {reason}")
         return AttnBackend.TRITON
-    if reason is None and q.is_cuda:
-        return AttnBackend.TRITON
-    return AttnBackend.SDPA
+    if reason is not None or not q.is_cuda:
+        return AttnBackend.SDPA
+    if capturing is None:
+        capturing = torch.cuda.is_current_stream_capturing()
+    return AttnBackend.TRITON if triton_preferred(q.shape[1], k.shape[1], capturing) else AttnBackend.SDPA
 
 
 @dataclass

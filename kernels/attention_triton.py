@@ -22,6 +22,7 @@ Set ``TRITON_INTERPRET=1`` before importing triton to run the kernel on CPU tens
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -53,11 +54,15 @@ _MAX_HEAD_DIM = 256
 _LOG2E = 1.4426950408889634  # 1/ln(2): softmax runs in base 2 so that tl.exp2 maps to one MUFU op
 
 
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")  # read once: triton reads it at import
+
+
 def interpreter_enabled() -> bool:
     """True when Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1`` at import)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return _INTERPRET
 
 
+@functools.lru_cache(maxsize=256)
 def split_head_dim(head_dim: int, min_slab: int = 16) -> tuple[int, int]:
     """Split ``head_dim`` into power-of-two slabs (HEAD_A, HEAD_B) with HEAD_A + HEAD_B >= head_dim.
 
@@ -81,10 +86,13 @@ def split_head_dim(head_dim: int, min_slab: int = 16) -> tuple[int, int]:
 
 
 # How a non-power-of-two head dim is laid out: "padded" (one power-of-two slab, as FlashAttention
-# does), "split16"/"split32" (two slabs, the second at least 16/32 wide). Chosen on the H100 by
-# bench/bench_kernels.py (see docs/kernels.md for why and for the measurements).
+# does), "split16"/"split32" (two slabs, the second at least 16/32 wide). Measured on the H100 with
+# Triton 3.6 (bench/bench_kernels.py, docs/kernels.md): split32 gives the fastest step (d40 -> 64
+# padded, d80 -> 64+32, d160 -> 128+32); split16 (a 16-wide second slab, i.e. wgmma with N=16/K=16
+# operands) hits illegal memory accesses in Triton 3.6 on sm_90 for 10 of 12 configs, so it is
+# never the default.
 SPLIT_MODES = {"padded": 0, "split16": 16, "split32": 32}
-DEFAULT_SPLIT_MODE = "padded"
+DEFAULT_SPLIT_MODE = "split32"
 
 
 def attention_reference(
@@ -203,23 +211,20 @@ if HAS_TRITON:
             tl.store(o_base + offs_m[:, None] * stride_on + offs_b[None, :] * stride_od, out_b,
                      mask=m_mask[:, None] & b_mask[None, :])
 
-    # Autotune list kept small on purpose: every config is compiled and timed on the first call
-    # of each (N_Q, N_KV, HEAD_DIM) key, and CapHuman has ~12 distinct keys, so 8 configs keep
-    # the warm-up of a fresh server to seconds. BLOCK_M 128 x BLOCK_N 64/128 with 8 warps is the
-    # sweet spot for long self-attention on Hopper; BLOCK_M 64 wins for the short sequences
-    # (256/64 queries) where 128-row blocks would leave most SMs idle; BLOCK_N 32 fits the short
-    # 77/258-token cross-attention keys with little masked waste.
+    # Autotune list kept small on purpose: every config is compiled and timed on the first call of
+    # each (N_Q, N_KV, HEAD_DIM) key (CapHuman has ~12), so a handful keeps a fresh server's warm-up
+    # to seconds. These five are the per-shape winners among 12 candidates on the H100 (Triton 3.6)
+    # AND each ran clean (no illegal memory access, correct, 30 repeated launches) on all 17
+    # CapHuman shapes in the split32 layout. num_stages=1 is absent on purpose: with split32 it hit
+    # illegal memory accesses at d80 on Triton 3.6 (see docs/kernels.md).
     _ATTN_CONFIGS = [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
         for (bm, bn, w, s) in [
-            (128, 64, 4, 3),
-            (128, 64, 8, 3),
-            (128, 128, 8, 2),
-            (128, 32, 4, 3),
-            (64, 64, 4, 3),
-            (64, 32, 4, 2),
-            (64, 128, 4, 2),
-            (128, 128, 4, 2),
+            (128, 64, 4, 3),  # self 4096 d40
+            (128, 32, 4, 3),  # cross 4096 x 77/258
+            (128, 128, 8, 3),  # self 1024 d80
+            (64, 64, 4, 3),  # 256/64-token queries at d160
+            (64, 32, 4, 2),  # 64 x 258
         ]
     ]
 

@@ -214,10 +214,25 @@ def test_select_backend_is_explicit() -> None:
     _, Attention, AttnProcessor2_0, ap = _diffusers()
     cpu16 = torch.zeros(1, 4, 2, 40, dtype=torch.float16)
     assert ap.select_backend(cpu16, cpu16, cpu16, None, "sdpa") is ap.AttnBackend.SDPA
+    # CPU tensors never take Triton under AUTO, not even while "capturing"
+    assert ap.select_backend(cpu16, cpu16, cpu16, None, "auto", capturing=True) is ap.AttnBackend.SDPA
     if not at.interpreter_enabled():
-        assert ap.select_backend(cpu16, cpu16, cpu16, None, "auto") is ap.AttnBackend.SDPA
-        with pytest.raises(ValueError, match="triton"):
+        with pytest.raises(ValueError, match="TRITON_INTERPRET"):
             ap.select_backend(cpu16, cpu16, cpu16, None, "triton")
+    with pytest.raises(ValueError, match="dtype"):
+        ap.select_backend(cpu16.float(), cpu16.float(), cpu16.float(), None, "triton")
+    with pytest.raises(ValueError):
+        ap.select_backend(cpu16, cpu16, cpu16, None, "flash")
+
+
+@pytest.mark.parametrize("n_q, n_kv, capturing, expected", [
+    (4096, 4096, True, False), (4096, 77, True, False), (1024, 1024, True, False), (4096, 258, True, False),
+    (1024, 77, True, True), (1024, 258, True, True), (256, 256, True, True), (64, 258, True, True),
+    (256, 256, False, False), (64, 64, False, False),
+])
+def test_auto_rule_follows_h100_measurements(n_q: int, n_kv: int, capturing: bool, expected: bool) -> None:
+    ap = _diffusers()[3]
+    assert ap.triton_preferred(n_q, n_kv, capturing) is expected
 
 
 def test_cross_kv_cache_projects_once_and_invalidates() -> None:
@@ -327,11 +342,16 @@ def test_processors_on_cuda_use_triton_and_match_sdpa() -> None:
     ctx = torch.randn(2, 7, 24, device="cuda", dtype=torch.float16)
     with torch.no_grad():
         ref = unet(x, t, ctx).sample.float()
-        cache = ap.enable_fast_attention(unet)
+        ap.enable_fast_attention(unet)  # AUTO, eager: SDPA (Triton launch cost loses outside graphs)
+        auto = unet(x, t, ctx).sample.float()
+        procs = [m.processor for m in unet.modules() if isinstance(m, Attention)]
+        assert all(p.last_backend is ap.AttnBackend.SDPA for p in procs)
+        cache = ap.enable_fast_attention(unet, backend="triton")
         with ap.kv_cache_request(unet):
             outs = [unet(x, t, ctx).sample.float() for _ in range(2)]
         procs = [m.processor for m in unet.modules() if isinstance(m, Attention)]
     assert all(p.last_backend is ap.AttnBackend.TRITON for p in procs)
     assert cache.hits == _n_cross(unet)
+    torch.testing.assert_close(auto, ref, atol=1e-3, rtol=1e-3)
     for o in outs:
         torch.testing.assert_close(o, ref, atol=1e-2, rtol=1e-2)
