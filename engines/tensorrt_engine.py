@@ -246,8 +246,8 @@ class TensorRTEngine(Engine):
         self.spec = spec
         self.device = torch.device("cuda", device)
         self.plan_path = Path(plan_path)
-        runtime = trt.Runtime(_Logger.get(trt))
-        self.engine = runtime.deserialize_cuda_engine(self.plan_path.read_bytes())
+        self.runtime = trt.Runtime(_Logger.get(trt))  # must outlive the engine
+        self.engine = self.runtime.deserialize_cuda_engine(self.plan_path.read_bytes())
         if self.engine is None:
             raise EngineError(f"{plan_path}: TensorRT could not deserialize the plan (other TensorRT version or GPU?)")
         self.context = self.engine.create_execution_context()

@@ -120,8 +120,9 @@ class TorchDenoiserEngine(Engine):
         self.cuda_graph = on_gpu if cuda_graph is None else cuda_graph
         if self.cuda_graph and not on_gpu:
             raise EngineError("CUDA graphs need a CUDA device")
+        schedule = den.alphas_cumprod.detach().float().cpu().clone()  # .to(fp16) would round the schedule
         self.den = den.to(self.device, dtype).eval().requires_grad_(False)
-        self.den.alphas_cumprod = self.den.alphas_cumprod.float()
+        self.den.alphas_cumprod = schedule.to(self.device)
         self.spec = graph_specs(den.config)["denoiser"]
         self.num_residuals = den.num_residuals
         if channels_last if channels_last is not None else on_gpu:
