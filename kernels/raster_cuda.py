@@ -35,7 +35,7 @@ import warnings
 import numpy as np
 import torch
 
-__all__ = ["CUDA_SOURCE", "SH_CONSTANTS", "face_bits", "rasterize_cuda", "render_hint_cuda"]
+__all__ = ["CUDA_SOURCE", "SH_CONSTANTS", "face_bits", "rasterize_cuda", "render_hint_cuda", "value_problem"]
 
 SH_CONSTANTS = (  # DECA SRenderY.constant_factor
     1 / math.sqrt(4 * math.pi),
@@ -310,6 +310,17 @@ def _as(t, dtype: torch.dtype, device: torch.device, name: str, shape_hint: str)
     return t.to(device=device, dtype=dtype).contiguous()
 
 
+def value_problem(verts: torch.Tensor, faces: torch.Tensor) -> str | None:
+    """None if faces index inside [0, V) and every vertex is finite, else what is wrong (one sync)."""
+    V = verts.shape[-2]
+    flags = torch.stack([(faces < 0).any() | (faces >= V).any(), ~torch.isfinite(verts).all()]).cpu()
+    if bool(flags[0]):
+        return f"faces index vertices outside [0, {V})"
+    if bool(flags[1]):
+        return "verts_ndc contains NaN or inf"
+    return None
+
+
 def _check_geometry(verts_ndc, faces, height: int, width: int,
                     check_values: bool) -> tuple[torch.Tensor, torch.Tensor, torch.device]:
     if not isinstance(verts_ndc, torch.Tensor) or not verts_ndc.is_cuda:
@@ -323,11 +334,10 @@ def _check_geometry(verts_ndc, faces, height: int, width: int,
         raise ValueError(f"faces must be [F, 3] with F >= 1, got {tuple(f.shape)}")
     if int(height) < 1 or int(width) < 1 or int(height) * int(width) > (1 << 28):
         raise ValueError(f"image size {height}x{width} must be positive and at most 2^28 pixels")
-    if check_values:  # two host syncs; the kernel itself skips faces with out-of-range indices
-        if int(f.min()) < 0 or int(f.max()) >= verts.shape[1]:
-            raise ValueError(f"faces index vertices outside [0, {verts.shape[1]})")
-        if not bool(torch.isfinite(verts).all()):
-            raise ValueError("verts_ndc contains NaN or inf")
+    if check_values:  # one host sync; the kernel itself skips faces with out-of-range indices
+        problem = value_problem(verts, f)
+        if problem is not None:
+            raise ValueError(problem)
     return verts, f, device
 
 
@@ -349,7 +359,7 @@ def rasterize_cuda(verts_ndc: torch.Tensor, faces, height: int, width: int, *,
         verts_ndc: [B, V, 3] CUDA float tensor, image NDC (x right, y down), z near = small.
         faces: [F, 3] integer vertex indices (tensor or array).
         check_values: raise ValueError on out-of-range face indices or non-finite vertices (costs
-            two host syncs; pass False on a hot path whose inputs are known good).
+            one host sync; pass False on a hot path whose inputs are known good).
     Returns:
         face_index [B, H, W] int32 (-1 background) and bary [B, H, W, 3] float32, on verts' device.
     """

@@ -73,6 +73,20 @@ def test_rejects_cpu_tensors() -> None:
         raster_cuda.rasterize_cuda(v, np.array([[0, 1, 2]]), 8, 8)
 
 
+@pytest.mark.parametrize("verts, faces, match", [
+    (torch.zeros(1, 3, 3), torch.tensor([[0, 1, 3]]), "outside"),
+    (torch.zeros(1, 3, 3), torch.tensor([[0, -1, 2]]), "outside"),
+    (torch.tensor([[[0.0, 0.0, 1.0], [float("nan"), 0.0, 1.0], [1.0, 1.0, 1.0]]]), torch.tensor([[0, 1, 2]]), "NaN"),
+    (torch.zeros(2, 3, 3), torch.tensor([[0, 1, 2]]), None),
+])
+def test_value_problem(verts, faces, match) -> None:
+    problem = raster_cuda.value_problem(verts, faces)
+    if match is None:
+        assert problem is None
+    else:
+        assert match in problem
+
+
 # ------------------------------------------------------------------------------------------
 # GPU
 # ------------------------------------------------------------------------------------------
