@@ -131,6 +131,36 @@ def test_long_prompt_is_truncated_with_a_warning(client):
     assert any("truncated" in w for w in out[0].metadata["warnings"])
 
 
+def test_identity_and_head_models_are_callable_directly(server):
+    """The separately scalable models answer plain (non-streaming) gRPC inference; identity batches dynamically."""
+    import concurrent.futures
+
+    import tritonclient.grpc as grpcclient
+
+    def identity(photo: bytes):
+        with grpcclient.InferenceServerClient(server.grpc_url) as c:
+            t = grpcclient.InferInput("IMAGE", [1, 1], "BYTES")
+            t.set_data_from_numpy(np.array([[photo]], dtype=object))
+            r = c.infer("identity", [t])
+            return r.as_numpy("CONTEXT"), bool(r.as_numpy("CACHE_HIT").reshape(-1)[0])
+
+    photos = [face("reference_196251.png"), face("IMG_0392_inputs.jpg")] * 2
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(identity, photos))
+    assert all(ctx.shape[:2] == (1, 258) and np.isfinite(ctx).all() for ctx, _ in results)
+    assert np.array_equal(results[0][0], results[2][0]) and not np.array_equal(results[0][0], results[1][0])
+    with grpcclient.InferenceServerClient(server.grpc_url) as c:
+        ins = []
+        for name, shape, dtype, value in (("REFERENCE_IMAGE", [1], "BYTES", np.array([photos[0]], dtype=object)),
+                                          ("HEAD_POSE", [3], "FP32", np.array([15, 0, 0], np.float32)),
+                                          ("RESOLUTION", [1], "INT32", np.array([256], np.int32))):
+            t = grpcclient.InferInput(name, shape, dtype)
+            t.set_data_from_numpy(value)
+            ins.append(t)
+        hint = c.infer("head_condition", ins).as_numpy("HINT")
+    assert hint.shape == (9, 256, 256) and np.isfinite(hint).all() and np.abs(hint).max() > 0
+
+
 # ------------------------------------------------------------------------------------ bad requests
 def _no_face_png() -> bytes:
     y, x = np.mgrid[0:256, 0:256]
