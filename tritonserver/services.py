@@ -141,7 +141,9 @@ class HeadConditionService:
         self.builder = builder
         self.settings = settings
         self.cache = LRU(settings.hint_cache_entries)
-        self.photos = LRU(max(4, settings.hint_cache_entries // 4))
+        # Analysed photos (decoded native image + DECA frame: up to ~50 MB each at the pixel limit), so a
+        # person's next pose or prompt skips MTCNN; kept few.
+        self.photos = LRU(8)
 
     def _photo(self, data: bytes, what: str):
         key = (sha256(data), what)
