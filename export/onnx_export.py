@@ -298,6 +298,7 @@ def save_model(model: onnx.ModelProto, path: Path) -> bool:
     if external:
         onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=data.name, size_threshold=1024)
+        data.chmod(0o644)  # onnx creates it owner-only; serving may run as another user
     else:
         onnx.save_model(model, str(path))
     return external
