@@ -36,7 +36,8 @@ class ConditionBuilder:
             return HeadCode.neutral(light_sh(DEFAULT_LIGHT))
         crop = self.analyzer.deca_crop(photo)
         with torch.no_grad():
-            code = decompose_code(self.deca(crop.image[None]))
+            p = next(self.deca.parameters())
+            code = decompose_code(self.deca(crop.image[None].to(p.device, p.dtype)).float().cpu())
         return HeadCode.from_deca(code, crop.tform_rows)
 
     def build(self, reference: str | Path | Photo, pose: str | Path | Photo | None = None,
