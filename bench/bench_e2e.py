@@ -308,8 +308,9 @@ def main() -> int:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--repeat", type=int, default=20)
-    ap.add_argument("--parts", default="step,vae,e2e,sampler")
-    ap.add_argument("--modes", default="reference,eager,graph_eager_kernels,graph_torch_compile,optimized,optimized_compiled")
+    ap.add_argument("--parts", default="step,vae,e2e,sampler,compile",
+                    help="in run order; 'compile' (torch.compile variants of the step) takes minutes")
+    ap.add_argument("--modes", default="reference,eager,graph_eager_kernels,optimized")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     shared = ROOT.parent / "shared" / "testdata" / "faces"
     ap.add_argument("--reference", default=str(shared / "reference_196251.png"), help="reference photo (e2e)")
@@ -321,25 +322,31 @@ def main() -> int:
         "cldm_tiny" if args.config == "tiny" else args.config)
     cfg = load_config(cfg_path)
     parts = args.parts.split(",")
+    unknown = set(parts) - {"step", "vae", "e2e", "sampler", "compile"}
+    if unknown:
+        ap.error(f"unknown parts {sorted(unknown)}")
     out = Path(args.out)
     RESULTS.update(environment=environment(device), config=str(Path(cfg_path).name), size=args.size,
                    steps=20, guidance=7.0, batch=1)
     save(out)
-    if "step" in parts:
-        log("one denoising step (CapFace + UNet, guidance 7):")
-        RESULTS["step"] = bench_step(cfg, device, args.size, args.repeat, args.modes.split(","))
-        save(out)
-    if "vae" in parts:
-        log("VAE decode:")
-        RESULTS["vae"] = bench_vae(cfg, device, args.size, args.repeat)
-        save(out)
-    if "e2e" in parts:
-        log("end to end (reference photo + pose photo -> PNG):")
-        RESULTS["e2e"] = bench_end_to_end(cfg, device, args.reference, args.pose, args.e2e_repeat)
-        save(out)
-    if "sampler" in parts:
-        log("DPM-Solver++(2M) vs DDIM-20:")
-        RESULTS["sampler"] = bench_sampler_difference(cfg, device, args.size)
+    jobs = {
+        "step": ("one denoising step (CapFace + UNet, guidance 7):",
+                 lambda: RESULTS.setdefault("step", {}).update(
+                     bench_step(cfg, device, args.size, args.repeat, args.modes.split(",")))),
+        "compile": ("one denoising step, torch.compile variants:",
+                    lambda: RESULTS.setdefault("step", {}).update(
+                        bench_step(cfg, device, args.size, args.repeat, ["graph_torch_compile", "optimized_compiled"]))),
+        "vae": ("VAE decode:", lambda: RESULTS.__setitem__("vae", bench_vae(cfg, device, args.size, args.repeat))),
+        "e2e": ("end to end (reference photo + pose photo -> PNG):",
+                lambda: RESULTS.__setitem__("e2e", bench_end_to_end(cfg, device, args.reference, args.pose,
+                                                                      args.e2e_repeat))),
+        "sampler": ("DPM-Solver++(2M) vs DDIM-20:",
+                    lambda: RESULTS.__setitem__("sampler", bench_sampler_difference(cfg, device, args.size))),
+    }
+    for part in parts:  # in the order asked; results are saved after each
+        log(jobs[part][0])
+        jobs[part][1]()
+        goals(RESULTS)
         save(out)
     goals(RESULTS)
     save(out)
