@@ -17,6 +17,7 @@ Aliasing: `sample` returns a fresh tensor; the per-step `callback` receives a cl
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -206,7 +207,9 @@ class TorchDenoiserEngine(Engine):
         if self.cuda_graph:
             side = torch.cuda.Stream(self.device)
             side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(side):
+            # Warm up exactly as the capture will run (Triton JIT and autotune happen here, not in capture).
+            warm = self._attn.graph_warmup() if self._attn is not None else contextlib.nullcontext()
+            with torch.cuda.stream(side), warm:
                 for _ in range(2):
                     self._step(s, branches)
                     s.x.copy_(x0)

@@ -36,6 +36,7 @@ __all__ = [
     "clear_kv_cache",
     "disable_fast_attention",
     "enable_fast_attention",
+    "graph_warmup",
     "kv_cache_request",
     "select_backend",
     "triton_preferred",
@@ -57,6 +58,22 @@ class AttnBackend(str, enum.Enum):
 # Outside graph capture Triton's Python launch cost (tens of microseconds) outweighs the kernel
 # time on every CapHuman shape, so AUTO leaves eager calls to SDPA.
 TRITON_MAX_QK_ELEMENTS = 300_000
+
+
+_GRAPH_WARMUP = threading.local()
+
+
+@contextmanager
+def graph_warmup() -> Iterator[None]:
+    """Run the warm-up calls before a CUDA-graph capture as if capturing, so AUTO picks the same
+    backends: the Triton kernel must compile and autotune (which launches and synchronizes) before
+    capture, never inside it."""
+    prev = getattr(_GRAPH_WARMUP, "on", False)
+    _GRAPH_WARMUP.on = True
+    try:
+        yield
+    finally:
+        _GRAPH_WARMUP.on = prev
 
 
 def triton_preferred(n_q: int, n_kv: int, capturing: bool) -> bool:
@@ -86,7 +103,7 @@ def select_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_
     if reason is not None or not q.is_cuda:
         return AttnBackend.SDPA
     if capturing is None:
-        capturing = torch.cuda.is_current_stream_capturing()
+        capturing = torch.cuda.is_current_stream_capturing() or getattr(_GRAPH_WARMUP, "on", False)
     return AttnBackend.TRITON if triton_preferred(q.shape[1], k.shape[1], capturing) else AttnBackend.SDPA
 
 
