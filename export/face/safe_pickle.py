@@ -178,7 +178,11 @@ def load_npy_object(data: bytes, what: str = "landmark embedding") -> Any:
 
     f = io.BytesIO(data)
     version = npy_format.read_magic(f)
-    shape, _, dtype = npy_format._read_array_header(f, version)
+    # public readers (numpy 1.x and 2.x); the private _read_array_header is gone in numpy 2.4
+    read_header = {(1, 0): npy_format.read_array_header_1_0, (2, 0): npy_format.read_array_header_2_0}.get(version)
+    if read_header is None:
+        raise UnsafePickleError(f"{what}: unsupported .npy format version {version}")
+    shape, _, dtype = read_header(f)
     if dtype != np.dtype(object):
         f.seek(0)
         return np.load(f, allow_pickle=False)
