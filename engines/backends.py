@@ -65,6 +65,9 @@ def attach_backend(pipe, backend: str, dtype: torch.dtype | None = None, engine_
     if backend == "onnxruntime":
         from .onnxruntime_engine import OnnxRuntimeEngine
 
+        if pipe.dtype != torch.float32:
+            raise ValueError("--backend onnxruntime runs the fp32 graphs; drop --fp16")
+
         folder = _onnx_dir(pipe, engine_dir)
         eng = {g: OnnxRuntimeEngine(folder / f"{g}.onnx", specs[g]) for g in _ORT_GRAPHS}
         pipe.sampler = EngineSampler(eng["capface"], eng["unet"], alphas, torch.float32, denoiser=eng["denoiser"])
