@@ -3,7 +3,6 @@ support matrix allows and names what it does not."""
 from __future__ import annotations
 
 import numpy as np
-import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from export.trt_ops import TRT_OPSET_RANGE, TRT_SUPPORTED_OPS, check_model
