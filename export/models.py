@@ -201,8 +201,9 @@ def denoiser_from_state(config: CapHumanConfig, state: dict[str, torch.Tensor],
     load_module(den.id_linear, state, "id_linear.", lambda n: n, "id_linear")
     load_module(den.img_linear, state, "img_linear.", lambda n: n, "img_linear")
     _schedule_from_state(den, state)
+    schedule = den.alphas_cumprod.clone()
     den = den.to(dtype).requires_grad_(False)
-    den.alphas_cumprod = den.alphas_cumprod.float()  # the schedule stays fp32 whatever the network dtype
+    den.alphas_cumprod = schedule  # the schedule stays fp32 (not rounded through fp16) whatever the network dtype
     return den
 
 

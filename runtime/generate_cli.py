@@ -145,10 +145,11 @@ def _identity(args, pipe, rng_seed: int, photo=None) -> torch.Tensor:
         raise ValueError("real weights need an identity: --reference, --identity-context, "
                          "or --id-features with --clip-tokens")
     g = torch.Generator().manual_seed(rng_seed)
+    p = next(den.parameters())
     with torch.no_grad():
         tokens = torch.randn(1, 257, pipe.config.img_linear_dim, generator=g)
         fid = torch.nn.functional.normalize(torch.randn(1, pipe.config.id_dim, generator=g), dim=-1)
-        return den.project_identity(tokens, fid)
+        return den.project_identity(tokens.to(p), fid.to(p)).float().cpu()
 
 
 def _add_controlnet(args, pipe, size) -> None:

@@ -227,3 +227,12 @@ def test_full_size_official_checkpoint_loads(tmp_path, dtype):
     assert n == sum(v for k, v in header["numel_per_prefix"].items() if not k.startswith("(")) - 77 - 257
     # the random 'alphas_cumprod' is not a schedule: the config's is kept
     assert abs(pipe.denoiser.alphas_cumprod[0].item() - 0.99915) < 1e-6
+
+
+def test_fp16_denoiser_keeps_the_fp32_schedule(tmp_path, tiny_config_path, tiny_state):
+    path = tmp_path / "model.ckpt"
+    torch.save(tiny_state, path)
+    den16 = load_denoiser(tiny_config_path, path, dtype=torch.float16)
+    den32 = load_denoiser(tiny_config_path, path)
+    assert den16.alphas_cumprod.dtype == torch.float32
+    assert torch.equal(den16.alphas_cumprod, den32.alphas_cumprod)
