@@ -60,6 +60,18 @@ class AttnBackend(str, enum.Enum):
 TRITON_MAX_QK_ELEMENTS = 300_000
 
 
+@torch.library.custom_op("caphuman::triton_attention", mutates_args=())
+def triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """The Triton kernel as an opaque torch op: torch.compile keeps it as one node instead of
+    tracing the launcher (and fuses the work around it)."""
+    return attention_triton.attention_bnhd(q, k, v, scale)
+
+
+@triton_attention.register_fake
+def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    return q.new_empty((q.shape[0], q.shape[1], q.shape[2], v.shape[3]))
+
+
 _GRAPH_WARMUP = threading.local()
 
 
@@ -103,7 +115,10 @@ def select_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_
     if reason is not None or not q.is_cuda:
         return AttnBackend.SDPA
     if capturing is None:
-        capturing = torch.cuda.is_current_stream_capturing() or getattr(_GRAPH_WARMUP, "on", False)
+        # Under torch.compile the traced graph is replayed in the torch engine's CUDA graph: decide as
+        # if capturing (is_compiling short-circuits, so dynamo never traces the stream query).
+        capturing = (torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing()
+                     or getattr(_GRAPH_WARMUP, "on", False))
     return AttnBackend.TRITON if triton_preferred(q.shape[1], k.shape[1], capturing) else AttnBackend.SDPA
 
 
@@ -265,7 +280,7 @@ class FastAttnProcessor:
 
         self.last_backend = select_backend(q, k, v, attention_mask, self.backend)
         if self.last_backend is AttnBackend.TRITON:
-            out = attention_triton.attention_bnhd(q, k, v, attn.scale)  # [B, Nq, H, D] contiguous
+            out = triton_attention(q, k, v, float(attn.scale))  # [B, Nq, H, D] contiguous
         else:
             out = F.scaled_dot_product_attention(
                 q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=attention_mask,
