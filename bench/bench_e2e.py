@@ -311,6 +311,7 @@ def main() -> int:
     ap.add_argument("--parts", default="step,vae,e2e,sampler,compile",
                     help="in run order; 'compile' (torch.compile variants of the step) takes minutes")
     ap.add_argument("--modes", default="reference,eager,graph_eager_kernels,optimized")
+    ap.add_argument("--compile-modes", default="graph_torch_compile,optimized_compiled")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     shared = ROOT.parent / "shared" / "testdata" / "faces"
     ap.add_argument("--reference", default=str(shared / "reference_196251.png"), help="reference photo (e2e)")
@@ -335,7 +336,7 @@ def main() -> int:
                      bench_step(cfg, device, args.size, args.repeat, args.modes.split(",")))),
         "compile": ("one denoising step, torch.compile variants:",
                     lambda: RESULTS.setdefault("step", {}).update(
-                        bench_step(cfg, device, args.size, args.repeat, ["graph_torch_compile", "optimized_compiled"]))),
+                        bench_step(cfg, device, args.size, args.repeat, args.compile_modes.split(",")))),
         "vae": ("VAE decode:", lambda: RESULTS.__setitem__("vae", bench_vae(cfg, device, args.size, args.repeat))),
         "e2e": ("end to end (reference photo + pose photo -> PNG):",
                 lambda: RESULTS.__setitem__("e2e", bench_end_to_end(cfg, device, args.reference, args.pose,
