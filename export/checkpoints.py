@@ -172,6 +172,22 @@ def load_module(module: nn.Module, state: dict[str, torch.Tensor], prefix: str,
     return report
 
 
+def load_exact(module: nn.Module, state: dict[str, torch.Tensor], label: str) -> nn.Module:
+    """Load a state dict whose keys are the module's own (FaceNet, BiSeNet, DECA files): every key
+    required (BatchNorm's num_batches_tracked excepted), none unexpected, shapes equal."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in own]
+    if missing or unexpected:
+        raise CheckpointError(f"{label} does not match the expected layout: missing {_summary(missing)}; "
+                              f"unexpected {_summary(unexpected)}")
+    bad = [(k, tuple(state[k].shape), tuple(own[k].shape)) for k in state if tuple(state[k].shape) != tuple(own[k].shape)]
+    if bad:
+        raise CheckpointError(f"{label}: wrong shapes (key, file, expected): {bad[:5]}")
+    module.load_state_dict(state, strict=False)
+    return module.eval()
+
+
 def merge_in_official_order(caphuman: dict[str, torch.Tensor] | None,
                             sd: dict[str, torch.Tensor] | None = None,
                             vae: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:

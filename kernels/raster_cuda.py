@@ -35,19 +35,11 @@ import warnings
 import numpy as np
 import torch
 
+from .raster_reference import SH_CONSTANTS as _REFERENCE_SH
+
 __all__ = ["CUDA_SOURCE", "SH_CONSTANTS", "face_bits", "rasterize_cuda", "render_hint_cuda", "value_problem"]
 
-SH_CONSTANTS = (  # DECA SRenderY.constant_factor
-    1 / math.sqrt(4 * math.pi),
-    (2 * math.pi / 3) * math.sqrt(3 / (4 * math.pi)),
-    (2 * math.pi / 3) * math.sqrt(3 / (4 * math.pi)),
-    (2 * math.pi / 3) * math.sqrt(3 / (4 * math.pi)),
-    (math.pi / 4) * 3 * math.sqrt(5 / (12 * math.pi)),
-    (math.pi / 4) * 3 * math.sqrt(5 / (12 * math.pi)),
-    (math.pi / 4) * 3 * math.sqrt(5 / (12 * math.pi)),
-    (math.pi / 4) * (3 / 2) * math.sqrt(5 / (12 * math.pi)),
-    (math.pi / 4) * (1 / 2) * math.sqrt(5 / (4 * math.pi)),
-)
+SH_CONSTANTS = tuple(float(c) for c in _REFERENCE_SH)  # DECA SRenderY.constant_factor, one definition
 _EMPTY_KEY = 0xFFFFFFFFFFFFFFFF  # larger than every packed key (finite depths stay below 0x7FF0...)
 _NVRTC_OPTIONS = ("--std=c++17", "--fmad=false")
 

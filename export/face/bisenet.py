@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..checkpoints import load_exact
+
 NUM_CLASSES = 19
 # CelebAMask-HQ labels the official FaceParser keeps for CLIP (spec 2.3); all others become white.
 KEPT_LABELS = (1, 2, 3, 4, 5, 6, 10, 11, 12, 13)  # skin, brows, eyes, glasses, nose, mouth, lips
@@ -154,15 +156,4 @@ def load_bisenet(path: str | Path) -> BiSeNet:
     if not isinstance(state, dict):
         raise ValueError(f"BiSeNet weights {path}: expected a state dict, got {type(state).__name__}")
     state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
-    model = BiSeNet()
-    own = model.state_dict()
-    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
-    unexpected = [k for k in state if k not in own]
-    if missing or unexpected:
-        raise ValueError(f"BiSeNet weights {path} do not match the 79999_iter.pth layout: "
-                         f"missing {missing[:8]}, unexpected {unexpected[:8]}")
-    bad = [k for k in state if tuple(state[k].shape) != tuple(own[k].shape)]
-    if bad:
-        raise ValueError(f"BiSeNet weights {path}: wrong shapes for {[(k, tuple(state[k].shape)) for k in bad[:5]]}")
-    model.load_state_dict(state, strict=False)
-    return model.eval()
+    return load_exact(BiSeNet(), state, f"BiSeNet weights {path} (79999_iter.pth layout)")

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..checkpoints import load_exact
+
 CODE_SIZES = {"shape": 100, "tex": 50, "exp": 50, "pose": 6, "cam": 3, "light": 27}
 CODE_DIM = sum(CODE_SIZES.values())  # 236
 
@@ -93,16 +95,4 @@ def load_deca_encoder(path: str | Path) -> DecaEncoder:
         keys = list(ckpt)[:8] if isinstance(ckpt, dict) else type(ckpt).__name__
         raise ValueError(f"DECA model {path}: expected a dict with an 'E_flame' state dict, got {keys}")
     state = ckpt["E_flame"]
-    model = DecaEncoder()
-    own = model.state_dict()
-    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
-    unexpected = [k for k in state if k not in own]
-    if missing or unexpected:
-        raise ValueError(f"DECA model {path}: E_flame does not match the ResNet50 encoder layout: "
-                         f"missing {missing[:8]}, unexpected {unexpected[:8]}")
-    bad = [k for k in state if tuple(state[k].shape) != tuple(own[k].shape)]
-    if bad:
-        raise ValueError(f"DECA model {path}: E_flame has wrong shapes for "
-                         f"{[(k, tuple(state[k].shape)) for k in bad[:5]]} (expected a 236-value head)")
-    model.load_state_dict(state, strict=False)
-    return model.eval()
+    return load_exact(DecaEncoder(), state, f"DECA model {path}: E_flame (ResNet50 encoder + 236-value head)")

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..checkpoints import load_exact
+
 EMBED_DIM = 512
 
 
@@ -142,16 +144,5 @@ def load_facenet(path: str | Path) -> InceptionResnetV1:
         state = state["state_dict"]
     if not isinstance(state, dict):
         raise ValueError(f"FaceNet weights {path}: expected a state dict, got {type(state).__name__}")
-    model = InceptionResnetV1()
-    own = model.state_dict()
     state = {k: v for k, v in state.items() if not k.startswith("logits.")}
-    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
-    unexpected = [k for k in state if k not in own]
-    if missing or unexpected:
-        raise ValueError(f"FaceNet weights {path} do not match the VGGFace2 InceptionResnetV1 layout: "
-                         f"missing {missing[:8]}{'...' if len(missing) > 8 else ''}, unexpected {unexpected[:8]}")
-    bad = [k for k in state if tuple(state[k].shape) != tuple(own[k].shape)]
-    if bad:
-        raise ValueError(f"FaceNet weights {path}: wrong shapes for {[(k, tuple(state[k].shape)) for k in bad[:5]]}")
-    model.load_state_dict(state, strict=False)
-    return model.eval()
+    return load_exact(InceptionResnetV1(), state, f"FaceNet weights {path} (VGGFace2 InceptionResnetV1 layout)")
