@@ -5,6 +5,7 @@ world frame (x right, y up, z toward the camera), plus faces, per-face UVs and a
 """
 from __future__ import annotations
 
+import abc
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +30,7 @@ class PosedHead:
     normals: np.ndarray      # [V, 3] world vertex normals (DECA util.vertex_normals)
 
 
-class HeadModel:
+class HeadModel(abc.ABC):
     """Shared parts: FLAME-topology faces and UVs, albedo from FLAME_texture.npz or the mean texture."""
 
     deforms = False
@@ -49,8 +50,9 @@ class HeadModel:
             out = flame_albedo(mean, tex_dir, torch.as_tensor(tex, dtype=torch.float32)[None])
         return out[0].numpy()
 
+    @abc.abstractmethod
     def pose_vertices(self, shape: np.ndarray, exp: np.ndarray, pose: np.ndarray) -> PosedHead:
-        raise NotImplementedError
+        """Vertices, normals and landmarks of the head for these codes (world space)."""
 
 
 class TemplateHead(HeadModel):
