@@ -24,7 +24,7 @@ NOTE: no --checkpoint given, so this runs the BUILT-IN TINY MODEL WITH RANDOM WE
       For real images, get the official weights (see README, "Official weights") and run e.g.
         caphuman generate --checkpoint ckpts/caphuman.ckpt --sd-checkpoint ckpts/Realistic_Vision_V3.0.ckpt \\
             --vae-checkpoint ckpts/vae-ft-mse-840000-ema-pruned.ckpt --clip-dir ckpts/clip-vit-large-patch14 \\
-            --facenet-weights ckpts/vggface2.pt --bisenet-weights ckpts/face-parsing/79999_iter.pth \
+            --facenet-weights ckpts/vggface2.pt --bisenet-weights ckpts/face-parsing/79999_iter.pth \\
             --reference me.jpg --pose pose.jpg --prompt "a photo of a man in a garden"
 """
 
