@@ -12,7 +12,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from runtime.sampling import _step_noise, ddim_schedule, ddim_update, validate_sampling_args
+from .ddim import ddim_schedule, ddim_update, step_noise, validate_sampling_args
 
 from .base import Engine
 
@@ -91,9 +91,9 @@ class EngineSampler:
                 pair = self._eps_pair(xi, tt, torch.cat([cond, uncond]), hint, ctx, s, 2).float()
                 eps_c, eps_u = pair[:n], pair[n:]
                 eps = eps_u + guidance * (eps_c - eps_u)
-            step_noise = _step_noise(x, generators) if eta > 0 else None
+            noise_t = step_noise(x, generators) if eta > 0 else None
             x = ddim_update(x, eps.float(), sched.alphas[index].to(device), sched.alphas_prev[index].to(device),
-                            sched.sigmas[index].to(device), sched.sqrt_one_minus_alphas[index].to(device), step_noise)
+                            sched.sigmas[index].to(device), sched.sqrt_one_minus_alphas[index].to(device), noise_t)
             if callback is not None:
                 callback(i, total, x)
         return x

@@ -1,7 +1,7 @@
 """The torch engine: the fast path on the GPU we can reach.
 
 One denoising step -- CapFace at batch N, the UNet at batch 2N on the [cond, uncond] pair, guidance
-and the DDIM update (`runtime.sampling.ddim_update`, the official formulas) -- runs as ONE CUDA
+and the DDIM update (`engines.ddim.ddim_update`, the official formulas) -- runs as ONE CUDA
 graph over static buffers, captured once per (batch, height, width, guidance on/off, eta on/off,
 tau on/off) and replayed every step; per step only the scalars (timestep, alphas, sigma, tau gate)
 are written into their buffers. Networks run in fp16 (or fp32), channels-last, with the Triton
@@ -26,7 +26,7 @@ import torch
 from export.models import CapHumanDenoiser
 from export.networks import hard_mask_like, run_unet
 from export.onnx_specs import graph_specs
-from runtime.sampling import _step_noise, ddim_schedule, ddim_update, validate_sampling_args
+from .ddim import ddim_schedule, ddim_update, step_noise, validate_sampling_args
 
 from .base import Engine, EngineError
 from .sampler import per_residual_strength
@@ -266,7 +266,7 @@ class TorchDenoiserEngine(Engine):
             if s.gate is not None:
                 s.gate.fill_(1.0 if t <= tau else 0.0)
             if s.noise is not None:
-                s.noise.copy_(_step_noise(s.x, generators))
+                s.noise.copy_(step_noise(s.x, generators))
             if s.graph is not None:
                 s.graph.replay()
             else:
