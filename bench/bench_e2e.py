@@ -191,7 +191,7 @@ class Stages:
         self._t = (name, now) if name else None
 
 
-def bench_end_to_end(cfg, device, reference: str, pose: str, repeat: int) -> dict:
+def bench_end_to_end(cfg, device, reference: str, pose: str, repeat: int, compile_engine: bool = False) -> dict:
     """Photo in, PNG out at 512x512, 20 DDIM steps, guidance 7: detection, identity (FaceNet, BiSeNet,
     CLIP), DECA + head hint, text, denoising, VAE decode, PNG encode. Reference mode = fp32, eager,
     serial CFG; optimized = fp16 networks, the torch engine (one CUDA graph per step, Triton attention),
@@ -261,7 +261,8 @@ def bench_end_to_end(cfg, device, reference: str, pose: str, repeat: int) -> dic
             torch.cuda.reset_peak_memory_stats(device)
         m = build(fast)
         m["vae"].model.to(memory_format=torch.channels_last)
-        eng = TorchDenoiserEngine(m["den"], device=device, dtype=fast)
+        eng = TorchDenoiserEngine(m["den"], device=device, dtype=fast, compile=compile_engine and gpu)
+        out["engine"] = "torch engine, one CUDA graph per step" + (", torch.compile" if compile_engine and gpu else "")
         opt_fn = lambda *a: eng.sample(*a, steps=20, guidance=7.0)
         first = run_once(m, opt_fn, fast)
         out["cold_start_to_first_image_s"] = round(time.perf_counter() - t_cold, 2)
@@ -317,6 +318,7 @@ def main() -> int:
     ap.add_argument("--reference", default=str(shared / "reference_196251.png"), help="reference photo (e2e)")
     ap.add_argument("--pose", default=str(shared / "pose1.png"), help="pose photo (e2e)")
     ap.add_argument("--e2e-repeat", type=int, default=3)
+    ap.add_argument("--e2e-compile", action="store_true", help="end to end with the compiled torch engine (minutes to set up)")
     args = ap.parse_args()
     device = torch.device(args.device)
     cfg_path = args.config if os.path.sep in args.config else packaged_config(
@@ -340,7 +342,7 @@ def main() -> int:
         "vae": ("VAE decode:", lambda: RESULTS.__setitem__("vae", bench_vae(cfg, device, args.size, args.repeat))),
         "e2e": ("end to end (reference photo + pose photo -> PNG):",
                 lambda: RESULTS.__setitem__("e2e", bench_end_to_end(cfg, device, args.reference, args.pose,
-                                                                      args.e2e_repeat))),
+                                                                      args.e2e_repeat, args.e2e_compile))),
         "sampler": ("DPM-Solver++(2M) vs DDIM-20:",
                     lambda: RESULTS.__setitem__("sampler", bench_sampler_difference(cfg, device, args.size))),
     }
