@@ -68,40 +68,53 @@ def _numpy_safe_globals() -> list:
     return out
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a checkpoint's tensors: safetensors, or a torch pickle through the weights-only loader."""
+class CheckpointNotFound(CheckpointError, FileNotFoundError):
+    """The checkpoint file does not exist."""
+
+
+def read_torch_object(path: str | Path, label: str = "checkpoint"):
+    """Whatever a torch file holds (dicts, tensors, numbers), through the weights-only unpickler:
+    untrusted files can build no other object and run no code."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    if path.suffix.lower() == ".safetensors":
-        import safetensors.torch
-        try:
-            return dict(safetensors.torch.load_file(str(path), device="cpu"))
-        except Exception as e:  # safetensors raises its own error types for bad headers
-            raise CheckpointError(f"{path} is not a readable safetensors file ({e})") from e
+        raise CheckpointNotFound(f"{label} not found: {path}")
     try:
         with torch.serialization.safe_globals(_SAFE_GLOBALS + _numpy_safe_globals()):
             try:
-                obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+                return torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
             except RuntimeError as e:
                 if "mmap" not in str(e):
                     raise
                 # Legacy (non-zip) torch files cannot be memory-mapped.
-                obj = torch.load(str(path), map_location="cpu", weights_only=True)
+                return torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise CheckpointError(
-            f"{path} holds Python objects beyond tensors, which we refuse to unpickle (untrusted input): "
+            f"{label} {path} holds Python objects beyond tensors, which we refuse to unpickle (untrusted input): "
             f"{str(e).splitlines()[0]}. Re-save it as a bare state dict or .safetensors.") from e
     except Exception as e:  # weights-only loading runs no code: anything else is a damaged file
-        raise CheckpointError(f"{path} is not a readable checkpoint (truncated or not a torch file?): "
+        raise CheckpointError(f"{label} {path} is not a readable checkpoint (truncated or not a torch file?): "
                               f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+
+
+def read_state_dict(path: str | Path, label: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """A checkpoint's tensors: safetensors, or a torch file (bare or Lightning `state_dict`)."""
+    path = Path(path)
+    if path.suffix.lower() == ".safetensors":
+        if not path.is_file():
+            raise CheckpointNotFound(f"{label} not found: {path}")
+        import safetensors.torch
+        try:
+            return dict(safetensors.torch.load_file(str(path), device="cpu"))
+        except Exception as e:  # safetensors raises its own error types for bad headers
+            raise CheckpointError(f"{label} {path} is not a readable safetensors file ({e})") from e
+    obj = read_torch_object(path, label)
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict):
-        raise CheckpointError(f"{path} does not hold a state dict (got {type(obj).__name__})")
+        raise CheckpointError(f"{label} {path} does not hold a state dict (got {type(obj).__name__})")
     tensors = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
     if not tensors:
-        raise CheckpointError(f"{path} holds no tensors")
+        raise CheckpointError(f"{label} {path} holds no tensors")
     return tensors
 
 

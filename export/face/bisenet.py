@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checkpoints import load_exact
+from ..checkpoints import load_exact, read_state_dict
 
 NUM_CLASSES = 19
 # CelebAMask-HQ labels the official FaceParser keeps for CLIP (spec 2.3); all others become white.
@@ -146,14 +146,6 @@ class BiSeNet(nn.Module):
 
 def load_bisenet(path: str | Path) -> BiSeNet:
     """Build BiSeNet(19) and load ``79999_iter.pth`` (``torch.load(weights_only=True)``), all keys required."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"BiSeNet face-parsing weights not found: {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001
-        raise ValueError(f"BiSeNet weights {path} could not be read as a torch state dict: {e}") from None
-    if not isinstance(state, dict):
-        raise ValueError(f"BiSeNet weights {path}: expected a state dict, got {type(state).__name__}")
+    state = read_state_dict(path, "BiSeNet face-parsing weights")
     state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
     return load_exact(BiSeNet(), state, f"BiSeNet weights {path} (79999_iter.pth layout)")

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checkpoints import load_exact
+from ..checkpoints import load_exact, read_torch_object
 
 CODE_SIZES = {"shape": 100, "tex": 50, "exp": 50, "pose": 6, "cam": 3, "light": 27}
 CODE_DIM = sum(CODE_SIZES.values())  # 236
@@ -84,13 +84,7 @@ def decompose_code(code: torch.Tensor) -> dict[str, torch.Tensor]:
 
 def load_deca_encoder(path: str | Path) -> DecaEncoder:
     """Load ``E_flame`` from ``deca_model.tar`` (a torch.save dict with E_flame/E_detail/D_detail state dicts)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"DECA model not found: {path}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001
-        raise ValueError(f"DECA model {path} could not be read with torch.load(weights_only=True): {e}") from None
+    ckpt = read_torch_object(path, "DECA model")
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("E_flame"), dict):
         keys = list(ckpt)[:8] if isinstance(ckpt, dict) else type(ckpt).__name__
         raise ValueError(f"DECA model {path}: expected a dict with an 'E_flame' state dict, got {keys}")

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checkpoints import load_exact
+from ..checkpoints import load_exact, read_state_dict
 
 EMBED_DIM = 512
 
@@ -133,16 +133,6 @@ def load_facenet(path: str | Path) -> InceptionResnetV1:
     Every embedding key must be present; ``logits.*`` (the classifier) and BatchNorm
     ``num_batches_tracked`` counters are accepted and ignored; any other key is an error.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"FaceNet weights not found: {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - torch raises many types for a bad file
-        raise ValueError(f"FaceNet weights {path} could not be read as a torch state dict: {e}") from None
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict):
-        raise ValueError(f"FaceNet weights {path}: expected a state dict, got {type(state).__name__}")
+    state = read_state_dict(path, "FaceNet weights")
     state = {k: v for k, v in state.items() if not k.startswith("logits.")}
     return load_exact(InceptionResnetV1(), state, f"FaceNet weights {path} (VGGFace2 InceptionResnetV1 layout)")
