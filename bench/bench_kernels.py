@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import sys
 import time
@@ -100,8 +101,11 @@ def attention_cases() -> list[dict]:
 # correct on every shape are timed and used.
 CANDIDATE_CONFIGS = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (128, 32, 4, 3), (64, 64, 4, 3),
                      (64, 32, 4, 2), (64, 128, 4, 2), (128, 128, 4, 2), (128, 64, 8, 2), (128, 64, 4, 1),
-                     (64, 64, 4, 1), (128, 128, 8, 3)]
-SPLIT_MODES = ("padded", "split32", "split16")
+                     (64, 64, 4, 1), (128, 128, 8, 3), (128, 128, 4, 3), (128, 64, 4, 4), (64, 128, 4, 3),
+                     (128, 32, 4, 4)]
+# split16 (16-wide second slab) crashed 10 of 12 configs with illegal memory accesses on Triton 3.6
+# (kernels_h100.json of 2026-11-24, first session); it is screened only when asked for.
+SPLIT_MODES = ("padded", "split32") + (("split16",) if os.environ.get("BENCH_SPLIT16") else ())
 
 
 def _cfg(c) -> dict:
@@ -279,13 +283,21 @@ def bench_attention(policy: dict) -> list[dict]:
             row[f"sdpa_us_{tag}"] = _time(run_sdpa, graphs)
             row[f"triton_us_{tag}"] = _time(run_triton, graphs)
             row[f"speedup_{tag}"] = row[f"sdpa_us_{tag}"] / row[f"triton_us_{tag}"]
+        if at.FAST_EXP:  # the same kernel with fp32 exponentials (FAST_EXP off): what the fp16 exp2 buys
+            at.FAST_EXP = False
+            try:
+                row["triton_exact_exp_us_graph"] = _time(run_triton, True)
+                exact = run_triton().transpose(1, 2)
+                row["err_triton_exact_exp"] = (exact.double() - at.attention_reference(qt, kt, vt, scale)).abs().max().item()
+            finally:
+                at.FAST_EXP = True
         if b == 2 and name in GOALS:
             row["issue_baseline_us"] = GOALS[name]
             row["meets_1p3x"] = row["speedup_graph"] >= TARGET_SPEEDUP
         rows.append(row)
         log(f"  {name:22s} B={b}  sdpa {row['sdpa_us_graph']:8.1f} us  triton {row['triton_us_graph']:8.1f} us  "
             f"x{row['speedup_graph']:.2f} (eager x{row['speedup_eager']:.2f})  err {row['err_triton']:.1e} "
-            f"(sdpa {row['err_sdpa']:.1e})  {row['triton_config']}")
+            f"(sdpa {row['err_sdpa']:.1e})  {row['triton_config']}  fp32-exp {row.get('triton_exact_exp_us_graph', 0):.1f} us")
     return rows
 
 

@@ -93,6 +93,8 @@ def split_head_dim(head_dim: int, min_slab: int = 16) -> tuple[int, int]:
 # never the default.
 SPLIT_MODES = {"padded": 0, "split16": 16, "split32": 32}
 DEFAULT_SPLIT_MODE = "split32"
+# fp16 exponentials on the GPU (see FAST_EXP in the kernel); module-level so benchmarks can compare.
+FAST_EXP = os.environ.get("CAPHUMAN_ATTN_FAST_EXP", "1") not in ("", "0")
 
 
 def attention_reference(
@@ -127,20 +129,30 @@ def triton_supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | 
 if HAS_TRITON:
 
     @triton.jit
+    def _exp2_f16x2(x):
+        """2**x on fp16 with PTX ex2.approx.f16x2 (two lanes per instruction; sm_75+)."""
+        return tl.inline_asm_elementwise("ex2.approx.f16x2 $0, $1;", "=r,r", [x], dtype=tl.float16,
+                                         is_pure=True, pack=2)
+
+    @triton.jit
     def _attn_fwd(
         Q, K, V, Out,  #
         stride_qb, stride_qh, stride_qn, stride_qd,  #
         stride_kb, stride_kh, stride_kn, stride_kd,  #
         stride_vb, stride_vh, stride_vn, stride_vd,  #
         stride_ob, stride_oh, stride_on, stride_od,  #
-        N_HEADS, N_Q, N_KV, HEAD_DIM,  #
+        N_HEADS, N_Q, N_KV,  #
         qk_scale,  # scale * log2(e)
+        HEAD_DIM: tl.constexpr,  # constexpr so the head-dim masks are known at compile time: 40/80/160
+        # are multiples of 8, so K/V/Q rows load as 16-byte vectors (a runtime 40 is not specialised
+        # by Triton, which would make every masked load a 2-byte scalar load)
         HEAD_A: tl.constexpr,  # first power-of-two slab of the head dim
         HEAD_B: tl.constexpr,  # second slab (0: none)
         EVEN_N: tl.constexpr,  # N_KV % BLOCK_N == 0: no key mask needed
         BLOCK_M: tl.constexpr,  #
         BLOCK_N: tl.constexpr,  #
         DOT_F32: tl.constexpr,  # interpreter only: its tl.dot mishandles bf16, so dot in fp32 there
+        FAST_EXP: tl.constexpr,  # fp16 on the GPU: exp2 as ex2.approx.f16x2, two exponentials per MUFU op
     ):
         pid_m = tl.program_id(0)
         pid_bh = tl.program_id(1)
@@ -188,18 +200,27 @@ if HAS_TRITON:
                 s = tl.where(n_mask[None, :], s, float("-inf"))
             # online softmax in base 2; every block holds >= 1 valid key, so m_new is finite
             m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
-            p = tl.exp2(s * qk_scale - m_new[:, None])
             alpha = tl.exp2(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            # P is rounded to the input dtype (as FlashAttention does) before the second product
-            p = p.to(Q.dtype.element_ty).to(dot_ty)
+            if FAST_EXP:
+                # The exponentials, not the two products, bound small head dims (d40: 80 MACs per
+                # exp). P is rounded to fp16 for the second product anyway; computing it in fp16
+                # halves the MUFU work. The arguments are <= 0, so the fp16 rounding of the argument
+                # changes p by at most ~0.05% where p matters (near 1).
+                p = _exp2_f16x2((s * qk_scale - m_new[:, None]).to(tl.float16))
+                l_i = l_i * alpha + tl.sum(p.to(tl.float32), 1)
+            else:
+                p = tl.exp2(s * qk_scale - m_new[:, None])
+                l_i = l_i * alpha + tl.sum(p, 1)
+                # P is rounded to the input dtype (as FlashAttention does) before the second product
+                p = p.to(Q.dtype.element_ty)
+            p = p.to(dot_ty)
             v_a = tl.load(v_base + kv_n[:, None] * stride_vn + offs_a[None, :] * stride_vd,
                           mask=n_mask[:, None] & a_mask[None, :], other=0.0).to(dot_ty)
-            acc_a = acc_a * alpha[:, None] + tl.dot(p, v_a)
+            acc_a = tl.dot(p, v_a, acc_a * alpha[:, None])
             if HEAD_B > 0:
                 v_b = tl.load(v_base + kv_n[:, None] * stride_vn + offs_b[None, :] * stride_vd,
                               mask=n_mask[:, None] & b_mask[None, :], other=0.0).to(dot_ty)
-                acc_b = acc_b * alpha[:, None] + tl.dot(p, v_b)
+                acc_b = tl.dot(p, v_b, acc_b * alpha[:, None])
             m_i = m_new
 
         inv_l = 1.0 / l_i
@@ -238,7 +259,7 @@ if HAS_TRITON:
     _attn_fwd_fixed = triton.heuristics({"EVEN_N": lambda a: a["N_KV"] % a["BLOCK_N"] == 0})(_attn_fwd)
     _attn_fwd_tuned = triton.autotune(
         _ATTN_CONFIGS,
-        key=["N_Q", "N_KV", "HEAD_DIM", "HEAD_A", "HEAD_B"],
+        key=["N_Q", "N_KV", "HEAD_DIM", "HEAD_A", "HEAD_B", "FAST_EXP"],
         prune_configs_by={"early_config_prune": _attn_keep},
     )(_attn_fwd_fixed)
 
@@ -272,20 +293,22 @@ def _launch(q, k, v, out, b, h, n_q, n_kv, d, scale, config, split_mode):
         k.stride(0), k.stride(1), k.stride(2), k.stride(3),  #
         v.stride(0), v.stride(1), v.stride(2), v.stride(3),  #
         out.stride(0), out.stride(1), out.stride(2), out.stride(3),  #
-        h, n_q, n_kv, d, qk_scale,
+        h, n_q, n_kv, qk_scale,
     )
     dot_f32 = interpreter_enabled() and q.dtype == torch.bfloat16
+    fast_exp = FAST_EXP and q.dtype == torch.float16 and q.is_cuda and not interpreter_enabled()
     if config is None and interpreter_enabled():
         config = {"BLOCK_M": 32, "BLOCK_N": 32}  # the interpreter is slow; autotuning there is pointless
     if config is not None:
         bm, bn = int(config["BLOCK_M"]), int(config["BLOCK_N"])
         grid = (triton.cdiv(n_q, bm), b * h)
         extra = {k_: config[k_] for k_ in ("num_warps", "num_stages") if k_ in config}
-        _attn_fwd_fixed[grid](*args, HEAD_A=head_a, HEAD_B=head_b, BLOCK_M=bm, BLOCK_N=bn,
-                              DOT_F32=dot_f32, **extra)
+        _attn_fwd_fixed[grid](*args, HEAD_DIM=d, HEAD_A=head_a, HEAD_B=head_b, BLOCK_M=bm, BLOCK_N=bn,
+                              DOT_F32=dot_f32, FAST_EXP=fast_exp, **extra)
     else:
         grid = lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]), b * h)  # noqa: E731
-        _attn_fwd_tuned[grid](*args, HEAD_A=head_a, HEAD_B=head_b, DOT_F32=dot_f32)
+        _attn_fwd_tuned[grid](*args, HEAD_DIM=d, HEAD_A=head_a, HEAD_B=head_b, DOT_F32=dot_f32,
+                              FAST_EXP=fast_exp)
     return out
 
 
