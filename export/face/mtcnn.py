@@ -11,6 +11,8 @@ equivalent greedy NMS here (torchvision is not a dependency).
 """
 from __future__ import annotations
 
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -181,13 +183,77 @@ def _pad(b: torch.Tensor, w: int, h: int):
     return y, ey, x, ex
 
 
-def _crops(img: torch.Tensor, b: torch.Tensor, size: int, w: int, h: int) -> tuple[torch.Tensor, np.ndarray]:
+def _integral(img: torch.Tensor) -> torch.Tensor:
+    """[1, C, H, W] -> [C, H + 1, W + 1] float64 summed-area table (exact for 8-bit pixel values)."""
+    c, h, w = img.shape[1:]
+    sat = img.new_zeros((c, h + 1, w + 1), dtype=torch.float64)
+    sat[:, 1:, 1:] = img[0].double().cumsum(1).cumsum(2)
+    return sat
+
+
+def _cell_bounds(start: torch.Tensor, length: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """adaptive_avg_pool's cells: [n] crop starts and lengths -> absolute [n, size] begin and end indices."""
+    i = torch.arange(size, device=start.device)
+    lo = (i[None] * length[:, None]).div(size, rounding_mode="floor")
+    hi = ((i[None] + 1) * length[:, None] + size - 1).div(size, rounding_mode="floor")
+    return start[:, None] + lo, start[:, None] + hi
+
+
+def _area_crops(sat: torch.Tensor, y0: torch.Tensor, y1: torch.Tensor, x0: torch.Tensor, x1: torch.Tensor,
+                size: int) -> torch.Tensor:
+    """``F.interpolate(img[:, :, y0:y1, x0:x1], (size, size), mode='area')`` for n boxes at once.
+
+    Area resampling is adaptive average pooling: each output cell averages a box of input pixels,
+    read here from the summed-area table (4 lookups per cell, no per-box loop). The sum is exact for
+    integer pixel values and divided as ATen's kernel does (sum / kh / kw in float32)."""
+    r0, r1 = _cell_bounds(y0, y1 - y0, size)   # [n, size]
+    c0, c1 = _cell_bounds(x0, x1 - x0, size)
+    R0, R1, C0, C1 = r0[:, :, None], r1[:, :, None], c0[:, None, :], c1[:, None, :]
+    total = sat[:, R1, C1] - sat[:, R0, C1] - sat[:, R1, C0] + sat[:, R0, C0]  # [C, n, size, size]
+    kh, kw = (R1 - R0).float(), (C1 - C0).float()
+    return (total.float() / kh / kw).permute(1, 0, 2, 3)
+
+
+def _crops(sat: torch.Tensor, b: torch.Tensor, size: int, w: int, h: int) -> tuple[torch.Tensor, np.ndarray]:
+    """The official per-box crop + area resize of every box with a non-empty crop, scaled for the nets."""
     y, ey, x, ex = _pad(b, w, h)
     ok = (ey > y - 1) & (ex > x - 1)
-    out = [F.interpolate(img[:, :, y[k] - 1:ey[k], x[k] - 1:ex[k]], size=(size, size), mode="area")
-           for k in np.nonzero(ok)[0]]
-    data = torch.cat(out, 0) if out else img.new_zeros(0, 3, size, size)
+    if not ok.any():
+        return sat.new_zeros((0, 3, size, size), dtype=torch.float32), ok
+    idx = torch.as_tensor(np.stack([y[ok] - 1, ey[ok], x[ok] - 1, ex[ok]]).astype(np.int64)).to(sat.device)
+    data = _area_crops(sat, idx[0], idx[1], idx[2], idx[3], size)
     return (data - 127.5) * 0.0078125, ok
+
+
+@contextmanager
+def _fp32_convolutions(device: torch.device):
+    """cuDNN without TF32 while MTCNN runs on a GPU: its thresholds see the same scores as on the CPU."""
+    if device.type != "cuda":
+        yield
+        return
+    with _TF32_LOCK:
+        prev = torch.backends.cudnn.allow_tf32
+        torch.backends.cudnn.allow_tf32 = False
+        try:
+            yield
+        finally:
+            torch.backends.cudnn.allow_tf32 = prev
+
+
+_TF32_LOCK = threading.Lock()
+
+
+def _to_host(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    """Several small device tensors to the CPU in one copy (one synchronisation), as float32/int64 views."""
+    if not tensors or tensors[0].device.type == "cpu":
+        return list(tensors)
+    flat = torch.cat([t.reshape(-1).double() for t in tensors]).cpu()
+    out, at = [], 0
+    for t in tensors:
+        n = t.numel()
+        out.append(flat[at:at + n].reshape(t.shape).to(t.dtype))
+        at += n
+    return out
 
 
 class MTCNN(nn.Module):
@@ -202,12 +268,30 @@ class MTCNN(nn.Module):
         self.onet = _load_state(ONet(), weights_dir / "onet.pt", "O-Net")
         self.min_face_size, self.thresholds, self.factor = min_face_size, thresholds, factor
 
+    @property
+    def device(self) -> torch.device:
+        return self.pnet.conv1.weight.device
+
     @torch.no_grad()
     def detect(self, image: np.ndarray) -> list[Detection]:
-        """All faces in an RGB uint8 [H, W, 3] image, sorted by box area, largest first (select_largest)."""
+        """All faces in an RGB [H, W, 3] image (uint8), sorted by box area, largest first (select_largest).
+
+        Runs on the module's device (`.to("cuda")`): the networks, the pyramid and the crops run
+        there; the candidate lists come back to the host once per stage (three synchronisations)
+        for the NMS, which stays the exact NumPy code. On a GPU cuDNN's TF32 is off meanwhile, so
+        both devices agree to float rounding."""
         if image.ndim != 3 or image.shape[2] != 3:
             raise ValueError(f"MTCNN needs an RGB [H, W, 3] image, got shape {image.shape}")
-        img = torch.from_numpy(np.array(image, dtype=np.float32)).permute(2, 0, 1)[None]
+        device = self.device
+        with _fp32_convolutions(device):
+            return self._detect(image, device)
+
+    def _detect(self, image: np.ndarray, device: torch.device) -> list[Detection]:
+        arr = np.ascontiguousarray(image)
+        src = torch.from_numpy(arr if arr.flags.writeable else arr.copy())
+        if src.dtype != torch.uint8:
+            src = src.float()
+        img = src.to(device, non_blocking=False).permute(2, 0, 1)[None].float()
         h, w = img.shape[2:]
         th = self.thresholds
 
@@ -219,21 +303,31 @@ class MTCNN(nn.Module):
             scales.append(s)
             s *= self.factor
             minl *= self.factor
+        if not scales:
+            return []
 
-        # Stage 1: P-Net proposals on every scale, NMS 0.5 within a scale, then 0.7 across scales.
-        cand = []
+        # Stage 1: P-Net on every scale (all on the device), the candidates of all scales in one copy.
+        probs, regs, shapes = [], [], []
         for scale in scales:
             data = F.interpolate(img, size=(int(h * scale + 1), int(w * scale + 1)), mode="area")
-            reg, probs = self.pnet((data - 127.5) * 0.0078125)
-            prob = probs[0, 1]
-            mask = prob >= th[0]
-            yx = mask.nonzero()
-            if len(yx) == 0:
-                continue
-            xy = yx.flip(1).to(reg.dtype)
-            q1 = ((2 * xy + 1) / scale).floor()
-            q2 = ((2 * xy + 12 - 1 + 1) / scale).floor()
-            boxes = torch.cat([q1, q2, prob[mask][:, None], reg[0][:, mask].T], 1)
+            reg, prob = self.pnet((data - 127.5) * 0.0078125)
+            shapes.append(prob.shape[2:])
+            probs.append(prob[0, 1].reshape(-1))
+            regs.append(reg[0].reshape(4, -1))
+        prob_all, reg_all = torch.cat(probs), torch.cat(regs, 1)
+        flat = (prob_all >= th[0]).nonzero().squeeze(1)
+        flat, score, reg = _to_host(flat, prob_all[flat], reg_all[:, flat])
+        sizes = np.array([sh[0] * sh[1] for sh in shapes])
+        offsets = np.concatenate([[0], np.cumsum(sizes)])
+        which = np.searchsorted(offsets, flat.numpy(), side="right") - 1
+        cand = []
+        for k in np.unique(which):  # per scale, in the official order: proposals, NMS 0.5 within the scale
+            sel = torch.from_numpy(np.nonzero(which == k)[0])
+            local = flat[sel] - int(offsets[k])
+            xy = torch.stack([local % shapes[k][1], local // shapes[k][1]], 1).to(torch.float32)
+            q1 = ((2 * xy + 1) / scales[k]).floor()
+            q2 = ((2 * xy + 12 - 1 + 1) / scales[k]).floor()
+            boxes = torch.cat([q1, q2, score[sel][:, None], reg[:, sel].T], 1)
             keep = _nms_iou(boxes[:, :4].numpy(), boxes[:, 4].numpy(), 0.5)
             cand.append(boxes[torch.as_tensor(keep)])
         if not cand:
@@ -244,13 +338,14 @@ class MTCNN(nn.Module):
         boxes = torch.stack([boxes[:, 0] + boxes[:, 5] * rw, boxes[:, 1] + boxes[:, 6] * rh,
                              boxes[:, 2] + boxes[:, 7] * rw, boxes[:, 3] + boxes[:, 8] * rh, boxes[:, 4]], 1)
         boxes = _rerec(boxes)
+        sat = _integral(img)
 
         # Stage 2: R-Net on 24x24 crops.
-        data, ok = _crops(img, boxes, 24, w, h)
+        data, ok = _crops(sat, boxes, 24, w, h)
         boxes = boxes[torch.as_tensor(ok)]
         if len(boxes) == 0:
             return []
-        reg, probs = self.rnet(data)
+        reg, probs = _to_host(*self.rnet(data))
         score = probs[:, 1]
         keep = score > th[1]
         boxes = torch.cat([boxes[keep, :4], score[keep, None]], 1)
@@ -261,11 +356,11 @@ class MTCNN(nn.Module):
             return []
 
         # Stage 3: O-Net on 48x48 crops: final boxes and five landmarks.
-        data, ok = _crops(img, boxes, 48, w, h)
+        data, ok = _crops(sat, boxes, 48, w, h)
         boxes = boxes[torch.as_tensor(ok)]
         if len(boxes) == 0:
             return []
-        reg, points, probs = self.onet(data)
+        reg, points, probs = _to_host(*self.onet(data))
         score = probs[:, 1]
         keep = score > th[2]
         boxes = torch.cat([boxes[keep, :4], score[keep, None]], 1)

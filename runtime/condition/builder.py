@@ -30,15 +30,23 @@ class ConditionBuilder:
         self.analyzer = analyzer or FaceAnalyzer()
         self.deca: DecaEncoder | None = load_deca_encoder(deca_model) if deca_model else None
         self.head: HeadModel = load_head_model(flame_model, flame_texture)
+        # Encode the reference and pose crops in one DECA batch (one pass, one copy back); the
+        # official code encodes them one at a time: the same function per image, float rounding apart.
+        self.batch_photos = True
 
     def code_of(self, photo: Photo) -> HeadCode:
+        return self.codes_of([photo])[0]
+
+    def codes_of(self, photos: list[Photo]) -> list[HeadCode]:
+        """DECA codes of photos (neutral codes without DECA weights)."""
         if self.deca is None:
-            return HeadCode.neutral(light_sh(DEFAULT_LIGHT))
-        crop = self.analyzer.deca_crop(photo)
+            return [HeadCode.neutral(light_sh(DEFAULT_LIGHT)) for _ in photos]
+        crops = [self.analyzer.deca_crop(ph) for ph in photos]
         with torch.no_grad():
             p = next(self.deca.parameters())
-            code = decompose_code(self.deca(crop.image[None].to(p.device, p.dtype)).float().cpu())
-        return HeadCode.from_deca(code, crop.tform_rows)
+            x = torch.stack([c.image for c in crops]).to(p.device, p.dtype)
+            raw = self.deca(x).float().cpu()
+        return [HeadCode.from_deca(decompose_code(raw[i:i + 1]), c.tform_rows) for i, c in enumerate(crops)]
 
     def build(self, reference: str | Path | Photo, pose: str | Path | Photo | None = None,
               modes: str | tuple[str, ...] = "position,pose", controls: HeadControls | None = None,
@@ -55,8 +63,11 @@ class ConditionBuilder:
             if ph is not None and ph.frame_detection is None and not allow_no_face:
                 raise NoFaceError(f"no face found in {ph.path} (MTCNN); use a photo with a visible face, "
                                   "or allow the official whole-image fallback")
-        ref_code = self.code_of(ref)
-        pose_code = self.code_of(pph) if pph is not None else None
+        if pph is not None and self.batch_photos:
+            ref_code, pose_code = self.codes_of([ref, pph])
+        else:
+            ref_code = self.code_of(ref)
+            pose_code = self.code_of(pph) if pph is not None else None
         position_photo = pph if (pph is not None and ("position" in modes_t or "all" in modes_t)) else ref
         five = position_photo.frame_detection.landmarks if position_photo.frame_detection is not None else None
         kw = {"renderer": renderer} if renderer is not None else {}

@@ -25,7 +25,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from scipy import ndimage
 
 from export.face.mtcnn import MTCNN, Detection
 
@@ -68,17 +67,25 @@ class Photo:
 class FaceAnalyzer:
     """MTCNN + the crops. One instance serves many photos."""
 
-    def __init__(self, mtcnn: MTCNN | None = None):
+    def __init__(self, mtcnn: MTCNN | None = None, device: str | torch.device | None = None):
         self.mtcnn = mtcnn or MTCNN()
+        if device is not None:
+            self.mtcnn.to(device)  # the official code runs MTCNN on CUDA too
 
     def analyze(self, path: str | Path) -> Photo:
         path = Path(path)
-        image = load_photo(path)
+        return self.analyze_image(load_photo(path), path)
+
+    def analyze_image(self, image: Image.Image, path: str | Path) -> Photo:
+        """Detection in the native photo and in DECA's 512 frame. When the frame is the photo itself
+        (a 512x512 photo: `resize_like_deca` is then the identity, pixel for pixel) the detector,
+        a deterministic function of the pixels, is not run a second time on the same input."""
         arr = np.asarray(image)
         frame = resize_like_deca(arr, DECA_FRAME)
         det = self.mtcnn.detect(arr)
-        fdet = self.mtcnn.detect(frame)
-        return Photo(path, image, frame, det[0] if det else None, fdet[0] if fdet else None)
+        same = frame.shape == arr.shape and np.array_equal(frame, arr)
+        fdet = det if same else self.mtcnn.detect(frame)
+        return Photo(Path(path), image, frame, det[0] if det else None, fdet[0] if fdet else None)
 
     # ------------------------------------------------------------------ FaceNet crop
     @staticmethod
@@ -135,12 +142,38 @@ class FaceAnalyzer:
         if size < 1:
             raise PhotoError(f"face box in {photo.path} is degenerate (size {size})")
         T = similarity_crop((float(center[0]), float(center[1])), size)
-        Tinv = np.linalg.inv(T)
-        rows, cols = np.mgrid[0:CROP_SIZE, 0:CROP_SIZE].astype(np.float64)
-        src_x = Tinv[0, 0] * cols + Tinv[0, 1] * rows + Tinv[0, 2]
-        src_y = Tinv[1, 0] * cols + Tinv[1, 1] * rows + Tinv[1, 2]
-        img = photo.frame.astype(np.float64) / 255.0
-        out = np.stack([ndimage.map_coordinates(img[..., c], [src_y, src_x], order=1, mode="grid-constant", cval=0.0)
-                        for c in range(3)])
-        out = np.clip(out, 0.0, 1.0)
+        out = _warp_bilinear(photo.frame, np.linalg.inv(T), CROP_SIZE)
         return DecaCrop(torch.from_numpy(out.astype(np.float32)), T, tform_rows_from_T(T), source)
+
+
+def _linear_taps(coord: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Order-1 taps of sample positions along one axis: lower index, its weight, and validity masks
+    folded into the weights (samples outside [0, n-1] read the constant 0, as mode='grid-constant')."""
+    lo = np.floor(coord).astype(np.int64)
+    frac = coord - lo
+    w0 = np.where((lo >= 0) & (lo < n), 1.0 - frac, 0.0)
+    w1 = np.where((lo + 1 >= 0) & (lo + 1 < n), frac, 0.0)
+    return lo, w0, w1
+
+
+def _warp_bilinear(frame: np.ndarray, Tinv: np.ndarray, size: int) -> np.ndarray:
+    """skimage ``warp(frame / 255, T.inverse, output_shape=(size, size))`` (order 1, constant 0), clipped
+    to [0, 1]: [3, size, size] float64.
+
+    T is a similarity without rotation (`similarity_crop`), so each output row samples one source
+    row pair and each output column one source column pair: the bilinear weights separate, and the
+    crop is four gathers instead of a per-pixel ``ndimage.map_coordinates`` (same values up to
+    float64 rounding)."""
+    if Tinv[0, 1] != 0 or Tinv[1, 0] != 0:
+        raise ValueError("the DECA crop transform must be axis-aligned (scale and translation)")
+    h, w = frame.shape[:2]
+    idx = np.arange(size, dtype=np.float64)
+    y0, wy0, wy1 = _linear_taps(Tinv[1, 1] * idx + Tinv[1, 2], h)
+    x0, wx0, wx1 = _linear_taps(Tinv[0, 0] * idx + Tinv[0, 2], w)
+    img = frame.astype(np.float64) / 255.0
+    ys0, ys1 = np.clip(y0, 0, h - 1), np.clip(y0 + 1, 0, h - 1)
+    xs0, xs1 = np.clip(x0, 0, w - 1), np.clip(x0 + 1, 0, w - 1)
+    top = img[ys0][:, xs0] * wx0[None, :, None] + img[ys0][:, xs1] * wx1[None, :, None]
+    bottom = img[ys1][:, xs0] * wx0[None, :, None] + img[ys1][:, xs1] * wx1[None, :, None]
+    out = top * wy0[:, None, None] + bottom * wy1[:, None, None]
+    return np.clip(out, 0.0, 1.0).transpose(2, 0, 1)

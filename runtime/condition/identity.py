@@ -18,21 +18,32 @@ from export.face.facenet import InceptionResnetV1
 from .faces import FaceAnalyzer, Photo
 
 
+_KEPT = np.zeros(256, dtype=bool)
+_KEPT[list(KEPT_LABELS)] = True
+
+
+def imagenet_input(image: Image.Image, device, dtype) -> torch.Tensor:
+    """[1, 3, H, W] ToTensor + ImageNet normalisation of an RGB photo, computed on `device` in float32
+    (the 8-bit pixels are what travels), then cast to `dtype`."""
+    arr = np.asarray(image.convert("RGB"))
+    x = torch.from_numpy(arr if arr.flags.writeable else arr.copy()).to(device).permute(2, 0, 1).float() / 255.0
+    mean = torch.tensor(IMAGENET_MEAN, device=device)[:, None, None]
+    std = torch.tensor(IMAGENET_STD, device=device)[:, None, None]
+    return ((x - mean) / std)[None].to(dtype)
+
+
 @torch.no_grad()
 def parse_labels(bisenet: BiSeNet, image: Image.Image) -> np.ndarray:
-    """[H, W] CelebAMask-HQ labels (0..18) of an RGB photo at its native resolution."""
-    x = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32).transpose(2, 0, 1) / 255.0)
-    mean = torch.tensor(IMAGENET_MEAN)[:, None, None]
-    std = torch.tensor(IMAGENET_STD)[:, None, None]
+    """[H, W] uint8 CelebAMask-HQ labels (0..18) of an RGB photo at its native resolution."""
     p = next(bisenet.parameters())
-    logits = bisenet(((x - mean) / std)[None].to(p.device, p.dtype))
-    return logits[0].argmax(0).cpu().numpy()
+    logits = bisenet(imagenet_input(image, p.device, p.dtype))
+    return logits[0].argmax(0).to(torch.uint8).cpu().numpy()
 
 
 def whiten_non_face(image: Image.Image, labels: np.ndarray) -> Image.Image:
     """The official FaceParser.parse output: non-kept labels (bg, ears, neck, cloth, hair, hat...) -> white."""
     arr = np.asarray(image.convert("RGB")).copy()
-    arr[~np.isin(labels, KEPT_LABELS)] = 255
+    arr[~_KEPT[labels]] = 255
     return Image.fromarray(arr)
 
 

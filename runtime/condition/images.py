@@ -52,7 +52,11 @@ def resize_like_deca(image: np.ndarray, size: int = 512) -> np.ndarray:
     sigma = max(0, (in/out - 1) / 2) per axis (mode 'mirror'); then ``ndimage.zoom`` order 1,
     grid_mode=True, mode 'mirror'; clipped to the input range; *255 truncated to uint8.
     The aspect ratio is not kept (non-square photos are squashed, as the official code does).
+    An 8-bit photo already at size x size comes back unchanged (a copy): no filter, no zoom, and
+    ``uint8(k / 255 * 255) == k`` for every k, so the float round trip is the identity.
     """
+    if image.dtype == np.uint8 and image.shape[:2] == (size, size):
+        return image.copy()
     img = image.astype(np.float64) / 255.0
     h, w = img.shape[:2]
     factors = np.array([h / size, w / size, 1.0])

@@ -82,8 +82,14 @@ def landmark_embedding(path: str | None = None) -> dict[str, np.ndarray]:
 
 
 def mean_texture_albedo(path: str | Path | None = None, uv_size: int = UV_SIZE) -> np.ndarray:
-    """DECA's mean texture as a [3, uv_size, uv_size] UV albedo in [0, 1] (nearest resize, as DECA's F.interpolate)."""
-    img = np.asarray(Image.open(path or MEAN_TEXTURE).convert("RGB"), dtype=np.float32) / 255.0
+    """DECA's mean texture as a [3, uv_size, uv_size] UV albedo in [0, 1] (nearest resize, as DECA's F.interpolate).
+    Read once per (path, size); each call returns a fresh copy."""
+    return _mean_texture(str(path or MEAN_TEXTURE), uv_size).copy()
+
+
+@lru_cache(maxsize=4)
+def _mean_texture(path: str, uv_size: int) -> np.ndarray:
+    img = np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) / 255.0
     h, w = img.shape[:2]
     rows = np.floor(np.arange(uv_size) * (h / uv_size)).astype(np.int64)  # torch 'nearest' index rule
     cols = np.floor(np.arange(uv_size) * (w / uv_size)).astype(np.int64)
