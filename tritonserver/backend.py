@@ -16,15 +16,17 @@ KNOWN_PARAMETERS = {"torch_threads"}
 BAD_REQUEST_PREFIX = "invalid request: "
 
 
-def model_setup(args: dict, pb_utils) -> tuple[dict, str, ServerSettings]:
-    """(model config, torch device, settings) from initialize()'s args; fails the load on bad config."""
+def model_setup(args: dict, pb_utils, extra_parameters=()) -> tuple[dict, str, ServerSettings]:
+    """(model config, torch device, settings) from initialize()'s args; fails the load on bad config.
+    `extra_parameters`: names of config.pbtxt parameters this model reads itself."""
     config = json.loads(args["model_config"])
     name = config.get("name", "?")
     params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
-    unknown = set(params) - KNOWN_PARAMETERS
+    known = KNOWN_PARAMETERS | set(extra_parameters)
+    unknown = set(params) - known
     if unknown:
         raise pb_utils.TritonModelException(f"{name}: unknown config.pbtxt parameters {sorted(unknown)}; "
-                                            f"known: {sorted(KNOWN_PARAMETERS)}")
+                                            f"known: {sorted(known)}")
     raw = params.get("torch_threads", "0") or "0"
     if not raw.isdigit():
         raise pb_utils.TritonModelException(f"{name}: parameter torch_threads must be an integer >= 0, got {raw!r}")

@@ -14,7 +14,8 @@
 
 Without CAPHUMAN_WEIGHTS every model builds the same seeded tiny random-weight networks (the
 `cldm_tiny` config), says so in the server log, and every response's metadata says
-`"random_weights": true`.
+`"random_weights": true`. CAPHUMAN_RANDOM_CONFIG=cldm_v15 (`caphuman serve --random-config cldm_v15`)
+builds them at the official sizes instead: same compute as the real model, for benchmarks.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from pathlib import Path
 import torch
 
 WEIGHTS_ENV = "CAPHUMAN_WEIGHTS"
+RANDOM_CONFIG_ENV = "CAPHUMAN_RANDOM_CONFIG"   # packaged config of the random-weight networks (default cldm_tiny)
 RANDOM_WEIGHTS_NOTICE = ("NO WEIGHTS GIVEN: serving the built-in TINY model with RANDOM weights; images are "
                          "patterns, not photos. Start with `caphuman serve --weights DIR` for real images.")
 TINY_SEED = 0
@@ -74,11 +76,41 @@ def weight_files(environ=os.environ) -> WeightFiles | None:
     return WeightFiles.discover(root) if root else None
 
 
+def random_config(environ=os.environ) -> str:
+    name = environ.get(RANDOM_CONFIG_ENV, "").strip() or "cldm_tiny"
+    if name not in ("cldm_tiny", "cldm_v15"):
+        raise ValueError(f"{RANDOM_CONFIG_ENV} must be cldm_tiny or cldm_v15, got {name!r}")
+    return name
+
+
+def random_pipeline(config_name: str, seed: int = TINY_SEED, device: str = "cpu"):
+    """`runtime.pipeline.tiny_random_pipeline` for any packaged config: seeded RANDOM weights."""
+    from runtime.pipeline import tiny_random_pipeline
+    if config_name == "cldm_tiny":
+        return tiny_random_pipeline(seed=seed, device=device)
+    from export.clip import ImageEncoder, TextEncoder
+    from export.config import load_config, packaged_config
+    from export.models import VAE, CapHumanDenoiser
+    from runtime.pipeline import CapHumanPipeline
+    config = load_config(packaged_config(config_name))
+    torch.manual_seed(seed)
+    den = CapHumanDenoiser(config).eval()
+    with torch.no_grad():  # zero-initialised layers are trained in the real model; make CapFace matter
+        for p in den.capface.parameters():
+            if p.abs().sum() == 0:
+                p.normal_(0, 0.02)
+    text = TextEncoder(config.text_clip).eval()
+    vae = VAE(config).eval()
+    image = ImageEncoder(config.vision_clip).eval().requires_grad_(False)
+    return CapHumanPipeline(config, text, den.requires_grad_(False), vae.requires_grad_(False), image, device=device,
+                            model_hashes={"weights": f"{config_name}-random-seed{seed}"}, random_weights=True)
+
+
 def load_generation_pipeline(files: WeightFiles | None, device: str, with_image_encoder: bool = False):
     """The CapHumanPipeline of the orchestrator (and, with the image encoder, the identity model)."""
-    from runtime.pipeline import load_pipeline, tiny_random_pipeline
+    from runtime.pipeline import load_pipeline
     if files is None:
-        pipe = tiny_random_pipeline(seed=TINY_SEED, device=device)
+        pipe = random_pipeline(random_config(), seed=TINY_SEED, device=device)
         if with_image_encoder:
             from export.clip import ImageEncoder
             torch.manual_seed(TINY_SEED + 1)

@@ -1,10 +1,17 @@
 """Triton Python backend: the CapHuman orchestrator (decoupled; see ../config.pbtxt and tritonserver/params.py).
 
-Per request: 1. parse and validate the inputs; 2. identity context (local cache by photo hash, else BLS
-to `identity`); then per item: 3. head hint (BLS to `head_condition`); 4. DDIM loop with a progress
-response per step; 5. VAE decode and the image response. Then Triton's empty final response.
+execute() (Triton's thread), per request: 1. parse and validate the inputs; 2. identity context (local
+cache by photo hash, else BLS to `identity`); 3. per item, the head hint (BLS to `head_condition`) and the
+item's parameters; then it hands the items to the scheduler and returns at once.
+
+The scheduler thread (tritonserver/generation.py) runs batches of compatible pending items, from one
+request or several: 4. one DDIM loop for the batch (the torch engine, one CUDA graph per step, on CUDA;
+the eager sampler on the CPU), a progress response per step to each item that asked; 5. VAE decode and
+the image responses, then Triton's empty final response when a request's last item is done. Responses
+are sent from that thread (the documented pattern for decoupled Python models).
 """
 import json
+import threading
 import time
 
 import numpy as np
@@ -12,15 +19,22 @@ import torch
 import triton_python_backend_utils as pb_utils
 
 from tritonserver.backend import error_from_bls, log, model_setup, triton_error
+from tritonserver.generation import (DEFAULT_BUCKETS, BatchGenerator, Cancelled, Job, Scheduler, bucket_size,
+                                     engine_pipeline, item_parameters, parse_buckets)
 from tritonserver.params import HEAD_MODEL, IDENTITY_MODEL, RequestError, parse_request
 from tritonserver.services import LRU, sha256
 from tritonserver.weights import RANDOM_WEIGHTS_NOTICE, load_generation_pipeline, weight_files
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
-
-
-class Cancelled(Exception):
-    """The client cancelled the request or went away."""
+# config.pbtxt parameters of this model (besides torch_threads); values are strings.
+PARAMETERS = {
+    "engine": "auto",             # auto: the torch engine on CUDA, eager on the CPU; or "eager"
+    "compile": "false",           # torch.compile in the engine (minutes of start-up)
+    "max_batch": "0",             # items denoised together; 0: 8 on CUDA, 1 on the CPU
+    "batch_sizes": "1,2,4,8",     # batches are padded up to one of these (one CUDA graph each)
+    "batch_gather_ms": "60",      # how long a batch may wait for the next requests of active clients
+    "warm_resolutions": "512",    # CUDA: every batch size is captured at these resolutions before READY
+}
 
 
 def _tensor(name, value, dtype):
@@ -36,67 +50,119 @@ def _preview(x: torch.Tensor, size: int) -> np.ndarray:
     return img[0].permute(1, 2, 0).to(torch.uint8).cpu().numpy()
 
 
+class _Request:
+    """One request's stream: its items finish in order; the final flag is sent exactly once."""
+
+    def __init__(self, request, sender, items: int):
+        self.request, self.sender, self.remaining = request, sender, items
+        self.done = False
+        self._lock = threading.Lock()
+
+    def cancelled(self) -> bool:
+        if self.done:
+            return True
+        is_cancelled = getattr(self.request, "is_cancelled", None)
+        return bool(is_cancelled is not None and is_cancelled())
+
+    def send(self, response) -> bool:
+        """False when the stream is closed (the client went away); the request is then done."""
+        with self._lock:
+            if self.done:
+                return False
+            try:
+                self.sender.send(response)
+                return True
+            except Exception:  # noqa: BLE001 - the stream is gone
+                self.done = True
+                return False
+
+    def _final(self, response=None) -> None:
+        with self._lock:
+            if self.done:
+                return
+            self.done = True
+            try:
+                if response is None:
+                    self.sender.send(flags=FINAL)
+                else:
+                    self.sender.send(response, flags=FINAL)
+            except Exception:  # noqa: BLE001 - the client is gone; nothing left to tell it
+                pass
+
+    def item_done(self) -> None:
+        with self._lock:
+            self.remaining -= 1
+            last = self.remaining <= 0
+        if last:
+            self._final()
+
+    def fail(self, exc: BaseException) -> None:
+        if not isinstance(exc, RequestError):
+            log(pb_utils, "error", f"caphuman: request failed: {type(exc).__name__}: {exc}")
+        self._final(pb_utils.InferenceResponse(error=triton_error(pb_utils, exc)))
+
+    def cancel(self) -> None:
+        if not self.done:
+            log(pb_utils, "info", f"caphuman: request {self.request.request_id()!r} cancelled by the client")
+        self._final()
+
+
 class TritonPythonModel:
     def initialize(self, args):
-        _, self.device, self.settings = model_setup(args, pb_utils)
+        config, self.device, self.settings = model_setup(args, pb_utils, extra_parameters=PARAMETERS)
+        p = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
+        p = {k: p.get(k) or default for k, default in PARAMETERS.items()}
+        cuda = self.device.startswith("cuda")
+        try:
+            if p["engine"] not in ("auto", "eager"):
+                raise ValueError(f"engine must be 'auto' or 'eager', got {p['engine']!r}")
+            if p["compile"] not in ("true", "false"):
+                raise ValueError(f"compile must be 'true' or 'false', got {p['compile']!r}")
+            max_batch = int(p["max_batch"]) or (8 if cuda else 1)
+            buckets = parse_buckets(p["batch_sizes"])
+            gather_s = float(p["batch_gather_ms"]) / 1e3
+            warm = tuple(int(r) for r in p["warm_resolutions"].split(",") if r.strip())
+            if max_batch < 1 or gather_s < 0 or any(r % 64 or not 256 <= r <= 1024 for r in warm):
+                raise ValueError("max_batch >= 0, batch_gather_ms >= 0, warm_resolutions multiples of 64 in [256, 1024]")
+        except ValueError as e:
+            raise pb_utils.TritonModelException(f"caphuman: bad config.pbtxt parameter: {e}") from None
         files = weight_files()
         self.random_weights = files is None
         if self.random_weights:
             log(pb_utils, "warn", f"caphuman: {RANDOM_WEIGHTS_NOTICE}")
         self.pipe = load_generation_pipeline(files, self.device)
+        if self.random_weights and cuda:
+            self.pipe.image_encoder = None  # the identity model's; not used here
+        self.engine = engine_pipeline(self.pipe, self.device, p["compile"] == "true") if p["engine"] == "auto" else None
+        self.generator = BatchGenerator(self.pipe, buckets if self.engine is not None else (1,))
+        self.max_batch = max_batch
         self.identity_cache = LRU(self.settings.identity_cache_entries)
-        self._warm_up()
+        self._warm_up(warm, max_batch)
+        self.scheduler = Scheduler(self._run_batch, max_batch, gather_s, on_error=self._batch_error)
+        log(pb_utils, "info", f"caphuman: device {self.device}, backend {self.pipe.backend}, max batch {max_batch}, "
+                              f"batch sizes {self.generator.buckets}, gather {gather_s * 1e3:.0f} ms")
 
-    def _warm_up(self):
+    def _warm_up(self, resolutions, max_batch):
         from runtime.pipeline import GenerationRequest, sphere_hint
         t0 = time.perf_counter()
-        ctx = torch.zeros(1, 258, self.pipe.config.context_dim)
-        self.pipe.generate(GenerationRequest(prompt="warm-up", hint=sphere_hint(256), identity_context=ctx, steps=2))
-        log(pb_utils, "info", f"caphuman: warm in {time.perf_counter() - t0:.1f} s (device {self.device})")
+        if self.engine is None:  # CPU: one 2-step generation at 256x256
+            ctx = torch.zeros(1, 258, self.pipe.config.context_dim)
+            self.pipe.generate(GenerationRequest(prompt="warm-up", hint=sphere_hint(256), identity_context=ctx, steps=2))
+            detail = ""
+        else:  # CUDA: capture every batch size's graph at the usual resolutions
+            detail = f": {self.generator.warm_up(resolutions, max_batch)}"
+        log(pb_utils, "info", f"caphuman: warm in {time.perf_counter() - t0:.1f} s (device {self.device}){detail}")
 
     # ------------------------------------------------------------------------------------ serving
     def execute(self, requests):
         for request in requests:
-            sender = request.get_response_sender()
+            state = None
             try:
-                self._serve(request, sender)
-                sender.send(flags=FINAL)
-            except Cancelled:
-                log(pb_utils, "info", f"caphuman: request {request.request_id()!r} cancelled by the client")
-                self._safe_send(sender, None)
+                state, jobs = self._prepare(request)
+                self.scheduler.submit(jobs)
             except Exception as e:  # noqa: BLE001 - each request gets its own error; the model keeps serving
-                if not isinstance(e, RequestError):
-                    log(pb_utils, "error", f"caphuman: request failed: {type(e).__name__}: {e}")
-                self._safe_send(sender, pb_utils.InferenceResponse(error=triton_error(pb_utils, e)))
+                (state or _Request(request, request.get_response_sender(), 1)).fail(e)
         return None
-
-    @staticmethod
-    def _safe_send(sender, response):
-        try:
-            if response is None:
-                sender.send(flags=FINAL)
-            else:
-                sender.send(response, flags=FINAL)
-        except Exception:  # noqa: BLE001 - the client is gone; nothing left to tell it
-            pass
-
-    def _check_cancelled(self, request):
-        is_cancelled = getattr(request, "is_cancelled", None)
-        if is_cancelled is not None and is_cancelled():
-            raise Cancelled()
-
-    def _serve(self, request, sender):
-        t_start = time.perf_counter()
-        # 1. parse and validate
-        arrays = {t.name(): t.as_numpy() for t in request.inputs()}
-        req = parse_request(arrays, self.settings)
-        t_parsed = time.perf_counter()
-        # 2. identity context, once per request
-        ctx, id_cache, id_ms = self._identity(req.reference)
-        for i in range(req.num_items):
-            self._check_cancelled(request)
-            self._serve_item(request, sender, req, i, ctx, {"parse_ms": (t_parsed - t_start) * 1e3,
-                                                            "identity_ms": id_ms, "identity_cache": id_cache})
 
     def _bls(self, model, inputs, outputs):
         response = pb_utils.InferenceRequest(model_name=model, inputs=inputs,
@@ -132,67 +198,119 @@ class TritonPythonModel:
         notes = [n.decode() for n in out["NOTES"].reshape(-1) if n]
         return torch.from_numpy(out["HINT"].copy())[None], bool(out["CACHE_HIT"].reshape(-1)[0]), notes
 
-    def _serve_item(self, request, sender, req, i, ctx, timings):
+    def _prepare(self, request):
+        """Steps 1-3 for every item: (request state, jobs). Raises RequestError for a bad request."""
         from runtime.pipeline import GenerationRequest
 
-        # 3. head hint
-        t0 = time.perf_counter()
-        hint, hint_hit, notes = self._hint(req, i)
-        timings = {**timings, "head_condition_ms": (time.perf_counter() - t0) * 1e3,
-                   "head_condition_cache": "hit" if hint_hit else "miss"}
-        gen = GenerationRequest(prompt=req.prompts[0] if len(req.prompts) == 1 else req.prompts[i],
-                                negative_prompt=req.negative_prompt, added_prompt=req.added_prompt, hint=hint,
-                                identity_context=ctx[None], seed=req.seed + i, steps=req.steps,
-                                guidance=req.guidance, eta=req.eta, strength=req.strength, tau=req.tau)
-        try:
-            gen.validate(self.pipe.config.unet.in_channels)
-        except ValueError as e:
-            raise RequestError(str(e)) from None
-        warnings = []
-        if self.pipe.text_encoder.tokenize([gen.full_prompt()]).truncated[0]:
-            warnings.append("prompt is longer than CLIP's 77 tokens and was truncated (as CLIP and the official code do)")
-        if len(req.negative_prompt) and self.pipe.text_encoder.tokenize([req.negative_prompt]).truncated[0]:
-            warnings.append("negative prompt is longer than 77 tokens and was truncated")
+        t_start = time.perf_counter()
+        arrays = {t.name(): t.as_numpy() for t in request.inputs()}
+        req = parse_request(arrays, self.settings)
+        state = _Request(request, request.get_response_sender(), req.num_items)
+        t_parsed = time.perf_counter()
+        ctx, id_cache, id_ms = self._identity(req.reference)
+        jobs = []
+        for i in range(req.num_items):
+            t0 = time.perf_counter()
+            hint, hint_hit, notes = self._hint(req, i)
+            gen = GenerationRequest(prompt=req.prompts[0] if len(req.prompts) == 1 else req.prompts[i],
+                                    negative_prompt=req.negative_prompt, added_prompt=req.added_prompt, hint=hint,
+                                    identity_context=ctx[None], seed=req.seed + i, steps=req.steps,
+                                    guidance=req.guidance, eta=req.eta, strength=req.strength, tau=req.tau)
+            try:
+                gen.validate(self.pipe.config.unet.in_channels)
+            except ValueError as e:
+                raise RequestError(str(e)) from None
+            warnings = []
+            if self.pipe.text_encoder.tokenize([gen.full_prompt()]).truncated[0]:
+                warnings.append("prompt is longer than CLIP's 77 tokens and was truncated (as CLIP and the official code do)")
+            if len(req.negative_prompt) and self.pipe.text_encoder.tokenize([req.negative_prompt]).truncated[0]:
+                warnings.append("negative prompt is longer than 77 tokens and was truncated")
+            params = {**item_parameters(self.pipe, gen), "index": i, "seed": req.seed + i, "warnings": warnings,
+                      "condition_notes": notes, "random_weights": self.random_weights,
+                      "pose_image": req.item(req.pose_images, i) is not None,
+                      "head_pose": req.item(req.head_poses, i), "modes": req.modes, "light": req.light or None,
+                      "resolution": req.resolution}
+            if self.random_weights:
+                params["notice"] = RANDOM_WEIGHTS_NOTICE
+            timings = {"parse_ms": (t_parsed - t_start) * 1e3, "identity_ms": id_ms, "identity_cache": id_cache,
+                       "head_condition_ms": (time.perf_counter() - t0) * 1e3,
+                       "head_condition_cache": "hit" if hint_hit else "miss", "_t0": t0}
+            jobs.append(Job(gen, state, i, req.progress, req.preview_size, params, timings))
+        return state, jobs
 
-        # 4. DDIM loop; a progress response per step
-        marks = {"last_step": None, "total": req.steps}
+    # ------------------------------------------------------------------------ the scheduler thread
+    def _run_batch(self, jobs):
+        """Steps 4-5 for a batch of compatible jobs (called by the scheduler thread)."""
+        live = []
+        for job in jobs:
+            if job.owner.cancelled():
+                job.owner.cancel()
+            else:
+                live.append(job)
+        if not live:
+            return
+        t1 = time.perf_counter()
+        marks = {"last_step": None}
 
         def on_step(k, total, x):
             marks["last_step"], marks["total"] = time.perf_counter(), total
-            self._check_cancelled(request)
-            if not req.progress:
-                return
-            outs = [_tensor("KIND", [b"progress"], np.object_), _tensor("INDEX", [i], np.int32),
-                    _tensor("STEP", [k + 1], np.int32), _tensor("TOTAL_STEPS", [total], np.int32),
-                    _tensor("METADATA", [b"{}"], np.object_)]
-            if req.preview_size:
-                outs.append(pb_utils.Tensor("IMAGE", _preview(x, req.preview_size)))
-            try:
-                sender.send(pb_utils.InferenceResponse(output_tensors=outs))
-            except Exception as e:  # noqa: BLE001 - the stream is gone
-                raise Cancelled() from e
+            alive = False
+            for j, job in enumerate(live):
+                if job.owner.cancelled():
+                    job.owner.cancel()
+                    continue
+                alive = True
+                if not job.progress:
+                    continue
+                outs = [_tensor("KIND", [b"progress"], np.object_), _tensor("INDEX", [job.index], np.int32),
+                        _tensor("STEP", [k + 1], np.int32), _tensor("TOTAL_STEPS", [total], np.int32),
+                        _tensor("METADATA", [b"{}"], np.object_)]
+                if job.preview_size:
+                    outs.append(pb_utils.Tensor("IMAGE", _preview(x[j:j + 1], job.preview_size)))
+                job.owner.send(pb_utils.InferenceResponse(output_tensors=outs))
+            if not alive:
+                raise Cancelled()
 
-        t1 = time.perf_counter()
-        result = self.pipe.generate(gen, callback=on_step)
-        t2 = time.perf_counter()
-        # 5. the image response
-        timings.update(sampling_ms=((marks["last_step"] or t2) - t1) * 1e3,
-                       vae_decode_ms=(t2 - (marks["last_step"] or t2)) * 1e3,
-                       item_ms=(t2 - t0) * 1e3)
-        timings = {k: round(v, 2) if isinstance(v, float) else v for k, v in timings.items()}
-        meta = {**result.parameters, "index": i, "seed": result.seeds[0], "timings": timings, "warnings": warnings,
-                "condition_notes": notes, "random_weights": self.random_weights,
-                "pose_image": req.item(req.pose_images, i) is not None,
-                "head_pose": req.item(req.head_poses, i), "modes": req.modes, "light": req.light or None,
-                "resolution": req.resolution}
-        if self.random_weights:
-            meta["notice"] = RANDOM_WEIGHTS_NOTICE
-        total = marks["total"]
-        sender.send(pb_utils.InferenceResponse(output_tensors=[
-            _tensor("KIND", [b"image"], np.object_), _tensor("INDEX", [i], np.int32),
-            _tensor("STEP", [total], np.int32), _tensor("TOTAL_STEPS", [total], np.int32),
-            pb_utils.Tensor("IMAGE", np.ascontiguousarray(result.images[0])),
-            _tensor("METADATA", [json.dumps(meta, default=str).encode()], np.object_)]))
+        try:
+            latents = self.generator.sample(live, callback=on_step)
+            t2 = marks["last_step"] or time.perf_counter()
+            images = []
+            for j, job in enumerate(live):  # decode all first, then answer all: the clients come back together
+                images.append(self.generator.decode(latents[j:j + 1]) if not job.owner.cancelled() else None)
+        except Cancelled:
+            for job in live:
+                job.owner.cancel()
+            return
+        t3 = time.perf_counter()
+        total = marks.get("total", live[0].gen.steps)
+        for job, image in zip(live, images):
+            if image is None or job.owner.cancelled():
+                job.owner.cancel()
+                continue
+            timings = dict(job.timings)
+            t0 = timings.pop("_t0")
+            timings.update(queue_ms=(t1 - job.enqueued) * 1e3, sampling_ms=(t2 - t1) * 1e3,
+                           vae_decode_ms=(t3 - t2) * 1e3, item_ms=(time.perf_counter() - t0) * 1e3,
+                           batch_size=len(live), batch_padded_to=bucket_size(len(live), self.generator.buckets))
+            timings = {k: round(v, 2) if isinstance(v, float) else v for k, v in timings.items()}
+            meta = {**job.parameters, "timings": timings}
+            ok = job.owner.send(pb_utils.InferenceResponse(output_tensors=[
+                _tensor("KIND", [b"image"], np.object_), _tensor("INDEX", [job.index], np.int32),
+                _tensor("STEP", [total], np.int32), _tensor("TOTAL_STEPS", [total], np.int32),
+                pb_utils.Tensor("IMAGE", np.ascontiguousarray(image)),
+                _tensor("METADATA", [json.dumps(meta, default=str).encode()], np.object_)]))
+            if ok:
+                job.owner.item_done()
+            else:
+                job.owner.cancel()
+
+    def _batch_error(self, jobs, exc):
+        for job in jobs:
+            job.owner.fail(exc)
 
     def finalize(self):
-        self.pipe = None
+        scheduler = getattr(self, "scheduler", None)
+        if scheduler is not None:
+            for job in scheduler.stop():
+                job.owner.fail(RuntimeError("the model is unloading"))
+        self.engine = self.pipe = None

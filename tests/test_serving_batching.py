@@ -1,0 +1,146 @@
+"""Batching across requests (tritonserver/generation.py), in-process on the CPU: the scheduler's grouping,
+order, latency and robustness with a fake batch runner; the batch generator's numerics on the tiny model."""
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from tritonserver.generation import BatchGenerator, Job, Scheduler, bucket_size, item_parameters, parse_buckets
+
+
+class _Gen:
+    """The few GenerationRequest fields a Job's key reads."""
+
+    def __init__(self, steps=2, res=256, guidance=7.0, eta=0.0, strength=1.0, tau=0.0):
+        self.steps, self.guidance, self.eta, self.strength, self.tau = steps, guidance, eta, strength, tau
+        self.hint = torch.zeros(1, 9, res, res)
+
+
+class _Recorder:
+    def __init__(self, delay=0.0, fail_on=None):
+        self.batches: list[list] = []
+        self.delay, self.fail_on = delay, fail_on
+        self.done = threading.Event()
+        self.started = threading.Event()
+
+    def __call__(self, jobs):
+        self.started.set()
+        if self.fail_on is not None and any(j.owner == self.fail_on for j in jobs):
+            raise RuntimeError("boom")
+        time.sleep(self.delay)
+        self.batches.append([j.owner for j in jobs])
+
+
+def _wait(pred, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not pred() and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert pred()
+
+
+def test_buckets():
+    assert parse_buckets("8, 1,2,4") == (1, 2, 4, 8)
+    for bad in ("", "0,1", "2,4", "a"):
+        with pytest.raises(ValueError):
+            parse_buckets(bad)
+    assert [bucket_size(n, (1, 2, 4, 8)) for n in (1, 2, 3, 5, 8, 9)] == [1, 2, 4, 8, 8, 9]
+
+
+def test_scheduler_batches_compatible_jobs_in_order_and_keeps_others_waiting():
+    rec = _Recorder(delay=0.2)
+    sched = Scheduler(rec, max_batch=3)
+    sched.submit([Job(_Gen(), owner="first")])
+    rec.started.wait(5)  # the first batch runs alone while the rest queue up
+    sched.submit([Job(_Gen(), owner="a1"), Job(_Gen(steps=4), owner="b1"), Job(_Gen(), owner="a2"),
+                  Job(_Gen(res=320), owner="c1"), Job(_Gen(), owner="a3"), Job(_Gen(), owner="a4"),
+                  Job(_Gen(steps=4), owner="b2")])
+    _wait(lambda: sum(len(b) for b in rec.batches) == 8)
+    assert sched.stop() == []
+    assert rec.batches == [["first"], ["a1", "a2", "a3"], ["b1", "b2"], ["c1"], ["a4"]]
+    assert sched.batch_sizes == {1: 3, 3: 1, 2: 1}
+
+
+def test_lone_job_is_not_delayed_but_a_batch_waits_for_its_clients():
+    rec = _Recorder()
+    sched = Scheduler(rec, max_batch=8, gather_s=0.5)
+    t0 = time.perf_counter()
+    sched.submit([Job(_Gen(), owner=0)])
+    _wait(lambda: len(rec.batches) == 1)
+    assert time.perf_counter() - t0 < 0.25, "a lone request waited for company"
+    # two clients were active: the next batch waits (up to gather_s) for the second one's next request
+    rec.delay = 0.2
+    sched.submit([Job(_Gen(), owner=1), Job(_Gen(), owner=2)])  # runs as [1] (delay), then [2]... or [1, 2]
+    _wait(lambda: sum(len(b) for b in rec.batches) == 3)
+    rec.delay = 0.0
+    sizes_before = len(rec.batches)
+    last = len(rec.batches[-1])
+    sched.submit([Job(_Gen(), owner=3)])
+    time.sleep(0.1)
+    sched.submit([Job(_Gen(), owner=4)])
+    _wait(lambda: sum(len(b) for b in rec.batches) == 5)
+    sched.stop()
+    if last == 2:
+        assert rec.batches[sizes_before] == [3, 4], rec.batches
+
+
+def test_scheduler_survives_a_failing_batch_and_returns_unrun_jobs_on_stop():
+    errors = []
+    rec = _Recorder(fail_on="bad")
+    sched = Scheduler(rec, max_batch=1, on_error=lambda jobs, e: errors.append((jobs[0].owner, str(e))))
+    sched.submit([Job(_Gen(), owner="bad"), Job(_Gen(), owner="good")])
+    _wait(lambda: rec.batches == [["good"]])
+    assert errors == [("bad", "boom")]
+    rec.delay = 0.5
+    sched.submit([Job(_Gen(), owner="slow"), Job(_Gen(), owner="never")])
+    time.sleep(0.1)
+    left = sched.stop()
+    assert [j.owner for j in left] == ["never"]
+    with pytest.raises(RuntimeError):
+        sched.submit([Job(_Gen(), owner="late")])
+
+
+# ------------------------------------------------------------------------ numerics (tiny model, CPU)
+@pytest.fixture(scope="module")
+def pipe():
+    from runtime.pipeline import tiny_random_pipeline
+    return tiny_random_pipeline(seed=0)
+
+
+def _request(pipe, prompt, seed, scale=1.0, **kw):
+    from runtime.pipeline import GenerationRequest, sphere_hint
+    g = torch.Generator().manual_seed(seed)
+    ctx = torch.randn(1, 258, pipe.config.context_dim, generator=g)
+    return GenerationRequest(prompt=prompt, hint=sphere_hint(256) * scale, identity_context=ctx, seed=seed,
+                             **{"steps": 2, **kw})
+
+
+def test_one_job_equals_pipeline_generate_exactly(pipe):
+    gen = _request(pipe, "a photo of a person", 7, negative_prompt="blurry")
+    ref = pipe.generate(gen)
+    bg = BatchGenerator(pipe)
+    steps = []
+    lat = bg.sample([Job(gen)], callback=lambda i, total, x: steps.append((i, total)))
+    assert steps == [(0, 2), (1, 2)]
+    assert torch.equal(lat, ref.latents)
+    assert np.array_equal(bg.decode(lat), ref.images[0])
+    assert item_parameters(pipe, gen) == ref.parameters
+
+
+def test_batch_of_different_requests_matches_each_alone(pipe):
+    gens = [_request(pipe, p, s, scale) for p, s, scale in (("a person", 1, 1.0), ("at the beach", 2, 0.7),
+                                                             ("in the snow", 3, 1.2))]
+    bg = BatchGenerator(pipe, buckets=(1, 2, 4))
+    seen = []
+    lat = bg.sample([Job(g) for g in gens], callback=lambda i, total, x: seen.append(x.shape[0]))
+    assert lat.shape[0] == 3 and seen == [4, 4], "3 jobs run padded to the bucket of 4"
+    for k, g in enumerate(gens):
+        alone = pipe.generate(g).latents[0]
+        err = ((lat[k] - alone).abs().max() / alone.abs().max()).item()
+        assert err < 1e-4, (k, err)
+    assert not torch.allclose(lat[0], lat[1])
+    with pytest.raises(ValueError):
+        bg.sample([Job(gens[0]), Job(_request(pipe, "x", 4, guidance=5.0))])

@@ -1,0 +1,285 @@
+"""Batching across requests for the `caphuman` orchestrator, without Triton (tested in-process).
+
+    gen = BatchGenerator(pipe, buckets=(1, 2, 4, 8))       # pipe: CapHumanPipeline (+ torch engine on CUDA)
+    sched = Scheduler(run_batch, max_batch=8, gather_s=0.06)
+    sched.submit([Job(request, owner, index), ...])        # from Triton's execute()
+    # the scheduler thread calls run_batch(jobs) with up to 8 compatible jobs, oldest first
+
+A job is one item (one image) of one request. Jobs are compatible when every value that a denoising
+batch shares is equal: steps, resolution, guidance, eta, strength, tau (`Job.key`). Text, hint, identity
+context and seed are per sample. The scheduler takes the oldest pending job and every compatible pending
+job after it (first in, first out, up to `max_batch`); a lone job runs at once. Only when the previous
+batch was larger than what is pending (several clients are active) does it wait up to `gather_s` for
+them, so a single stream is never delayed.
+
+`BatchGenerator.sample` runs a batch as one DDIM loop: through the torch engine (one CUDA graph per step,
+captured once per batch size) padded up to the next bucket size so that only a few batch sizes are
+ever captured, or through the eager sampler (CPU). For one job it computes exactly what
+`CapHumanPipeline.generate` computes for the same request. On the GPU, the images of a request depend on
+the bucket it ran in at fp16 rounding level (other batch sizes pick other kernels), not on its neighbours.
+
+`engine_pipeline` makes the pipeline the orchestrator and the serving benchmark run on CUDA: fp16
+networks and `engines.torch_engine.TorchDenoiserEngine` as its sampler.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import threading
+import time
+from collections import Counter, deque
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .services import LRU
+
+DEFAULT_BUCKETS = (1, 2, 4, 8)
+
+
+class Cancelled(Exception):
+    """Every job of a batch was cancelled (or its client went away): the batch stops at the next step."""
+
+
+# -------------------------------------------------------------------------------------------- jobs
+@dataclass
+class Job:
+    """One item of one request: its `runtime.pipeline.GenerationRequest` (num_samples 1, hint and
+    identity context on the CPU, already validated), the caller's per-request object and the item index."""
+    gen: object
+    owner: object = None
+    index: int = 0
+    progress: bool = False
+    preview_size: int = 0
+    parameters: dict = field(default_factory=dict)
+    timings: dict = field(default_factory=dict)
+    enqueued: float = field(default_factory=time.perf_counter)
+
+    @property
+    def key(self) -> tuple:
+        g = self.gen
+        return (int(g.steps), tuple(int(v) for v in g.hint.shape[-2:]), float(g.guidance), float(g.eta),
+                float(g.strength), float(g.tau))
+
+
+def bucket_size(n: int, buckets: tuple[int, ...]) -> int:
+    """The smallest bucket >= n (n itself beyond the largest)."""
+    return next((b for b in sorted(buckets) if b >= n), n)
+
+
+def parse_buckets(text: str) -> tuple[int, ...]:
+    """'1,2,4,8' -> (1, 2, 4, 8); ValueError on anything else."""
+    try:
+        values = sorted({int(v) for v in text.split(",") if v.strip()})
+    except ValueError:
+        raise ValueError(f"batch sizes must be comma-separated integers, got {text!r}") from None
+    if not values or values[0] < 1 or values[0] != 1:
+        raise ValueError(f"batch sizes must be positive and include 1, got {text!r}")
+    return tuple(values)
+
+
+def _tensor_hash(t: torch.Tensor) -> str:
+    return hashlib.sha256(t.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
+
+
+def item_parameters(pipe, gen) -> dict:
+    """The `parameters` that `CapHumanPipeline.generate` reports for this request (same keys and values)."""
+    from runtime.pipeline import GenerationRequest
+    skip = ("hint", "identity_context", "noise")
+    params = {f.name: getattr(gen, f.name) for f in fields(GenerationRequest) if f.name not in skip}
+    h, w = gen.hint.shape[-2:]
+    params.update(seeds=gen.sample_seeds(), cfg="batched", backend=pipe.backend, width=int(w), height=int(h),
+                  sampler="ddim", dtype=str(pipe.dtype).removeprefix("torch."), config=Path(pipe.config.path).name,
+                  hint_sha256=_tensor_hash(gen.hint), identity_sha256=_tensor_hash(gen.identity_context),
+                  noise="cpu-generator-per-seed", models=pipe.model_hashes, random_weights=pipe.random_weights,
+                  controlnets=[{"scale": c.scale, "hint_sha256": _tensor_hash(c.hint)}
+                               for c in pipe.denoiser.extra_controls])
+    return params
+
+
+# ------------------------------------------------------------------------------------- the engine
+def engine_pipeline(pipe, device: str, compile: bool = False):
+    """On CUDA: the pipeline's networks in fp16 and `TorchDenoiserEngine` (one CUDA graph per step,
+    Triton attention) as its sampler. Returns the engine (None on the CPU: the eager sampler stays)."""
+    if not str(device).startswith("cuda"):
+        return None
+    from engines.torch_engine import TorchDenoiserEngine
+    dtype = torch.float16
+    pipe.text_encoder.to(device, dtype)
+    pipe.vae.to(device, dtype)
+    if pipe.image_encoder is not None:
+        pipe.image_encoder.to(device, dtype)
+    engine = TorchDenoiserEngine(pipe.denoiser, device=device, dtype=dtype, compile=compile)
+    pipe.sampler = engine.sample
+    pipe.backend = "torch" + ("-compiled" if compile else "")
+    return engine
+
+
+class BatchGenerator:
+    """Runs compatible jobs as one batch: text (cached by prompt), noise per seed, one DDIM loop, VAE."""
+
+    def __init__(self, pipe, buckets: tuple[int, ...] = (1,), text_cache_entries: int = 64):
+        self.pipe = pipe
+        self.buckets = tuple(sorted(buckets))
+        self.cuda = pipe.device.type == "cuda"
+        self._text = LRU(text_cache_entries)
+
+    def text(self, prompt: str) -> torch.Tensor:
+        """[1, 77, C] text embedding of one prompt, encoded alone (as `generate` does) and cached."""
+        emb = self._text.get(prompt)
+        if emb is None:
+            emb = self.pipe.encode_prompts([prompt])
+            self._text.put(prompt, emb)
+        return emb
+
+    def synchronize(self) -> None:
+        if self.cuda:
+            torch.cuda.current_stream(self.pipe.device).synchronize()
+
+    @torch.no_grad()
+    def sample(self, jobs: list[Job], callback: Callable[[int, int, torch.Tensor], None] | None = None
+               ) -> torch.Tensor:
+        """Final latents [len(jobs), 4, h, w] of compatible jobs. The batch is padded (repeating the last
+        job) to the next bucket size. `callback(i, total, x)` after every step, x the padded batch; on
+        CUDA the step has finished when it is called."""
+        from runtime.pipeline import initial_noise
+        from runtime.sampling import ddim_sample
+
+        if not jobs or any(j.key != jobs[0].key for j in jobs):
+            raise ValueError("a batch needs one or more jobs of the same key")
+        pipe, g0 = self.pipe, jobs[0].gen
+        padded = jobs + [jobs[-1]] * (bucket_size(len(jobs), self.buckets) - len(jobs))
+        seeds = [j.gen.sample_seeds()[0] for j in padded]
+        h, w = g0.hint.shape[-2:]
+        noise = initial_noise(seeds, (pipe.config.unet.in_channels, h // 8, w // 8))
+        cond = torch.cat([self.text(j.gen.full_prompt()) for j in padded])
+        uncond = torch.cat([self.text(j.gen.negative_prompt) for j in padded])
+        hint = torch.cat([j.gen.hint for j in padded]).to(pipe.device, pipe.dtype)
+        ctx = torch.cat([j.gen.identity_context for j in padded]).to(pipe.device, pipe.dtype)
+
+        def on_step(i, total, x):
+            if callback is not None:
+                self.synchronize()
+                callback(i, total, x)
+
+        sample = pipe.sampler or functools.partial(ddim_sample, pipe.denoiser)
+        latents = sample(noise.to(pipe.device), cond, uncond, hint, ctx, steps=g0.steps, guidance=g0.guidance,
+                         eta=g0.eta, strength=g0.strength, tau=g0.tau, cfg="batched", callback=on_step,
+                         generators=[torch.Generator("cpu").manual_seed(s + 1) for s in seeds]
+                         if g0.eta > 0 else None)
+        return latents[:len(jobs)]
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> np.ndarray:
+        """uint8 [H, W, 3] of one sample's latents [1, 4, h, w] (the official conversion)."""
+        from runtime.pipeline import latents_to_uint8
+        return latents_to_uint8(self.pipe.vae.decode(latents.to(self.pipe.dtype)))[0]
+
+    def warm_up(self, resolutions: tuple[int, ...], max_batch: int, steps: int = 2) -> dict:
+        """Run every bucket <= max_batch once at each resolution (captures their CUDA graphs). {key: s}."""
+        from runtime.pipeline import GenerationRequest, sphere_hint
+        ctx = torch.zeros(1, 258, self.pipe.config.context_dim)
+        times = {}
+        for res in resolutions:
+            hint = sphere_hint(res)
+            for b in self.buckets:
+                if b > max_batch:
+                    continue
+                t0 = time.perf_counter()
+                jobs = [Job(GenerationRequest(prompt="warm-up", hint=hint, identity_context=ctx, seed=k, steps=steps))
+                        for k in range(b)]
+                self.decode(self.sample(jobs)[:1])
+                self.synchronize()
+                times[f"{res}x{res} batch {b}"] = round(time.perf_counter() - t0, 2)
+        return times
+
+
+# ----------------------------------------------------------------------------------- the scheduler
+class Scheduler:
+    """One thread that runs `run_batch(jobs)` on batches of compatible pending jobs, oldest first.
+
+    `run_batch` must handle its jobs' errors itself; an exception that escapes it is passed to
+    `on_error(jobs, exc)` and the thread goes on."""
+
+    def __init__(self, run_batch: Callable[[list[Job]], None], max_batch: int = 1, gather_s: float = 0.0,
+                 on_error: Callable[[list[Job], BaseException], None] | None = None, name: str = "caphuman-batches"):
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        self.run_batch, self.max_batch, self.gather_s, self.on_error = run_batch, max_batch, gather_s, on_error
+        self._pending: deque[Job] = deque()
+        self._cv = threading.Condition()
+        self._stopping = False
+        self._last = 1
+        self.batch_sizes: Counter = Counter()   # how many batches of each size ran
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, jobs: list[Job]) -> None:
+        with self._cv:
+            if self._stopping:
+                raise RuntimeError("the scheduler is stopping")
+            now = time.perf_counter()
+            for j in jobs:
+                j.enqueued = now
+            self._pending.extend(jobs)
+            self._cv.notify_all()
+
+    def pending(self) -> int:
+        with self._cv:
+            return len(self._pending)
+
+    def _gather(self, batch: list[Job]) -> None:
+        """Move compatible pending jobs into the batch, in order, leaving the others in order."""
+        key, keep = batch[0].key, deque()
+        while self._pending:
+            job = self._pending.popleft()
+            (batch if len(batch) < self.max_batch and job.key == key else keep).append(job)
+        self._pending = keep
+
+    def _take(self) -> list[Job] | None:
+        with self._cv:
+            while not self._pending and not self._stopping:
+                self._cv.wait()
+            if not self._pending:
+                return None
+            batch = [self._pending.popleft()]
+            self._gather(batch)
+            # Several clients were active last time: give their next requests a moment to arrive.
+            want = min(self.max_batch, self._last)
+            deadline = time.monotonic() + self.gather_s
+            while len(batch) < want and not self._stopping:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._cv.wait(left)
+                self._gather(batch)
+            return batch
+
+    def _loop(self) -> None:
+        while True:
+            batch = self._take()
+            if batch is None:
+                return
+            self._last = len(batch)
+            self.batch_sizes[len(batch)] += 1
+            try:
+                self.run_batch(batch)
+            except BaseException as e:  # noqa: BLE001 - the thread must survive any batch
+                if self.on_error is not None:
+                    try:
+                        self.on_error(batch, e)
+                    except BaseException:  # noqa: BLE001
+                        pass
+
+    def stop(self, timeout: float = 60.0) -> list[Job]:
+        """Finish the running batch, stop the thread; returns the jobs that never ran."""
+        with self._cv:
+            self._stopping = True
+            left = list(self._pending)
+            self._pending.clear()
+            self._cv.notify_all()
+        self._thread.join(timeout)
+        return left
