@@ -498,6 +498,9 @@ def main() -> None:
     ap.add_argument("--albedo", type=Path, default=ROOT / ".devdata/flame/mean_texture.jpg")
     ap.add_argument("--skip-attention", action="store_true")
     ap.add_argument("--skip-raster", action="store_true")
+    ap.add_argument("--quick", action="store_true",
+                    help="skip the per-config crash screening and candidate timing: bench the kernel's own "
+                         "layout and autotune list (minutes faster; an illegal memory access ends the run)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--configs", help=argparse.SUPPRESS)
     ap.add_argument("--worker-out", type=Path, help=argparse.SUPPRESS)
@@ -513,7 +516,8 @@ def main() -> None:
     info = dict(gpu=torch.cuda.get_device_name(), capability=list(torch.cuda.get_device_capability()),
                 torch=torch.__version__, cuda=torch.version.cuda, triton=triton.__version__,
                 python=platform.python_version(), heads=HEADS, dtype="float16",
-                timing="graph: triton.testing.do_bench_cudagraph (GPU time); eager: do_bench (incl. launch)")
+                timing="graph: triton.testing.do_bench_cudagraph (GPU time); eager: do_bench (incl. launch)",
+                fast_exp=at.FAST_EXP)
     try:
         import cupy
 
@@ -535,6 +539,17 @@ def main() -> None:
     if not args.skip_attention:
         log("attention (fp16, 8 heads):")
         try:
+            if args.quick:
+                policy = dict(mode=at.DEFAULT_SPLIT_MODE, quick=True, autotune_configs=[
+                    [c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages] for c in at._ATTN_CONFIGS])
+                result["policy"] = policy
+                rows = bench_attention(policy)
+                kv = bench_kv_projection()
+                result.update(attention=rows, cross_kv_projection=kv, step=step_totals(rows, kv),
+                              attention_goals_met=all(r.get("meets_1p3x", True) for r in rows))
+                save()
+                print_table(result)
+                return
             workdir = args.out.parent / "attn_screen"
             verdict = screen_candidates(workdir)
             result["screening"] = verdict

@@ -41,11 +41,11 @@ VARIANTS = {
 # First match wins; names of cuDNN/cuBLAS/CUTLASS/Triton kernels on sm_90.
 CATEGORIES = [
     ("attention (ours, Triton)", re.compile(r"_attn_fwd")),
+    ("Triton fused (inductor)", re.compile(r"^triton_")),  # before "conv": names like triton_poi_fused_convolution_0
     ("attention (SDPA)", re.compile(r"flash|fmha|attention|sdpa", re.I)),
     ("convolution", re.compile(r"conv|fprop|dgrad|implicit|winograd|xmma_fprop", re.I)),
     ("GEMM", re.compile(r"gemm|nvjet|cutlass|matmul|sm90_xmma|ampere_|wgmma", re.I)),
     ("normalisation", re.compile(r"norm|welford", re.I)),
-    ("Triton fused (inductor)", re.compile(r"^triton_")),
     ("copies / casts", re.compile(r"copy|cast|cat|fill", re.I)),
 ]
 

@@ -42,6 +42,8 @@ _KERNEL_CASES = {
     "fp16_d80_split16": (1, 1, 33, 50, 80, "float16", "bnhd", None, "split16"),
     "fp16_d80_split32": (1, 1, 33, 50, 80, "float16", "bhnd", {"BLOCK_M": 16, "BLOCK_N": 16}, "split32"),
     "bf16_d160_split16": (1, 1, 20, 21, 160, "bfloat16", "bhnd", None, "split16"),
+    # head dim not contiguous (a [B, H, D, N] buffer viewed as [B, H, N, D]): the launcher copies it
+    "fp16_d40_strided_head_dim": (1, 2, 19, 23, 40, "float16", "dstrided", None),
 }
 _TOL = {"float16": 4e-3, "bfloat16": 3e-2}  # outputs are O(1): a few ulps of the output dtype
 
@@ -60,6 +62,11 @@ _KERNEL_SCRIPT = textwrap.dedent(
         if layout == "sliced":
             qkv = torch.randn(b, nq, 3 * h * d, generator=g).to(dt)
             q, k, v = (qkv[..., i * h * d:(i + 1) * h * d].view(b, nq, h, d).transpose(1, 2) for i in range(3))
+        elif layout == "dstrided":
+            q = torch.randn(b, h, d, nq, generator=g).to(dt).transpose(2, 3)
+            k = torch.randn(b, h, d, nk, generator=g).to(dt).transpose(2, 3)
+            v = torch.randn(b, h, d, nk, generator=g).to(dt).transpose(2, 3)
+            assert q.stride(-1) != 1
         else:
             q = torch.randn(b, h, nq, d, generator=g).to(dt)
             k = torch.randn(b, h, nk, d, generator=g).to(dt)
@@ -70,6 +77,12 @@ _KERNEL_SCRIPT = textwrap.dedent(
             o = o.transpose(1, 2)
         else:
             o = attention(q, k, v, scale, config=cfg, split_mode=mode)
+        if layout == "dstrided":
+            try:
+                attention(q, k, v, scale, out=torch.empty(b, h, d, nq, dtype=dt).transpose(2, 3))
+                raise AssertionError("an out with a strided head dim was accepted")
+            except ValueError as e:
+                assert "contiguous head dim" in str(e)
         ref = attention_reference(q, k, v, scale)
         res[name] = {"err": (o.double() - ref).abs().max().item(), "dtype": str(o.dtype),
                      "shape": list(o.shape), "ref_absmax": ref.abs().max().item()}
