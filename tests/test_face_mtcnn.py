@@ -82,3 +82,56 @@ def test_weight_file_errors(tmp_path):
         MTCNN(tmp_path)
     with pytest.raises(FileNotFoundError, match="P-Net"):
         MTCNN(tmp_path / "missing")
+
+
+def test_area_crops_equal_per_box_interpolation():
+    """The summed-area-table crops are F.interpolate(mode='area') of each box, bit for bit."""
+    import torch.nn.functional as F
+
+    from export.face.mtcnn import _area_crops, _integral
+    g = torch.Generator().manual_seed(0)
+    img = torch.randint(0, 256, (1, 3, 97, 131), generator=g).float()
+    sat = _integral(img)
+    boxes = [(0, 97, 0, 131), (5, 6, 7, 8), (10, 60, 3, 120), (40, 97, 100, 131), (1, 30, 2, 11)]
+    y0, y1, x0, x1 = (torch.tensor(v) for v in zip(*boxes))
+    for size in (24, 48):  # down- and up-sampling
+        got = _area_crops(sat, y0, y1, x0, x1, size)
+        want = torch.cat([F.interpolate(img[:, :, a:b, c:d], size=(size, size), mode="area") for a, b, c, d in boxes])
+        assert torch.equal(got, want)
+
+
+def test_frame_detection_reused_only_when_the_frame_is_the_photo(analyzer):
+    from runtime.condition.images import resize_like_deca
+    ph = analyzer.analyze(shared_path("faces", "reference_196251.png"))  # 512x512: the frame is the photo
+    assert np.array_equal(ph.frame, np.asarray(ph.image))
+    assert ph.frame_detection is ph.detection
+    again = analyzer.mtcnn.detect(ph.frame)[0]
+    np.testing.assert_array_equal(again.box, ph.detection.box)
+    np.testing.assert_array_equal(again.landmarks, ph.detection.landmarks)
+    small = analyzer.analyze(shared_path("faces", "image02673.png"))  # 224x224: the frame is resized
+    assert small.frame.shape == (512, 512, 3) and small.frame_detection is not small.detection
+    np.testing.assert_array_equal(small.frame, resize_like_deca(np.asarray(small.image)))
+    np.testing.assert_array_equal(small.frame_detection.box, analyzer.mtcnn.detect(small.frame)[0].box)
+
+
+@pytest.mark.gpu
+def test_mtcnn_on_the_gpu_matches_the_cpu(analyzer):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from runtime.condition.graphs import CudaGraphed
+    gpu = FaceAnalyzer(device="cuda")
+    assert isinstance(gpu.mtcnn.pyramid, CudaGraphed)
+    photos = face_photos()
+    if not photos:
+        pytest.skip("no shared photos")
+    for photo in photos:
+        cpu_ph = analyzer.analyze(photo)
+        for _ in range(3):  # eager, then captured, then replayed
+            ph = gpu.analyze(photo)
+            for a, b in ((ph.detection, cpu_ph.detection), (ph.frame_detection, cpu_ph.frame_detection)):
+                assert (a is None) == (b is None)
+                if a is not None:
+                    np.testing.assert_allclose(a.box, b.box, atol=1e-3)
+                    np.testing.assert_allclose(a.landmarks, b.landmarks, atol=1e-3)
+                    assert abs(a.prob - b.prob) < 1e-5
+    assert gpu.mtcnn.pyramid.failed is None and gpu.mtcnn.pyramid.captured_shapes

@@ -256,6 +256,46 @@ def _to_host(*tensors: torch.Tensor) -> list[torch.Tensor]:
     return out
 
 
+def pyramid_scales(h: int, w: int, min_face_size: int, factor: float) -> list[float]:
+    """The official scale pyramid: 12 / min_face_size, times `factor` while the short side stays >= 12."""
+    m = 12.0 / min_face_size
+    minl = min(h, w) * m
+    scales, s = [], m
+    while minl >= 12:
+        scales.append(s)
+        s *= factor
+        minl *= factor
+    return scales
+
+
+class PNetPyramid(nn.Module):
+    """Stage 1's dense part: area-resampled pyramid + P-Net on every scale of a [1, 3, H, W] image.
+
+    Returns the face probabilities [N] and box regressions [4, N] of all scales' cells, flattened
+    and concatenated (scale by scale, row-major); a fixed function of the image shape, so it can be
+    replayed from a CUDA graph."""
+
+    def __init__(self, pnet: PNet, min_face_size: int, factor: float):
+        super().__init__()
+        self.pnet, self.min_face_size, self.factor = pnet, min_face_size, factor
+
+    def forward(self, img: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h, w = img.shape[2:]
+        probs, regs = [], []
+        for scale in pyramid_scales(h, w, self.min_face_size, self.factor):
+            data = F.interpolate(img, size=(int(h * scale + 1), int(w * scale + 1)), mode="area")
+            reg, prob = self.pnet((data - 127.5) * 0.0078125)
+            probs.append(prob[0, 1].reshape(-1))
+            regs.append(reg[0].reshape(4, -1))
+        return torch.cat(probs), torch.cat(regs, 1)
+
+    @staticmethod
+    def map_shape(h: int, w: int, scale: float) -> tuple[int, int]:
+        """P-Net's output grid for one scale: conv3 (valid) -> pool 2 (ceil) -> conv3 -> conv3."""
+        sh, sw = int(h * scale + 1), int(w * scale + 1)
+        return (sh - 2 + 1) // 2 - 4, (sw - 2 + 1) // 2 - 4
+
+
 class MTCNN(nn.Module):
     """The facenet-pytorch MTCNN cascade. `detect(rgb_uint8_hwc)` -> detections, largest first."""
 
@@ -267,6 +307,8 @@ class MTCNN(nn.Module):
         self.rnet = _load_state(RNet(), weights_dir / "rnet.pt", "R-Net")
         self.onet = _load_state(ONet(), weights_dir / "onet.pt", "O-Net")
         self.min_face_size, self.thresholds, self.factor = min_face_size, thresholds, factor
+        # Stage 1's networks as one callable (a runtime may replay it from a CUDA graph per image size).
+        self.pyramid: nn.Module = PNetPyramid(self.pnet, min_face_size, factor)
 
     @property
     def device(self) -> torch.device:
@@ -295,30 +337,18 @@ class MTCNN(nn.Module):
         h, w = img.shape[2:]
         th = self.thresholds
 
-        # Scale pyramid.
-        m = 12.0 / self.min_face_size
-        minl = min(h, w) * m
-        scales, s = [], m
-        while minl >= 12:
-            scales.append(s)
-            s *= self.factor
-            minl *= self.factor
+        scales = pyramid_scales(h, w, self.min_face_size, self.factor)
         if not scales:
             return []
 
         # Stage 1: P-Net on every scale (all on the device), the candidates of all scales in one copy.
-        probs, regs, shapes = [], [], []
-        for scale in scales:
-            data = F.interpolate(img, size=(int(h * scale + 1), int(w * scale + 1)), mode="area")
-            reg, prob = self.pnet((data - 127.5) * 0.0078125)
-            shapes.append(prob.shape[2:])
-            probs.append(prob[0, 1].reshape(-1))
-            regs.append(reg[0].reshape(4, -1))
-        prob_all, reg_all = torch.cat(probs), torch.cat(regs, 1)
+        prob_all, reg_all = self.pyramid(img)
+        shapes = [PNetPyramid.map_shape(h, w, scale) for scale in scales]
         flat = (prob_all >= th[0]).nonzero().squeeze(1)
         flat, score, reg = _to_host(flat, prob_all[flat], reg_all[:, flat])
         sizes = np.array([sh[0] * sh[1] for sh in shapes])
         offsets = np.concatenate([[0], np.cumsum(sizes)])
+        assert offsets[-1] == prob_all.numel(), "P-Net grid sizes disagree with the pyramid's output"
         which = np.searchsorted(offsets, flat.numpy(), side="right") - 1
         cand = []
         for k in np.unique(which):  # per scale, in the official order: proposals, NMS 0.5 within the scale

@@ -28,6 +28,7 @@ from PIL import Image
 
 from export.face.mtcnn import MTCNN, Detection
 
+from .graphs import CudaGraphed
 from .images import PhotoError, load_photo, resize_like_deca
 from .projection import CROP_SIZE, similarity_crop, tform_rows_from_T
 
@@ -71,6 +72,10 @@ class FaceAnalyzer:
         self.mtcnn = mtcnn or MTCNN()
         if device is not None:
             self.mtcnn.to(device)  # the official code runs MTCNN on CUDA too
+        if self.mtcnn.device.type == "cuda" and not isinstance(self.mtcnn.pyramid, CudaGraphed):
+            # The P-Net pyramid is ~160 small kernels: replay it per image size once a size repeats
+            # (DECA's 512 frame always does).
+            self.mtcnn.pyramid = CudaGraphed(self.mtcnn.pyramid, capture_after=2)
 
     def analyze(self, path: str | Path) -> Photo:
         path = Path(path)

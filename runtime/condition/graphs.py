@@ -33,15 +33,20 @@ class _Captured:
 class CudaGraphed(nn.Module):
     """`module(*tensors)` replayed from one CUDA graph per (shapes, dtypes, device) of its inputs.
 
-    `max_graphs` bounds the captured shapes (least recently used are dropped); `warmup` eager
+    `max_graphs` bounds the captured shapes (least recently used are dropped); a shape is captured
+    on its `capture_after`-th call (2: shapes seen once, such as arbitrary photo sizes, stay eager
+    and cost no capture); `warmup` eager
     runs precede each capture (lazy initialisation; with `autotune`, cuDNN benchmarks its
     convolution algorithms for these shapes there, and the graph keeps the fastest)."""
 
-    def __init__(self, module: nn.Module, max_graphs: int = 4, warmup: int = 2, autotune: bool = True):
+    def __init__(self, module: nn.Module, max_graphs: int = 4, warmup: int = 2, autotune: bool = True,
+                 capture_after: int = 1):
         super().__init__()
         self.module = module
         self.max_graphs, self.warmup, self.autotune = max_graphs, warmup, autotune
+        self.capture_after = max(1, capture_after)
         self._graphs: OrderedDict[tuple, _Captured] = OrderedDict()
+        self._seen: OrderedDict[tuple, int] = OrderedDict()
         self._lock = threading.Lock()
         self.failed: str | None = None
 
@@ -54,6 +59,11 @@ class CudaGraphed(nn.Module):
         with self._lock:
             entry = self._graphs.get(key)
             if entry is None:
+                self._seen[key] = self._seen.pop(key, 0) + 1
+                while len(self._seen) > 64:
+                    self._seen.popitem(last=False)
+                if self._seen[key] < self.capture_after:
+                    return self.module(*args)
                 entry = self._capture(args)
                 if entry is None:
                     return self.module(*args)
@@ -89,7 +99,10 @@ class CudaGraphed(nn.Module):
             self.failed = f"{type(e).__name__}: {e}"
             log.warning("CUDA graph capture of %s failed, running it eagerly: %s", type(self.module).__name__,
                         self.failed)
-            torch.cuda.synchronize()
+            try:
+                torch.cuda.synchronize()
+            except RuntimeError:
+                pass
             return None
         finally:
             torch.backends.cudnn.benchmark = benchmark
