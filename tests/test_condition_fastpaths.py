@@ -27,7 +27,7 @@ def test_separable_deca_crop_equals_map_coordinates():
         src_y = Tinv[1, 1] * rows + Tinv[1, 2]
         want = np.clip(np.stack([ndimage.map_coordinates(img[..., c], [src_y, src_x], order=1, mode="grid-constant")
                                  for c in range(3)]), 0, 1)
-        got = _warp_bilinear(frame, Tinv, CROP_SIZE)
+        got = _warp_bilinear(frame, Tinv, CROP_SIZE).numpy()
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-12)
     with pytest.raises(ValueError, match="axis-aligned"):
         _warp_bilinear(frame, np.array([[1.0, 0.1, 0], [0, 1, 0], [0, 0, 1]]), CROP_SIZE)
@@ -161,3 +161,14 @@ def test_identity_context_from_graphs_matches_eager_on_the_gpu(tiny_config):
             got = identity_context(*graphed, photo)
             torch.testing.assert_close(got, want, rtol=2e-3, atol=2e-3)
     assert all(g.failed is None and g.captured_shapes for g in graphed[1:])
+
+
+@pytest.mark.gpu
+def test_deca_crop_on_the_gpu_equals_the_cpu():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    frame = np.random.default_rng(2).integers(0, 256, (512, 512, 3), dtype=np.uint8)
+    for center, size in [((256, 256), 300), ((-40, 600), 700)]:
+        Tinv = np.linalg.inv(similarity_crop(center, size))
+        torch.testing.assert_close(_warp_bilinear(frame, Tinv, CROP_SIZE, "cuda").cpu(),
+                                   _warp_bilinear(frame, Tinv, CROP_SIZE), rtol=0, atol=1e-12)

@@ -41,10 +41,10 @@ class ConditionBuilder:
         """DECA codes of photos (neutral codes without DECA weights)."""
         if self.deca is None:
             return [HeadCode.neutral(light_sh(DEFAULT_LIGHT)) for _ in photos]
-        crops = [self.analyzer.deca_crop(ph) for ph in photos]
+        p = next(self.deca.parameters())
+        crops = [self.analyzer.deca_crop(ph, device=p.device) for ph in photos]
         with torch.no_grad():
-            p = next(self.deca.parameters())
-            x = torch.stack([c.image for c in crops]).to(p.device, p.dtype)
+            x = torch.stack([c.image for c in crops]).to(p.dtype)
             raw = self.deca(x).float().cpu()
         return [HeadCode.from_deca(decompose_code(raw[i:i + 1]), c.tform_rows) for i, c in enumerate(crops)]
 

@@ -45,7 +45,7 @@ class NoFaceError(ValueError):
 
 @dataclass
 class DecaCrop:
-    image: torch.Tensor        # [3, 224, 224] float32 in [0, 1]
+    image: torch.Tensor        # [3, 224, 224] float32 in [0, 1] (on the device asked for)
     T: np.ndarray              # 3x3 similarity frame pixels -> crop pixels
     tform_rows: np.ndarray     # inv(T)^T: crop pixels -> frame pixels (row vectors)
     box_source: str            # 'landmarks-txt' | 'mtcnn' | 'whole-image'
@@ -141,14 +141,15 @@ class FaceAnalyzer:
         return float(old_size), center, source
 
     @classmethod
-    def deca_crop(cls, photo: Photo) -> DecaCrop:
+    def deca_crop(cls, photo: Photo, device=None) -> DecaCrop:
+        """DECA's 224 crop of the photo's 512 frame; `image` is computed on `device` (default the CPU)."""
         old_size, center, source = cls.deca_box(photo)
         size = int(old_size * DECA_SCALE)
         if size < 1:
             raise PhotoError(f"face box in {photo.path} is degenerate (size {size})")
         T = similarity_crop((float(center[0]), float(center[1])), size)
-        out = _warp_bilinear(photo.frame, np.linalg.inv(T), CROP_SIZE)
-        return DecaCrop(torch.from_numpy(out.astype(np.float32)), T, tform_rows_from_T(T), source)
+        out = _warp_bilinear(photo.frame, np.linalg.inv(T), CROP_SIZE, device)
+        return DecaCrop(out.float().contiguous(), T, tform_rows_from_T(T), source)
 
 
 def _linear_taps(coord: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -161,24 +162,30 @@ def _linear_taps(coord: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.
     return lo, w0, w1
 
 
-def _warp_bilinear(frame: np.ndarray, Tinv: np.ndarray, size: int) -> np.ndarray:
+def _warp_bilinear(frame: np.ndarray, Tinv: np.ndarray, size: int, device=None) -> torch.Tensor:
     """skimage ``warp(frame / 255, T.inverse, output_shape=(size, size))`` (order 1, constant 0), clipped
-    to [0, 1]: [3, size, size] float64.
+    to [0, 1]: [3, size, size] float64 on `device` (default the CPU).
 
     T is a similarity without rotation (`similarity_crop`), so each output row samples one source
     row pair and each output column one source column pair: the bilinear weights separate, and the
-    crop is four gathers instead of a per-pixel ``ndimage.map_coordinates`` (same values up to
-    float64 rounding)."""
+    crop is four gathers of 8-bit pixels and a few float64 element-wise operations (on the GPU when
+    asked: the same IEEE operations) instead of a per-pixel ``ndimage.map_coordinates`` (same values
+    up to float64 rounding)."""
     if Tinv[0, 1] != 0 or Tinv[1, 0] != 0:
         raise ValueError("the DECA crop transform must be axis-aligned (scale and translation)")
     h, w = frame.shape[:2]
     idx = np.arange(size, dtype=np.float64)
     y0, wy0, wy1 = _linear_taps(Tinv[1, 1] * idx + Tinv[1, 2], h)
     x0, wx0, wx1 = _linear_taps(Tinv[0, 0] * idx + Tinv[0, 2], w)
-    img = frame.astype(np.float64) / 255.0
-    ys0, ys1 = np.clip(y0, 0, h - 1), np.clip(y0 + 1, 0, h - 1)
-    xs0, xs1 = np.clip(x0, 0, w - 1), np.clip(x0 + 1, 0, w - 1)
-    top = img[ys0][:, xs0] * wx0[None, :, None] + img[ys0][:, xs1] * wx1[None, :, None]
-    bottom = img[ys1][:, xs0] * wx0[None, :, None] + img[ys1][:, xs1] * wx1[None, :, None]
-    out = top * wy0[:, None, None] + bottom * wy1[:, None, None]
-    return np.clip(out, 0.0, 1.0).transpose(2, 0, 1)
+    taps = torch.from_numpy(np.stack([np.clip(y0, 0, h - 1), np.clip(y0 + 1, 0, h - 1),
+                                      np.clip(x0, 0, w - 1), np.clip(x0 + 1, 0, w - 1)])).to(device)
+    weights = torch.from_numpy(np.stack([wy0, wy1, wx0, wx1])).to(device)
+    ys0, ys1, xs0, xs1 = taps
+    wy0, wy1 = weights[0][:, None, None], weights[1][:, None, None]
+    wx0, wx1 = weights[2][None, :, None], weights[3][None, :, None]
+    img = torch.from_numpy(frame if frame.flags.writeable else frame.copy()).to(device)
+    top, bottom = img[ys0], img[ys1]  # gather the 8-bit pixels first, then convert only those
+    px = lambda rows, xs: rows[:, xs].double() / 255.0  # noqa: E731
+    out = ((px(top, xs0) * wx0 + px(top, xs1) * wx1) * wy0
+           + (px(bottom, xs0) * wx0 + px(bottom, xs1) * wx1) * wy1)
+    return out.clamp(0.0, 1.0).permute(2, 0, 1)
