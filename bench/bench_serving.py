@@ -115,7 +115,7 @@ def baseline(args, cuda: bool) -> dict:
         out["peak_memory_gb"] = round(torch.cuda.max_memory_allocated() / 2 ** 30, 2)
     if engine is not None:
         engine.close()
-    del pipe, engine
+    pipe = engine = None  # noqa: F841 - free the GPU for the server
     gc.collect()
     if cuda:
         torch.cuda.empty_cache()

@@ -22,6 +22,9 @@ def register(sub) -> None:
                    help="model repository (default: the packaged tritonserver/model_repository)")
     p.add_argument("--weights", type=Path, default=None,
                    help="folder of official weight files (caphuman.ckpt, FaceNet, BiSeNet, ...; see docs/serving.md)")
+    p.add_argument("--random-config", choices=["cldm_tiny", "cldm_v15"], default="cldm_tiny",
+                   help="without --weights: the size of the random-weight networks (cldm_v15: the official sizes, "
+                        "for benchmarks on a GPU)")
     p.add_argument("--tritonserver", type=Path, default=None,
                    help="tritonserver binary (default: the one in the nvidia-pytriton wheel; in the NGC container "
                         "/opt/tritonserver/bin/tritonserver)")
@@ -37,16 +40,19 @@ def register(sub) -> None:
 def run(args) -> int:
     from runtime.cli import UserError
     from tritonserver.launcher import DEFAULT_MODEL_REPOSITORY, LaunchError, ServerConfig, TritonServer
+    from tritonserver.weights import RANDOM_CONFIG_ENV
 
     for name in ("grpc_port", "http_port", "metrics_port"):
         if not 1 <= getattr(args, name) <= 65535:
             raise UserError(f"--{name.replace('_', '-')} must be a TCP port number, got {getattr(args, name)}")
     cfg = ServerConfig(model_repository=args.model_repository or DEFAULT_MODEL_REPOSITORY, binary=args.tritonserver,
                        weights=args.weights, host=args.host, grpc_port=args.grpc_port, http_port=args.http_port,
-                       metrics_port=args.metrics_port, log_file=args.log_file)
+                       metrics_port=args.metrics_port, log_file=args.log_file,
+                       extra_env={RANDOM_CONFIG_ENV: args.random_config} if args.weights is None else {})
     server = TritonServer(cfg)
     if args.weights is None:
-        print("NOTE: no --weights: the models are the built-in TINY ones with RANDOM weights (images are patterns, "
+        size = "TINY" if args.random_config == "cldm_tiny" else f"official-size ({args.random_config})"
+        print(f"NOTE: no --weights: the models are the built-in {size} ones with RANDOM weights (images are patterns, "
               "not photos); responses say \"random_weights\": true.")
     stop = {"signal": None}
 

@@ -65,26 +65,36 @@ def test_scheduler_batches_compatible_jobs_in_order_and_keeps_others_waiting():
 
 
 def test_lone_job_is_not_delayed_but_a_batch_waits_for_its_clients():
-    rec = _Recorder()
-    sched = Scheduler(rec, max_batch=8, gather_s=0.5)
+    gate = threading.Event()
+    runs: list[tuple[float, list]] = []
+
+    def run(jobs):
+        runs.append((time.perf_counter(), [j.owner for j in jobs]))
+        if jobs[0].owner == "x":
+            gate.wait(10)
+
+    sched = Scheduler(run, max_batch=8, gather_s=0.8)
     t0 = time.perf_counter()
-    sched.submit([Job(_Gen(), owner=0)])
-    _wait(lambda: len(rec.batches) == 1)
-    assert time.perf_counter() - t0 < 0.25, "a lone request waited for company"
-    # two clients were active: the next batch waits (up to gather_s) for the second one's next request
-    rec.delay = 0.2
-    sched.submit([Job(_Gen(), owner=1), Job(_Gen(), owner=2)])  # runs as [1] (delay), then [2]... or [1, 2]
-    _wait(lambda: sum(len(b) for b in rec.batches) == 3)
-    rec.delay = 0.0
-    sizes_before = len(rec.batches)
-    last = len(rec.batches[-1])
-    sched.submit([Job(_Gen(), owner=3)])
-    time.sleep(0.1)
-    sched.submit([Job(_Gen(), owner=4)])
-    _wait(lambda: sum(len(b) for b in rec.batches) == 5)
+    sched.submit([Job(_Gen(), owner="x")])          # demand 1: runs at once
+    _wait(lambda: len(runs) == 1)
+    assert runs[0][0] - t0 < 0.2, "a lone request waited for company"
+    sched.submit([Job(_Gen(), owner=o) for o in "abc"])
+    time.sleep(0.05)
+    t_release = time.perf_counter()
+    gate.set()                                       # x ends with 3 waiting: demand 4
+    time.sleep(0.2)
+    sched.submit([Job(_Gen(), owner="d")])           # the 4th client comes back within the gather time
+    _wait(lambda: len(runs) == 2)
+    assert runs[1][1] == ["a", "b", "c", "d"] and runs[1][0] - t_release >= 0.15
+    t1 = time.perf_counter()
+    sched.submit([Job(_Gen(), owner="e")])           # demand 4, but nobody else comes: runs after gather_s
+    _wait(lambda: len(runs) == 3)
+    assert runs[2][1] == ["e"] and 0.6 <= runs[2][0] - t1 < 2.0
+    t2 = time.perf_counter()
+    sched.submit([Job(_Gen(), owner="f")])           # demand back to 1: at once
+    _wait(lambda: len(runs) == 4)
+    assert runs[3][0] - t2 < 0.2
     sched.stop()
-    if last == 2:
-        assert rec.batches[sizes_before] == [3, 4], rec.batches
 
 
 def test_scheduler_survives_a_failing_batch_and_returns_unrun_jobs_on_stop():

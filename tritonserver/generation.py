@@ -8,9 +8,10 @@
 A job is one item (one image) of one request. Jobs are compatible when every value that a denoising
 batch shares is equal: steps, resolution, guidance, eta, strength, tau (`Job.key`). Text, hint, identity
 context and seed are per sample. The scheduler takes the oldest pending job and every compatible pending
-job after it (first in, first out, up to `max_batch`); a lone job runs at once. Only when the previous
-batch was larger than what is pending (several clients are active) does it wait up to `gather_s` for
-them, so a single stream is never delayed.
+job after it (first in, first out, up to `max_batch`). Demand is the size of the previous batch plus the
+jobs that were waiting when it ended (about the number of active clients); while fewer jobs than that are
+at hand, the batch waits up to `gather_s` for the next requests of those clients, which come back when
+their images arrive. A single stream (demand 1) is never delayed.
 
 `BatchGenerator.sample` runs a batch as one DDIM loop: through the torch engine (one CUDA graph per step,
 captured once per batch size) padded up to the next bucket size so that only a few batch sizes are
@@ -81,21 +82,24 @@ def parse_buckets(text: str) -> tuple[int, ...]:
     return tuple(values)
 
 
-def _tensor_hash(t: torch.Tensor) -> str:
+def tensor_hash(t: torch.Tensor) -> str:
+    """`runtime.pipeline`'s short content hash of a tensor (the metadata's hint/identity hashes)."""
     return hashlib.sha256(t.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
 
 
-def item_parameters(pipe, gen) -> dict:
-    """The `parameters` that `CapHumanPipeline.generate` reports for this request (same keys and values)."""
+def item_parameters(pipe, gen, hint_sha256: str | None = None, identity_sha256: str | None = None) -> dict:
+    """The `parameters` that `CapHumanPipeline.generate` reports for this request (same keys and values).
+    The two hashes may be passed in when known (the orchestrator caches them with the tensors)."""
     from runtime.pipeline import GenerationRequest
     skip = ("hint", "identity_context", "noise")
     params = {f.name: getattr(gen, f.name) for f in fields(GenerationRequest) if f.name not in skip}
     h, w = gen.hint.shape[-2:]
     params.update(seeds=gen.sample_seeds(), cfg="batched", backend=pipe.backend, width=int(w), height=int(h),
                   sampler="ddim", dtype=str(pipe.dtype).removeprefix("torch."), config=Path(pipe.config.path).name,
-                  hint_sha256=_tensor_hash(gen.hint), identity_sha256=_tensor_hash(gen.identity_context),
+                  hint_sha256=hint_sha256 or tensor_hash(gen.hint),
+                  identity_sha256=identity_sha256 or tensor_hash(gen.identity_context),
                   noise="cpu-generator-per-seed", models=pipe.model_hashes, random_weights=pipe.random_weights,
-                  controlnets=[{"scale": c.scale, "hint_sha256": _tensor_hash(c.hint)}
+                  controlnets=[{"scale": c.scale, "hint_sha256": tensor_hash(c.hint)}
                                for c in pipe.denoiser.extra_controls])
     return params
 
@@ -212,7 +216,7 @@ class Scheduler:
         self._pending: deque[Job] = deque()
         self._cv = threading.Condition()
         self._stopping = False
-        self._last = 1
+        self._demand = 1
         self.batch_sizes: Counter = Counter()   # how many batches of each size ran
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
@@ -248,7 +252,7 @@ class Scheduler:
             batch = [self._pending.popleft()]
             self._gather(batch)
             # Several clients were active last time: give their next requests a moment to arrive.
-            want = min(self.max_batch, self._last)
+            want = min(self.max_batch, self._demand)
             deadline = time.monotonic() + self.gather_s
             while len(batch) < want and not self._stopping:
                 left = deadline - time.monotonic()
@@ -263,7 +267,6 @@ class Scheduler:
             batch = self._take()
             if batch is None:
                 return
-            self._last = len(batch)
             self.batch_sizes[len(batch)] += 1
             try:
                 self.run_batch(batch)
@@ -273,6 +276,8 @@ class Scheduler:
                         self.on_error(batch, e)
                     except BaseException:  # noqa: BLE001
                         pass
+            with self._cv:
+                self._demand = len(batch) + len(self._pending)
 
     def stop(self, timeout: float = 60.0) -> list[Job]:
         """Finish the running batch, stop the thread; returns the jobs that never ran."""

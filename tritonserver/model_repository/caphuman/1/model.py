@@ -19,8 +19,8 @@ import torch
 import triton_python_backend_utils as pb_utils
 
 from tritonserver.backend import error_from_bls, log, model_setup, triton_error
-from tritonserver.generation import (DEFAULT_BUCKETS, BatchGenerator, Cancelled, Job, Scheduler, bucket_size,
-                                     engine_pipeline, item_parameters, parse_buckets)
+from tritonserver.generation import (BatchGenerator, Cancelled, Job, Scheduler, bucket_size, engine_pipeline,
+                                     item_parameters, parse_buckets, tensor_hash)
 from tritonserver.params import HEAD_MODEL, IDENTITY_MODEL, RequestError, parse_request
 from tritonserver.services import LRU, sha256
 from tritonserver.weights import RANDOM_WEIGHTS_NOTICE, load_generation_pipeline, weight_files
@@ -137,6 +137,7 @@ class TritonPythonModel:
         self.generator = BatchGenerator(self.pipe, buckets if self.engine is not None else (1,))
         self.max_batch = max_batch
         self.identity_cache = LRU(self.settings.identity_cache_entries)
+        self.hint_cache = LRU(min(self.settings.hint_cache_entries, 32))  # 9 MB each at 512x512
         self._warm_up(warm, max_batch)
         self.scheduler = Scheduler(self._run_batch, max_batch, gather_s, on_error=self._batch_error)
         log(pb_utils, "info", f"caphuman: device {self.device}, backend {self.pipe.backend}, max batch {max_batch}, "
@@ -171,32 +172,44 @@ class TritonPythonModel:
             raise error_from_bls(pb_utils, model, response.error())
         return {n: pb_utils.get_output_tensor_by_name(response, n).as_numpy() for n in outputs}
 
-    def _identity(self, reference: bytes):
+    def _identity(self, key: str, reference: bytes):
+        """(context [258, C], its metadata hash, cache, ms); `key` is the photo's sha256."""
         t0 = time.perf_counter()
-        key = sha256(reference)
-        ctx = self.identity_cache.get(key)
-        if ctx is not None:
-            return ctx, "orchestrator", (time.perf_counter() - t0) * 1e3
+        cached = self.identity_cache.get(key)
+        if cached is not None:
+            return (*cached, "orchestrator", (time.perf_counter() - t0) * 1e3)
         out = self._bls(IDENTITY_MODEL, [_tensor("IMAGE", [[reference]], np.object_)],
                         ["CONTEXT", "CACHE_HIT", "ELAPSED_MS"])
         ctx = torch.from_numpy(out["CONTEXT"][0].copy())
-        self.identity_cache.put(key, ctx)
-        return ctx, "identity-model" if bool(out["CACHE_HIT"].reshape(-1)[0]) else "miss", \
+        digest = tensor_hash(ctx[None])
+        self.identity_cache.put(key, (ctx, digest))
+        return ctx, digest, "identity-model" if bool(out["CACHE_HIT"].reshape(-1)[0]) else "miss", \
             (time.perf_counter() - t0) * 1e3
 
-    def _hint(self, req, i):
+    def _hint(self, req, i, ref_key: str):
+        """(hint [1, 9, R, R], its metadata hash, cache hit, notes). This instance keeps the last hints
+        (a person's next request skips the BLS call and the 9-channel copy); else the head model's cache."""
+        pose, head = req.item(req.pose_images, i), req.item(req.head_poses, i)
+        key = (ref_key, sha256(pose) if pose is not None else None, head, req.modes, req.light, req.resolution)
+        cached = self.hint_cache.get(key)
+        if cached is not None:
+            return (*cached[:2], True, cached[2])
         inputs = [_tensor("REFERENCE_IMAGE", [req.reference], np.object_),
                   _tensor("RESOLUTION", [req.resolution], np.int32),
                   _tensor("MODES", [req.modes.encode()], np.object_),
                   _tensor("LIGHT", [req.light.encode()], np.object_)]
-        pose, head = req.item(req.pose_images, i), req.item(req.head_poses, i)
         if pose is not None:
             inputs.append(_tensor("POSE_IMAGE", [pose], np.object_))
         if head is not None:
             inputs.append(_tensor("HEAD_POSE", head, np.float32))
         out = self._bls(HEAD_MODEL, inputs, ["HINT", "CACHE_HIT", "ELAPSED_MS", "NOTES"])
         notes = [n.decode() for n in out["NOTES"].reshape(-1) if n]
-        return torch.from_numpy(out["HINT"].copy())[None], bool(out["CACHE_HIT"].reshape(-1)[0]), notes
+        hint = torch.from_numpy(out["HINT"].copy())[None]
+        if not torch.isfinite(hint).all():
+            raise RuntimeError("head condition hint is not finite")
+        digest = tensor_hash(hint)
+        self.hint_cache.put(key, (hint, digest, notes))
+        return hint, digest, bool(out["CACHE_HIT"].reshape(-1)[0]), notes
 
     def _prepare(self, request):
         """Steps 1-3 for every item: (request state, jobs). Raises RequestError for a bad request."""
@@ -207,11 +220,12 @@ class TritonPythonModel:
         req = parse_request(arrays, self.settings)
         state = _Request(request, request.get_response_sender(), req.num_items)
         t_parsed = time.perf_counter()
-        ctx, id_cache, id_ms = self._identity(req.reference)
+        ref_key = sha256(req.reference)
+        ctx, id_digest, id_cache, id_ms = self._identity(ref_key, req.reference)
         jobs = []
         for i in range(req.num_items):
             t0 = time.perf_counter()
-            hint, hint_hit, notes = self._hint(req, i)
+            hint, hint_digest, hint_hit, notes = self._hint(req, i, ref_key)
             gen = GenerationRequest(prompt=req.prompts[0] if len(req.prompts) == 1 else req.prompts[i],
                                     negative_prompt=req.negative_prompt, added_prompt=req.added_prompt, hint=hint,
                                     identity_context=ctx[None], seed=req.seed + i, steps=req.steps,
@@ -225,7 +239,7 @@ class TritonPythonModel:
                 warnings.append("prompt is longer than CLIP's 77 tokens and was truncated (as CLIP and the official code do)")
             if len(req.negative_prompt) and self.pipe.text_encoder.tokenize([req.negative_prompt]).truncated[0]:
                 warnings.append("negative prompt is longer than 77 tokens and was truncated")
-            params = {**item_parameters(self.pipe, gen), "index": i, "seed": req.seed + i, "warnings": warnings,
+            params = {**item_parameters(self.pipe, gen, hint_digest, id_digest), "index": i, "seed": req.seed + i, "warnings": warnings,
                       "condition_notes": notes, "random_weights": self.random_weights,
                       "pose_image": req.item(req.pose_images, i) is not None,
                       "head_pose": req.item(req.head_poses, i), "modes": req.modes, "light": req.light or None,
