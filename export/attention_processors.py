@@ -51,13 +51,14 @@ class AttnBackend(str, enum.Enum):
     SDPA = "sdpa"  # always torch.nn.functional.scaled_dot_product_attention
 
 
-# Where the Triton kernel measured faster than torch SDPA (H100, torch 2.11, Triton 3.6, fp16,
-# 8 heads; bench/results/kernels_h100.json): GPU time inside a CUDA graph, for attention problems
-# with n_q * n_kv up to ~300k (1024x77, 1024x258, 256x256, 256x77/258, 64x64, 64x77/258: 1.38x to
-# 1.93x), and slower above it (4096x4096 0.53x, 4096x77 0.85x, 1024x1024 0.91x, 4096x258 0.68x).
-# Outside graph capture Triton's Python launch cost (tens of microseconds) outweighs the kernel
-# time on every CapHuman shape, so AUTO leaves eager calls to SDPA.
-TRITON_MAX_QK_ELEMENTS = 300_000
+# Where the Triton kernel measured faster than torch SDPA (cuDNN flash attention here; H100, torch
+# 2.11, Triton 3.6, fp16, 8 heads; bench/results/attn_probe2_h100.json, kernels_h100_run4.json): GPU
+# time inside a CUDA graph. Faster on every problem with at most a few hundred keys -- all the
+# cross-attention (4096x77 1.2x, 4096x258 1.2x, 1024x77/258 1.4-1.5x, 256/64 x 77/258 1.5-1.7x) and
+# self-attention over 256 and 64 tokens (1.4x, 2.1x) -- and slower on self-attention over 1024 and
+# 4096 tokens (0.92x each). Outside graph capture Triton's Python launch cost (tens of microseconds)
+# outweighs the kernel time on every CapHuman shape, so AUTO leaves eager calls to SDPA.
+TRITON_MAX_KV_TOKENS = 512
 
 
 @torch.library.custom_op("caphuman::triton_attention", mutates_args=())
@@ -89,8 +90,8 @@ def graph_warmup() -> Iterator[None]:
 
 
 def triton_preferred(n_q: int, n_kv: int, capturing: bool) -> bool:
-    """AUTO's measured rule: Triton only inside CUDA-graph capture and for n_q * n_kv <= 300k."""
-    return capturing and n_q * n_kv <= TRITON_MAX_QK_ELEMENTS
+    """AUTO's measured rule: Triton only inside CUDA-graph capture and for at most 512 keys."""
+    return capturing and n_kv <= TRITON_MAX_KV_TOKENS
 
 
 def select_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_mask: torch.Tensor | None,

@@ -94,8 +94,6 @@ def split_head_dim(head_dim: int, min_slab: int = 16) -> tuple[int, int]:
 # never the default.
 SPLIT_MODES = {"padded": 0, "split16": 16, "split32": 32}
 DEFAULT_SPLIT_MODE = "split32"
-# fp16 exponentials on the GPU (see FAST_EXP in the kernel); module-level so benchmarks can compare.
-FAST_EXP = os.environ.get("CAPHUMAN_ATTN_FAST_EXP", "1") not in ("", "0")
 
 
 def attention_reference(
@@ -130,12 +128,6 @@ def triton_supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | 
 if HAS_TRITON:
 
     @triton.jit
-    def _exp2_f16x2(x):
-        """2**x on fp16 with PTX ex2.approx.f16x2 (two lanes per instruction; sm_75+)."""
-        return tl.inline_asm_elementwise("ex2.approx.f16x2 $0, $1;", "=r,r", [x], dtype=tl.float16,
-                                         is_pure=True, pack=2)
-
-    @triton.jit
     def _attn_fwd(
         Q, K, V, Out,  #
         # The head dim is contiguous (stride 1) in every tensor, by contract of the launcher: with a
@@ -150,38 +142,44 @@ if HAS_TRITON:
         HEAD_DIM: tl.constexpr,  # constexpr so the head-dim masks are known at compile time: 40/80/160
         # are multiples of 8, so K/V/Q rows load as 16-byte vectors (a runtime 40 is not specialised
         # by Triton, which would make every masked load a 2-byte scalar load)
+        ALIGN: tl.constexpr,  # every batch/head/token offset is a multiple of this many elements
         HEAD_A: tl.constexpr,  # first power-of-two slab of the head dim
         HEAD_B: tl.constexpr,  # second slab (0: none)
         EVEN_N: tl.constexpr,  # N_KV % BLOCK_N == 0: no key mask needed
         BLOCK_M: tl.constexpr,  #
         BLOCK_N: tl.constexpr,  #
         DOT_F32: tl.constexpr,  # interpreter only: its tl.dot mishandles bf16, so dot in fp32 there
-        FAST_EXP: tl.constexpr,  # fp16 on the GPU: exp2 as ex2.approx.f16x2, two exponentials per MUFU op
     ):
         pid_m = tl.program_id(0)
         pid_bh = tl.program_id(1)
         b = pid_bh // N_HEADS
         h = pid_bh % N_HEADS
-        q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-        k_base = K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
-        v_base = V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
-        o_base = Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+        # ALIGN (host-computed) tells the compiler what the offsets are multiples of: a head stride
+        # of 40 is not specialised by Triton, and unknown alignment means 2-byte scalar loads.
+        b64 = b.to(tl.int64)
+        h64 = h.to(tl.int64)
+        q_base = Q + tl.multiple_of(b64 * stride_qb + h64 * stride_qh, ALIGN)
+        k_base = K + tl.multiple_of(b64 * stride_kb + h64 * stride_kh, ALIGN)
+        v_base = V + tl.multiple_of(b64 * stride_vb + h64 * stride_vh, ALIGN)
+        o_base = Out + tl.multiple_of(b64 * stride_ob + h64 * stride_oh, ALIGN)
 
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = tl.arange(0, BLOCK_N)
+        rows_q = tl.multiple_of(offs_m * stride_qn, ALIGN)
+        rows_o = tl.multiple_of(offs_m * stride_on, ALIGN)
         offs_a = tl.arange(0, HEAD_A)
         m_mask = offs_m < N_Q
         a_mask = offs_a < HEAD_DIM
 
         # q stays in registers/SRAM for the whole key loop: read BLOCK_M x D once.
-        q_a = tl.load(q_base + offs_m[:, None] * stride_qn + offs_a[None, :],
+        q_a = tl.load(q_base + rows_q[:, None] + offs_a[None, :],
                       mask=m_mask[:, None] & a_mask[None, :], other=0.0)
         dot_ty = tl.float32 if DOT_F32 else Q.dtype.element_ty
         q_a = q_a.to(dot_ty)
         if HEAD_B > 0:
             offs_b = HEAD_A + tl.arange(0, HEAD_B)
             b_mask = offs_b < HEAD_DIM
-            q_b = tl.load(q_base + offs_m[:, None] * stride_qn + offs_b[None, :],
+            q_b = tl.load(q_base + rows_q[:, None] + offs_b[None, :],
                           mask=m_mask[:, None] & b_mask[None, :], other=0.0).to(dot_ty)
             acc_b = tl.zeros([BLOCK_M, HEAD_B], dtype=tl.float32)
 
@@ -191,15 +189,17 @@ if HAS_TRITON:
 
         for start_n in range(0, N_KV, BLOCK_N):
             kv_n = start_n + offs_n
+            rows_k = tl.multiple_of(kv_n * stride_kn, ALIGN)
+            rows_v = tl.multiple_of(kv_n * stride_vn, ALIGN)
             n_mask = kv_n < N_KV
             # read BLOCK_N x D of K and of V per iteration
             # K is read as K^T tiles [HEAD, BLOCK_N] (as the Triton tutorial does): measured faster
             # than loading [BLOCK_N, HEAD] and transposing in the dot
-            k_a = tl.load(k_base + kv_n[None, :] * stride_kn + offs_a[:, None],
+            k_a = tl.load(k_base + rows_k[None, :] + offs_a[:, None],
                           mask=n_mask[None, :] & a_mask[:, None], other=0.0).to(dot_ty)
             s = tl.dot(q_a, k_a)
             if HEAD_B > 0:
-                k_b = tl.load(k_base + kv_n[None, :] * stride_kn + offs_b[:, None],
+                k_b = tl.load(k_base + rows_k[None, :] + offs_b[:, None],
                               mask=n_mask[None, :] & b_mask[:, None], other=0.0).to(dot_ty)
                 s = tl.dot(q_b, k_b, s)
             if not EVEN_N:
@@ -207,49 +207,41 @@ if HAS_TRITON:
             # online softmax in base 2; every block holds >= 1 valid key, so m_new is finite
             m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
             alpha = tl.exp2(m_i - m_new)
-            if FAST_EXP:
-                # The exponentials, not the two products, bound small head dims (d40: 80 MACs per
-                # exp). P is rounded to fp16 for the second product anyway; computing it in fp16
-                # halves the MUFU work. The arguments are <= 0, so the fp16 rounding of the argument
-                # changes p by at most ~0.05% where p matters (near 1).
-                p = _exp2_f16x2((s * qk_scale - m_new[:, None]).to(tl.float16))
-                l_i = l_i * alpha + tl.sum(p.to(tl.float32), 1)
-            else:
-                p = tl.exp2(s * qk_scale - m_new[:, None])
-                l_i = l_i * alpha + tl.sum(p, 1)
-                # P is rounded to the input dtype (as FlashAttention does) before the second product
-                p = p.to(Q.dtype.element_ty)
+            p = tl.exp2(s * qk_scale - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            # P is rounded to the input dtype (as FlashAttention does) before the second product
+            p = p.to(Q.dtype.element_ty)
             p = p.to(dot_ty)
-            v_a = tl.load(v_base + kv_n[:, None] * stride_vn + offs_a[None, :],
+            v_a = tl.load(v_base + rows_v[:, None] + offs_a[None, :],
                           mask=n_mask[:, None] & a_mask[None, :], other=0.0).to(dot_ty)
             acc_a = tl.dot(p, v_a, acc_a * alpha[:, None])
             if HEAD_B > 0:
-                v_b = tl.load(v_base + kv_n[:, None] * stride_vn + offs_b[None, :],
+                v_b = tl.load(v_base + rows_v[:, None] + offs_b[None, :],
                               mask=n_mask[:, None] & b_mask[None, :], other=0.0).to(dot_ty)
                 acc_b = tl.dot(p, v_b, acc_b * alpha[:, None])
             m_i = m_new
 
         inv_l = 1.0 / l_i
         out_a = (acc_a * inv_l[:, None]).to(Out.dtype.element_ty)
-        tl.store(o_base + offs_m[:, None] * stride_on + offs_a[None, :], out_a,
+        tl.store(o_base + rows_o[:, None] + offs_a[None, :], out_a,
                  mask=m_mask[:, None] & a_mask[None, :])
         if HEAD_B > 0:
             out_b = (acc_b * inv_l[:, None]).to(Out.dtype.element_ty)
-            tl.store(o_base + offs_m[:, None] * stride_on + offs_b[None, :], out_b,
+            tl.store(o_base + rows_o[:, None] + offs_b[None, :], out_b,
                      mask=m_mask[:, None] & b_mask[None, :])
 
     # Autotune list kept small on purpose: every config is compiled and timed on the first call of
     # each (N_Q, N_KV, HEAD_DIM) key (CapHuman has ~12), so a handful keeps a fresh server's warm-up
-    # to seconds. These five are the per-shape winners among 12 candidates on the H100 (Triton 3.6)
-    # AND each ran clean (no illegal memory access, correct, 30 repeated launches) on all 17
-    # CapHuman shapes in the split32 layout. num_stages=1 is absent on purpose: with split32 it hit
-    # illegal memory accesses at d80 on Triton 3.6 (see docs/kernels.md).
+    # to seconds. These are the per-shape winners on the H100 (Triton 3.6) with the contiguous-head-dim
+    # kernel (bench/results/attn_probe2_h100.json) and of the earlier 12-candidate screening, each of
+    # which ran clean (no illegal memory access, correct, 30 repeated launches) on all 17 CapHuman
+    # shapes in the split32 layout (kernels_h100_run3.json). num_stages=1 is absent on purpose: with
+    # split32 it hit illegal memory accesses at d80 on Triton 3.6 (see docs/kernels.md).
     _ATTN_CONFIGS = [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
         for (bm, bn, w, s) in [
-            (128, 64, 4, 3),  # self 4096 d40
-            (128, 64, 8, 3),  # self 4096 d40 with K^T tiles (probe: 187 us vs 227 us at 4 warps)
-            (128, 32, 4, 3),  # cross 4096 x 77/258
+            (128, 64, 8, 3),  # self 4096 d40 (175 us vs 184 us at 4 warps), cross 4096x258
+            (128, 32, 4, 3),  # cross 4096 x 77
             (128, 128, 8, 3),  # self 1024 d80
             (64, 64, 4, 3),  # 256/64-token queries at d160
             (64, 32, 4, 2),  # 64 x 258
@@ -266,7 +258,7 @@ if HAS_TRITON:
     _attn_fwd_fixed = triton.heuristics({"EVEN_N": lambda a: a["N_KV"] % a["BLOCK_N"] == 0})(_attn_fwd)
     _attn_fwd_tuned = triton.autotune(
         _ATTN_CONFIGS,
-        key=["N_Q", "N_KV", "HEAD_DIM", "HEAD_A", "HEAD_B", "FAST_EXP"],
+        key=["N_Q", "N_KV", "HEAD_DIM", "HEAD_A", "HEAD_B"],
         prune_configs_by={"early_config_prune": _attn_keep},
     )(_attn_fwd_fixed)
 
@@ -287,6 +279,17 @@ def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, names: str) ->
         raise ValueError(f"devices differ: q {q.device}, k {k.device}, v {v.device}")
 
 
+def _alignment(*tensors: torch.Tensor) -> int:
+    """Largest power of two <= 8 elements (16 bytes at fp16) dividing every batch/head/token stride
+    and every base address of ``tensors`` (in elements)."""
+    align = 8
+    for t in tensors:
+        values = [t.stride(0), t.stride(1), t.stride(2), t.data_ptr() // t.element_size()]
+        while align > 1 and any(x % align for x in values):
+            align //= 2
+    return align
+
+
 def _launch(q, k, v, out, b, h, n_q, n_kv, d, scale, config, split_mode):
     """Launch on [B, H, N, D]-indexed tensors (their strides go to the kernel)."""
     mode = DEFAULT_SPLIT_MODE if split_mode is None else split_mode
@@ -302,20 +305,19 @@ def _launch(q, k, v, out, b, h, n_q, n_kv, d, scale, config, split_mode):
         out.stride(0), out.stride(1), out.stride(2),  #
         h, n_q, n_kv, qk_scale,
     )
+    align = _alignment(q, k, v, out)
     dot_f32 = interpreter_enabled() and q.dtype == torch.bfloat16
-    fast_exp = FAST_EXP and q.dtype == torch.float16 and q.is_cuda and not interpreter_enabled()
     if config is None and interpreter_enabled():
         config = {"BLOCK_M": 32, "BLOCK_N": 32}  # the interpreter is slow; autotuning there is pointless
     if config is not None:
         bm, bn = int(config["BLOCK_M"]), int(config["BLOCK_N"])
         grid = (triton.cdiv(n_q, bm), b * h)
         extra = {k_: config[k_] for k_ in ("num_warps", "num_stages") if k_ in config}
-        _attn_fwd_fixed[grid](*args, HEAD_DIM=d, HEAD_A=head_a, HEAD_B=head_b, BLOCK_M=bm, BLOCK_N=bn,
-                              DOT_F32=dot_f32, FAST_EXP=fast_exp, **extra)
+        _attn_fwd_fixed[grid](*args, HEAD_DIM=d, ALIGN=align, HEAD_A=head_a, HEAD_B=head_b, BLOCK_M=bm, BLOCK_N=bn,
+                              DOT_F32=dot_f32, **extra)
     else:
         grid = lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]), b * h)  # noqa: E731
-        _attn_fwd_tuned[grid](*args, HEAD_DIM=d, HEAD_A=head_a, HEAD_B=head_b, DOT_F32=dot_f32,
-                              FAST_EXP=fast_exp)
+        _attn_fwd_tuned[grid](*args, HEAD_DIM=d, ALIGN=align, HEAD_A=head_a, HEAD_B=head_b, DOT_F32=dot_f32)
     return out
 
 

@@ -239,7 +239,7 @@ def test_select_backend_is_explicit() -> None:
 
 
 @pytest.mark.parametrize("n_q, n_kv, capturing, expected", [
-    (4096, 4096, True, False), (4096, 77, True, False), (1024, 1024, True, False), (4096, 258, True, False),
+    (4096, 4096, True, False), (4096, 77, True, True), (1024, 1024, True, False), (4096, 258, True, True),
     (1024, 77, True, True), (1024, 258, True, True), (256, 256, True, True), (64, 258, True, True),
     (256, 256, False, False), (64, 64, False, False),
 ])
