@@ -6,6 +6,7 @@ import os
 import struct
 import tempfile
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,37 @@ def _text_chunk(key: str, value: str) -> bytes:
         return _chunk(b"iTXt", key.encode("latin-1") + b"\0\0\0\0\0" + value.encode("utf-8"))
 
 
+_POOL: ThreadPoolExecutor | None = None
+_PARALLEL_MIN = 256 << 10  # bytes of filtered rows below which one thread compresses
+
+
+def _deflate(data: memoryview, level: int, last: bool) -> bytes:
+    comp = zlib.compressobj(level, zlib.DEFLATED, -15, 9, zlib.Z_HUFFMAN_ONLY if level else zlib.Z_DEFAULT_STRATEGY)
+    return comp.compress(data) + comp.flush(zlib.Z_FINISH if last else zlib.Z_FULL_FLUSH)
+
+
+def _zlib_parallel(raw: np.ndarray, level: int) -> bytes:
+    """One zlib stream of `raw`, its pieces deflated in threads (zlib releases the GIL).
+
+    Each piece is raw deflate ending on a byte boundary (a full flush; the last piece finishes the
+    stream), so the pieces concatenate into one valid deflate stream; with Huffman-only coding no
+    piece refers back into another. Header and Adler-32 of the whole make it a zlib stream."""
+    global _POOL
+    n = raw.nbytes
+    pieces = 1 if n < _PARALLEL_MIN else min(4, os.cpu_count() or 1)
+    bounds = [n * i // pieces for i in range(pieces + 1)]
+    view = memoryview(raw)
+    jobs = [(view[a:b], level, i == pieces - 1) for i, (a, b) in enumerate(zip(bounds, bounds[1:]))]
+    if pieces == 1:
+        body = [_deflate(*jobs[0])]
+    else:
+        if _POOL is None:
+            _POOL = ThreadPoolExecutor(max_workers=4, thread_name_prefix="png")
+        body = list(_POOL.map(lambda job: _deflate(*job), jobs))
+    header = b"\x78\x01"  # deflate, 32 KiB window, no dictionary, 'fastest' (check bits: 0x7801 % 31 == 0)
+    return header + b"".join(body) + struct.pack(">I", zlib.adler32(view) & 0xFFFFFFFF)
+
+
 def encode_png(image: np.ndarray, text: dict[str, str] | None = None, level: int = 1) -> bytes:
     """RGB, RGBA or grey uint8 [H, W(, 3 | 4)] -> PNG bytes, with `text` as text chunks before the pixels.
 
@@ -34,7 +66,8 @@ def encode_png(image: np.ndarray, text: dict[str, str] | None = None, level: int
     per-row filter search) and zlib compresses at `level` with Huffman coding only (no match
     search), which on photos and generated images is both faster and smaller than level 1's
     default strategy. About 8% larger than PIL's default (level 6, adaptive filters) on a 512x512
-    photo, at a small fraction of its time. Lossless: decoders return the exact pixels.
+    photo, at a small fraction of its time; large images are compressed by up to four threads.
+    Lossless: decoders return the exact pixels.
     `level` 0 stores the rows uncompressed."""
     if image.dtype != np.uint8 or image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (3, 4)):
         raise ValueError(f"encode_png needs uint8 [H, W], [H, W, 3] or [H, W, 4], got {image.dtype} {image.shape}")
@@ -48,8 +81,7 @@ def encode_png(image: np.ndarray, text: dict[str, str] | None = None, level: int
     raw[:, 0] = 2  # filter type 'Up': each byte minus the byte above (the first row: minus 0)
     raw[0, 1:] = rows[0]
     np.subtract(rows[1:], rows[:-1], out=raw[1:, 1:])
-    comp = zlib.compressobj(level, zlib.DEFLATED, 15, 9, zlib.Z_HUFFMAN_ONLY if level else zlib.Z_DEFAULT_STRATEGY)
-    data = comp.compress(raw.data) + comp.flush()
+    data = _zlib_parallel(raw.reshape(-1), level)
     color_type = {2: 0, 3: 2, 4: 6}[image.shape[2] if image.ndim == 3 else 2]  # grey, RGB, RGBA
     parts = [_PNG_SIGNATURE, _chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, color_type, 0, 0, 0))]
     parts += [_text_chunk(k, v) for k, v in (text or {}).items()]

@@ -172,3 +172,18 @@ def test_deca_crop_on_the_gpu_equals_the_cpu():
         Tinv = np.linalg.inv(similarity_crop(center, size))
         torch.testing.assert_close(_warp_bilinear(frame, Tinv, CROP_SIZE, "cuda").cpu(),
                                    _warp_bilinear(frame, Tinv, CROP_SIZE), rtol=0, atol=1e-12)
+
+
+def test_text_tower_equals_the_transformers_forward(tiny_config):
+    from export.clip import TextEncoder
+    from runtime.condition.text import PromptEncoder, _graphable_tower, _TextTower
+    torch.manual_seed(0)
+    text = TextEncoder(tiny_config.text_clip).eval()
+    ids = text.tokenize(["a photo of a person, best quality", ""]).input_ids
+    with torch.no_grad():
+        want = text.model(input_ids=ids).last_hidden_state
+        got = _TextTower(text.model)(ids)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    assert isinstance(_graphable_tower(text.model), _TextTower)
+    prompts = PromptEncoder(text, graph=True)  # on the CPU the graph wrapper runs the tower eagerly
+    torch.testing.assert_close(prompts("a photo of a person, best quality"), want[:1], rtol=1e-6, atol=1e-6)

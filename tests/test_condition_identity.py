@@ -60,3 +60,14 @@ def test_clip_preprocess_matches_clip_feature_extractor_4_24():
         got = clip_preprocess(img)[0].numpy()
         # x/255 here vs x*(1/255) there: 1-2 float32 ulps.
         np.testing.assert_allclose(got, ref, atol=1e-6, rtol=0)
+
+
+def test_parse_face_is_whitening_of_the_labels():
+    from runtime.condition.identity import parse_face
+    torch.manual_seed(0)
+    bisenet = BiSeNet().eval()
+    photo = Image.open(shared_path("faces", "image02673.png")).convert("RGB")
+    with torch.no_grad():
+        want = whiten_non_face(photo, parse_labels(bisenet, photo))
+        got = parse_face(bisenet, photo)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))

@@ -93,9 +93,8 @@ def test_area_crops_equal_per_box_interpolation():
     img = torch.randint(0, 256, (1, 3, 97, 131), generator=g).float()
     sat = _integral(img)
     boxes = [(0, 97, 0, 131), (5, 6, 7, 8), (10, 60, 3, 120), (40, 97, 100, 131), (1, 30, 2, 11)]
-    y0, y1, x0, x1 = (torch.tensor(v) for v in zip(*boxes))
     for size in (24, 48):  # down- and up-sampling
-        got = _area_crops(sat, y0, y1, x0, x1, size)
+        got = _area_crops(sat, np.array(boxes).T, size)
         want = torch.cat([F.interpolate(img[:, :, a:b, c:d], size=(size, size), mode="area") for a, b, c, d in boxes])
         assert torch.equal(got, want)
 

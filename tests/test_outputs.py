@@ -43,3 +43,13 @@ def test_save_png_with_sidecar(tmp_path):
         assert json.loads(im.text["caphuman"]) == {"prompt": "x", "seed": 7}
     assert json.loads(sidecar.read_text()) == {"prompt": "x", "seed": 7}
     assert sorted(p.name for p in png.parent.iterdir()) == ["a.json", "a.png"]
+
+
+def test_parallel_zlib_stream_is_one_valid_stream():
+    import zlib
+
+    from runtime.outputs import _zlib_parallel
+    raw = np.random.default_rng(2).integers(0, 256, 1 << 20, dtype=np.uint8)
+    raw[::7] = 0  # some structure
+    for level in (0, 1, 6):
+        assert zlib.decompress(_zlib_parallel(raw, level)) == raw.tobytes()  # checks the Adler-32 too

@@ -151,11 +151,14 @@ def _nms_min(boxes: np.ndarray, scores: np.ndarray, thresh: float) -> np.ndarray
     return np.asarray(keep, dtype=np.int64)
 
 
-def _rerec(b: torch.Tensor) -> torch.Tensor:
+# Host-side box arithmetic is NumPy float32: the same IEEE operations the official torch code does
+# on CPU tensors (bit-identical results), at a fraction of torch's per-operation overhead.
+
+def _rerec(b: np.ndarray) -> np.ndarray:
     """Square the boxes around their centres."""
     h, w = b[:, 3] - b[:, 1], b[:, 2] - b[:, 0]
-    side = torch.maximum(w, h)
-    b = b.clone()
+    side = np.maximum(w, h)
+    b = b.copy()
     b[:, 0] = b[:, 0] + w * 0.5 - side * 0.5
     b[:, 1] = b[:, 1] + h * 0.5 - side * 0.5
     b[:, 2] = b[:, 0] + side
@@ -163,18 +166,18 @@ def _rerec(b: torch.Tensor) -> torch.Tensor:
     return b
 
 
-def _bbreg(b: torch.Tensor, reg: torch.Tensor) -> torch.Tensor:
+def _bbreg(b: np.ndarray, reg: np.ndarray) -> np.ndarray:
     w = b[:, 2] - b[:, 0] + 1
     h = b[:, 3] - b[:, 1] + 1
-    b = b.clone()
-    b[:, :4] = torch.stack([b[:, 0] + reg[:, 0] * w, b[:, 1] + reg[:, 1] * h,
-                            b[:, 2] + reg[:, 2] * w, b[:, 3] + reg[:, 3] * h], 1)
+    b = b.copy()
+    b[:, :4] = np.stack([b[:, 0] + reg[:, 0] * w, b[:, 1] + reg[:, 1] * h,
+                         b[:, 2] + reg[:, 2] * w, b[:, 3] + reg[:, 3] * h], 1)
     return b
 
 
-def _pad(b: torch.Tensor, w: int, h: int):
+def _pad(b: np.ndarray, w: int, h: int):
     """Integer crop ranges (1-based starts, as the official code), clipped to the image."""
-    bi = b[:, :4].trunc().int().numpy()
+    bi = np.trunc(b[:, :4]).astype(np.int32)
     x, y, ex, ey = bi[:, 0].copy(), bi[:, 1].copy(), bi[:, 2].copy(), bi[:, 3].copy()
     x[x < 1] = 1
     y[y < 1] = 1
@@ -191,37 +194,37 @@ def _integral(img: torch.Tensor) -> torch.Tensor:
     return sat
 
 
-def _cell_bounds(start: torch.Tensor, length: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _cell_bounds(start: np.ndarray, length: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
     """adaptive_avg_pool's cells: [n] crop starts and lengths -> absolute [n, size] begin and end indices."""
-    i = torch.arange(size, device=start.device)
-    lo = (i[None] * length[:, None]).div(size, rounding_mode="floor")
-    hi = ((i[None] + 1) * length[:, None] + size - 1).div(size, rounding_mode="floor")
-    return start[:, None] + lo, start[:, None] + hi
+    i = np.arange(size, dtype=np.int64)[None]
+    length = length.astype(np.int64)[:, None]
+    return start[:, None] + i * length // size, start[:, None] + ((i + 1) * length + size - 1) // size
 
 
-def _area_crops(sat: torch.Tensor, y0: torch.Tensor, y1: torch.Tensor, x0: torch.Tensor, x1: torch.Tensor,
-                size: int) -> torch.Tensor:
-    """``F.interpolate(img[:, :, y0:y1, x0:x1], (size, size), mode='area')`` for n boxes at once.
+def _area_crops(sat: torch.Tensor, bounds: np.ndarray, size: int) -> torch.Tensor:
+    """``F.interpolate(img[:, :, y0:y1, x0:x1], (size, size), mode='area')`` of n boxes at once;
+    `bounds` is [4, n] int (y0, y1, x0, x1).
 
     Area resampling is adaptive average pooling: each output cell averages a box of input pixels,
     read here from the summed-area table (4 lookups per cell, no per-box loop). The sum is exact for
     integer pixel values and divided as ATen's kernel does (sum / kh / kw in float32)."""
+    y0, y1, x0, x1 = (np.asarray(v, dtype=np.int64) for v in bounds)
     r0, r1 = _cell_bounds(y0, y1 - y0, size)   # [n, size]
     c0, c1 = _cell_bounds(x0, x1 - x0, size)
-    R0, R1, C0, C1 = r0[:, :, None], r1[:, :, None], c0[:, None, :], c1[:, None, :]
+    idx = torch.from_numpy(np.stack([r0, r1, c0, c1])).to(sat.device)  # one upload
+    R0, R1, C0, C1 = idx[0][:, :, None], idx[1][:, :, None], idx[2][:, None, :], idx[3][:, None, :]
     total = sat[:, R1, C1] - sat[:, R0, C1] - sat[:, R1, C0] + sat[:, R0, C0]  # [C, n, size, size]
     kh, kw = (R1 - R0).float(), (C1 - C0).float()
     return (total.float() / kh / kw).permute(1, 0, 2, 3)
 
 
-def _crops(sat: torch.Tensor, b: torch.Tensor, size: int, w: int, h: int) -> tuple[torch.Tensor, np.ndarray]:
+def _crops(sat: torch.Tensor, b: np.ndarray, size: int, w: int, h: int) -> tuple[torch.Tensor, np.ndarray]:
     """The official per-box crop + area resize of every box with a non-empty crop, scaled for the nets."""
     y, ey, x, ex = _pad(b, w, h)
     ok = (ey > y - 1) & (ex > x - 1)
     if not ok.any():
         return sat.new_zeros((0, 3, size, size), dtype=torch.float32), ok
-    idx = torch.as_tensor(np.stack([y[ok] - 1, ey[ok], x[ok] - 1, ex[ok]]).astype(np.int64)).to(sat.device)
-    data = _area_crops(sat, idx[0], idx[1], idx[2], idx[3], size)
+    data = _area_crops(sat, np.stack([y[ok] - 1, ey[ok], x[ok] - 1, ex[ok]]), size)
     return (data - 127.5) * 0.0078125, ok
 
 
@@ -243,15 +246,15 @@ def _fp32_convolutions(device: torch.device):
 _TF32_LOCK = threading.Lock()
 
 
-def _to_host(*tensors: torch.Tensor) -> list[torch.Tensor]:
-    """Several small device tensors to the CPU in one copy (one synchronisation), as float32/int64 views."""
+def _to_host(*tensors: torch.Tensor) -> list[np.ndarray]:
+    """Several small tensors to host NumPy arrays of their dtypes, in one copy (one synchronisation)."""
     if not tensors or tensors[0].device.type == "cpu":
-        return list(tensors)
-    flat = torch.cat([t.reshape(-1).double() for t in tensors]).cpu()
+        return [t.numpy() for t in tensors]
+    flat = torch.cat([t.reshape(-1).double() for t in tensors]).cpu().numpy()
     out, at = [], 0
     for t in tensors:
         n = t.numel()
-        out.append(flat[at:at + n].reshape(t.shape).to(t.dtype))
+        out.append(flat[at:at + n].reshape(t.shape).astype(np.int64 if t.dtype == torch.int64 else np.float32))
         at += n
     return out
 
@@ -349,60 +352,63 @@ class MTCNN(nn.Module):
         sizes = np.array([sh[0] * sh[1] for sh in shapes])
         offsets = np.concatenate([[0], np.cumsum(sizes)])
         assert offsets[-1] == prob_all.numel(), "P-Net grid sizes disagree with the pyramid's output"
-        which = np.searchsorted(offsets, flat.numpy(), side="right") - 1
+        which = np.searchsorted(offsets, flat, side="right") - 1
+        # Proposals of all scales at once: cell (x, y) of scale s -> [floor((2xy + 1) / s), floor((2xy + 12) / s)]
+        # (float32 division by the float32 scale, as the official per-scale code computes it).
+        local = flat - offsets[which]
+        width = np.array([sh[1] for sh in shapes])[which]
+        xy = np.stack([local % width, local // width], 1).astype(np.float32)
+        scale = np.asarray(scales, dtype=np.float32)[which][:, None]
+        q1 = np.floor((2 * xy + 1) / scale)
+        q2 = np.floor((2 * xy + 12 - 1 + 1) / scale)
+        proposals = np.concatenate([q1, q2, score[:, None], reg.T], 1)
         cand = []
-        for k in np.unique(which):  # per scale, in the official order: proposals, NMS 0.5 within the scale
-            sel = torch.from_numpy(np.nonzero(which == k)[0])
-            local = flat[sel] - int(offsets[k])
-            xy = torch.stack([local % shapes[k][1], local // shapes[k][1]], 1).to(torch.float32)
-            q1 = ((2 * xy + 1) / scales[k]).floor()
-            q2 = ((2 * xy + 12 - 1 + 1) / scales[k]).floor()
-            boxes = torch.cat([q1, q2, score[sel][:, None], reg[:, sel].T], 1)
-            keep = _nms_iou(boxes[:, :4].numpy(), boxes[:, 4].numpy(), 0.5)
-            cand.append(boxes[torch.as_tensor(keep)])
+        for k in np.unique(which):  # per scale, in the official order: NMS 0.5 within the scale
+            idx = np.nonzero(which == k)[0]
+            cand.append(idx[_nms_iou(proposals[idx, :4], proposals[idx, 4], 0.5)])
         if not cand:
             return []
-        boxes = torch.cat(cand, 0)
-        boxes = boxes[torch.as_tensor(_nms_iou(boxes[:, :4].numpy(), boxes[:, 4].numpy(), 0.7))]
+        boxes = proposals[np.concatenate(cand)]
+        boxes = boxes[_nms_iou(boxes[:, :4], boxes[:, 4], 0.7)]
         rw, rh = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
-        boxes = torch.stack([boxes[:, 0] + boxes[:, 5] * rw, boxes[:, 1] + boxes[:, 6] * rh,
-                             boxes[:, 2] + boxes[:, 7] * rw, boxes[:, 3] + boxes[:, 8] * rh, boxes[:, 4]], 1)
+        boxes = np.stack([boxes[:, 0] + boxes[:, 5] * rw, boxes[:, 1] + boxes[:, 6] * rh,
+                          boxes[:, 2] + boxes[:, 7] * rw, boxes[:, 3] + boxes[:, 8] * rh, boxes[:, 4]], 1)
         boxes = _rerec(boxes)
         sat = _integral(img)
 
         # Stage 2: R-Net on 24x24 crops.
         data, ok = _crops(sat, boxes, 24, w, h)
-        boxes = boxes[torch.as_tensor(ok)]
+        boxes = boxes[ok]
         if len(boxes) == 0:
             return []
         reg, probs = _to_host(*self.rnet(data))
         score = probs[:, 1]
         keep = score > th[1]
-        boxes = torch.cat([boxes[keep, :4], score[keep, None]], 1)
+        boxes = np.concatenate([boxes[keep, :4], score[keep, None]], 1)
         reg = reg[keep]
-        pick = torch.as_tensor(_nms_iou(boxes[:, :4].numpy(), boxes[:, 4].numpy(), 0.7), dtype=torch.long)
+        pick = _nms_iou(boxes[:, :4], boxes[:, 4], 0.7)
         boxes = _rerec(_bbreg(boxes[pick], reg[pick]))
         if len(boxes) == 0:
             return []
 
         # Stage 3: O-Net on 48x48 crops: final boxes and five landmarks.
         data, ok = _crops(sat, boxes, 48, w, h)
-        boxes = boxes[torch.as_tensor(ok)]
+        boxes = boxes[ok]
         if len(boxes) == 0:
             return []
         reg, points, probs = _to_host(*self.onet(data))
         score = probs[:, 1]
         keep = score > th[2]
-        boxes = torch.cat([boxes[keep, :4], score[keep, None]], 1)
+        boxes = np.concatenate([boxes[keep, :4], score[keep, None]], 1)
         reg, points = reg[keep], points[keep]
         bw = boxes[:, 2] - boxes[:, 0] + 1
         bh = boxes[:, 3] - boxes[:, 1] + 1
         px = bw[:, None] * points[:, :5] + boxes[:, 0:1] - 1
         py = bh[:, None] * points[:, 5:10] + boxes[:, 1:2] - 1
-        points = torch.stack([px, py], 2)  # [N, 5, 2]
+        points = np.stack([px, py], 2)  # [N, 5, 2]
         boxes = _bbreg(boxes, reg)
-        pick = _nms_min(boxes[:, :4].numpy().astype(np.float64), boxes[:, 4].numpy(), 0.7)
-        boxes, points = boxes.numpy()[pick], points.numpy()[pick]
+        pick = _nms_min(boxes[:, :4].astype(np.float64), boxes[:, 4], 0.7)
+        boxes, points = boxes[pick], points[pick]
 
         area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
         order = np.argsort(area)[::-1]

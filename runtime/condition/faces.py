@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,8 +69,11 @@ class Photo:
 class FaceAnalyzer:
     """MTCNN + the crops. One instance serves many photos."""
 
-    def __init__(self, mtcnn: MTCNN | None = None, device: str | torch.device | None = None):
+    def __init__(self, mtcnn: MTCNN | None = None, device: str | torch.device | None = None,
+                 reuse_frame_detection: bool = True):
         self.mtcnn = mtcnn or MTCNN()
+        # False: detect in the 512 frame even when it is the photo itself (the official code's work).
+        self.reuse_frame_detection = reuse_frame_detection
         if device is not None:
             self.mtcnn.to(device)  # the official code runs MTCNN on CUDA too
         if self.mtcnn.device.type == "cuda" and not isinstance(self.mtcnn.pyramid, CudaGraphed):
@@ -81,6 +85,18 @@ class FaceAnalyzer:
         path = Path(path)
         return self.analyze_image(load_photo(path), path)
 
+    def analyze_many(self, paths: list[str | Path]) -> list[Photo]:
+        """`analyze` of several photos; the later ones are decoded in worker threads while the
+        earlier ones are detected (PIL decodes without holding the GIL). Same results, in order."""
+        paths = [Path(p) for p in paths]
+        if len(paths) < 2:
+            return [self.analyze(p) for p in paths]
+        with ThreadPoolExecutor(max_workers=min(4, len(paths) - 1)) as pool:
+            later = [pool.submit(load_photo, p) for p in paths[1:]]
+            photos = [self.analyze(paths[0])]
+            photos += [self.analyze_image(f.result(), p) for f, p in zip(later, paths[1:])]
+        return photos
+
     def analyze_image(self, image: Image.Image, path: str | Path) -> Photo:
         """Detection in the native photo and in DECA's 512 frame. When the frame is the photo itself
         (a 512x512 photo: `resize_like_deca` is then the identity, pixel for pixel) the detector,
@@ -88,7 +104,7 @@ class FaceAnalyzer:
         arr = np.asarray(image)
         frame = resize_like_deca(arr, DECA_FRAME)
         det = self.mtcnn.detect(arr)
-        same = frame.shape == arr.shape and np.array_equal(frame, arr)
+        same = self.reuse_frame_detection and frame.shape == arr.shape and np.array_equal(frame, arr)
         fdet = det if same else self.mtcnn.detect(frame)
         return Photo(Path(path), image, frame, det[0] if det else None, fdet[0] if fdet else None)
 

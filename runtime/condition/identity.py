@@ -22,22 +22,41 @@ _KEPT = np.zeros(256, dtype=bool)
 _KEPT[list(KEPT_LABELS)] = True
 
 
-def imagenet_input(image: Image.Image, device, dtype) -> torch.Tensor:
-    """[1, 3, H, W] ToTensor + ImageNet normalisation of an RGB photo, computed on `device` in float32
-    (the 8-bit pixels are what travels), then cast to `dtype`."""
+def _pixels(image: Image.Image, device) -> torch.Tensor:
+    """[H, W, 3] uint8 RGB pixels of a photo on `device` (the 8-bit pixels are what travels)."""
     arr = np.asarray(image.convert("RGB"))
-    x = torch.from_numpy(arr if arr.flags.writeable else arr.copy()).to(device).permute(2, 0, 1).float() / 255.0
-    mean = torch.tensor(IMAGENET_MEAN, device=device)[:, None, None]
-    std = torch.tensor(IMAGENET_STD, device=device)[:, None, None]
+    return torch.from_numpy(arr if arr.flags.writeable else arr.copy()).to(device)
+
+
+def imagenet_input(pixels: torch.Tensor, dtype) -> torch.Tensor:
+    """[1, 3, H, W] ToTensor + ImageNet normalisation of [H, W, 3] uint8 pixels, in float32 on their
+    device (the same operations as on the CPU), then cast to `dtype`."""
+    x = pixels.permute(2, 0, 1).float() / 255.0
+    mean = torch.tensor(IMAGENET_MEAN, device=pixels.device)[:, None, None]
+    std = torch.tensor(IMAGENET_STD, device=pixels.device)[:, None, None]
     return ((x - mean) / std)[None].to(dtype)
+
+
+def _labels(bisenet: BiSeNet, pixels: torch.Tensor) -> torch.Tensor:
+    p = next(bisenet.parameters())
+    return bisenet(imagenet_input(pixels.to(p.device), p.dtype))[0].argmax(0)
 
 
 @torch.no_grad()
 def parse_labels(bisenet: BiSeNet, image: Image.Image) -> np.ndarray:
     """[H, W] uint8 CelebAMask-HQ labels (0..18) of an RGB photo at its native resolution."""
     p = next(bisenet.parameters())
-    logits = bisenet(imagenet_input(image, p.device, p.dtype))
-    return logits[0].argmax(0).to(torch.uint8).cpu().numpy()
+    return _labels(bisenet, _pixels(image, p.device)).to(torch.uint8).cpu().numpy()
+
+
+@torch.no_grad()
+def parse_face(bisenet: BiSeNet, image: Image.Image) -> Image.Image:
+    """`whiten_non_face(image, parse_labels(bisenet, image))`, with the whitening done where BiSeNet
+    runs: only the whitened 8-bit photo comes back."""
+    p = next(bisenet.parameters())
+    pixels = _pixels(image, p.device)
+    keep = torch.from_numpy(_KEPT).to(p.device)[_labels(bisenet, pixels).long()]
+    return Image.fromarray(torch.where(keep[..., None], pixels, 255).cpu().numpy())
 
 
 def whiten_non_face(image: Image.Image, labels: np.ndarray) -> Image.Image:
@@ -66,7 +85,7 @@ def identity_context(denoiser, facenet: InceptionResnetV1, bisenet: BiSeNet, ima
     from export.clip import clip_preprocess
 
     id_feat = facenet_embedding(facenet, photo, fallback=fallback)
-    parsed = whiten_non_face(photo.image, parse_labels(bisenet, photo.image))
+    parsed = parse_face(bisenet, photo.image)
     p = next(denoiser.parameters())
     tokens = image_encoder(clip_preprocess(parsed).to(p.device, next(image_encoder.parameters()).dtype))
     return denoiser.project_identity(tokens.to(p.dtype), id_feat.to(p.dtype))

@@ -35,13 +35,64 @@ class _LastHiddenState(nn.Module):
         return self.model(input_ids=input_ids).last_hidden_state
 
 
+class _TextTower(nn.Module):
+    """CLIP's text tower on the HF modules' own weights, with the causal mask built once: the
+    operations of transformers' eager CLIP text forward (scores = (q k^T) * scale + mask, softmax in
+    float32), without its per-call mask construction, which cannot run inside a CUDA-graph capture.
+    `PromptEncoder` checks it against the HF forward before using it."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.tm = getattr(model, "text_model", model)  # some transformers releases nest it
+        self._masks: dict = {}
+
+    def _mask(self, n: int, dtype: torch.dtype, device) -> torch.Tensor:
+        key = (n, dtype, device)
+        if key not in self._masks:
+            self._masks[key] = torch.full((n, n), torch.finfo(dtype).min, dtype=dtype, device=device).triu(1)
+        return self._masks[key]
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        x = self.tm.embeddings(input_ids=input_ids)
+        b, n, _ = x.shape
+        mask = self._mask(n, x.dtype, x.device)
+        for layer in self.tm.encoder.layers:
+            att = layer.self_attn
+            h = layer.layer_norm1(x)
+            q, k, v = (proj(h).view(b, n, -1, att.head_dim).transpose(1, 2)
+                       for proj in (att.q_proj, att.k_proj, att.v_proj))
+            w = torch.matmul(q, k.transpose(-1, -2)) * att.scale + mask
+            w = torch.softmax(w, dim=-1, dtype=torch.float32).to(q.dtype)
+            o = torch.matmul(w, v).transpose(1, 2).reshape(b, n, -1)
+            x = x + att.out_proj(o)
+            x = x + layer.mlp(layer.layer_norm2(x))
+        return self.tm.final_layer_norm(x)
+
+
+def _graphable_tower(model: nn.Module) -> nn.Module:
+    """`_TextTower` when it reproduces the HF forward on this device and dtype, else the HF forward."""
+    hf = _LastHiddenState(model)
+    try:
+        tower = _TextTower(model)
+        p = next(model.parameters())
+        ids = torch.randint(0, model.config.vocab_size, (1, MAX_TOKENS), device=p.device)
+        with torch.no_grad():
+            want, got = hf(ids).float(), tower(ids).float()
+        err = ((got - want).norm() / want.norm().clamp_min(1e-12)).item()
+        if err > (1e-5 if p.dtype == torch.float32 else 2e-3):
+            raise ValueError(f"relative difference {err:.2e} from the transformers forward")
+        return tower
+    except Exception as e:  # another transformers layout: keep its own forward (eager)
+        log.warning("CLIP text tower: using the transformers forward (%s: %s)", type(e).__name__, e)
+        return hf
+
+
 class PromptEncoder:
     """`encoder(prompt) -> [1, 77, C]`; constant prompts come from a per-process cache."""
 
     def __init__(self, text_encoder: TextEncoder, constant: tuple[str, ...] = ("",), graph: bool = False):
         self.text = text_encoder
-        tower = _LastHiddenState(text_encoder.model)
-        self._tower = CudaGraphed(tower) if graph else tower
+        self._tower = CudaGraphed(_graphable_tower(text_encoder.model)) if graph else _LastHiddenState(text_encoder.model)
         self.constant = frozenset(constant)
         self._cache: dict[str, torch.Tensor] = {}
         self._lock = threading.Lock()
