@@ -111,11 +111,16 @@ def bench_step(cfg, device, size: int, repeat: int, modes: list[str]) -> dict:
 
     engine_modes = {
         # the same networks' eager kernels (SDPA attention, channels-last), one CUDA graph per step
-        "graph_eager_kernels": dict(fast_attention=False, channels_last=True, cuda_graph=True),
+        "graph_eager_kernels": dict(fast_attention=False, channels_last=True, cuda_graph=True,
+                                    parallel_side_network=False),
         # torch.compile of the same networks (inductor, default mode), inside our CUDA graph
-        "graph_torch_compile": dict(fast_attention=False, channels_last=True, cuda_graph=True, compile=True),
-        # ours: Triton attention + static cross-attention K/V, channels-last, one CUDA graph per step
+        "graph_torch_compile": dict(fast_attention=False, channels_last=True, cuda_graph=True, compile=True,
+                                    parallel_side_network=False),
+        # ours: Triton attention + static cross-attention K/V, channels-last, CapFace on a second
+        # stream concurrent with the UNet's down/mid blocks, one CUDA graph per step
         "optimized": dict(fast_attention=True, channels_last=True, cuda_graph=True),
+        "optimized_one_stream": dict(fast_attention=True, channels_last=True, cuda_graph=True,
+                                     parallel_side_network=False),
         "optimized_compiled": dict(fast_attention=True, channels_last=True, cuda_graph=True, compile=True),
     }
     for name, kw in engine_modes.items():

@@ -24,7 +24,7 @@ from typing import Callable, Sequence
 import torch
 
 from export.models import CapHumanDenoiser
-from export.networks import hard_mask_like, run_unet
+from export.networks import hard_mask_like, run_unet, unet_decode, unet_encode
 from export.onnx_specs import graph_specs
 from .ddim import ddim_schedule, ddim_update, step_noise, validate_sampling_args
 
@@ -114,7 +114,7 @@ class TorchDenoiserEngine(Engine):
 
     def __init__(self, den: CapHumanDenoiser, *, device: str | torch.device = "cuda", dtype=torch.float16,
                  channels_last: bool | None = None, fast_attention: bool = True, cuda_graph: bool | None = None,
-                 compile: bool = False):
+                 compile: bool = False, parallel_side_network: bool | None = None):
         self.device = torch.device(device)
         self.dtype = dtype
         on_gpu = self.device.type == "cuda"
@@ -138,9 +138,21 @@ class TorchDenoiserEngine(Engine):
                         m.set_processor(self._attn.FastAttnProcessor(self._attn.AttnBackend.AUTO, self._proxy))
         self._unet_fn = self.den.unet
         self._capface_fn = self.den.capface
+        unet = self.den.unet
+        self._unet_enc_fn = lambda x, t, text: unet_encode(unet, x, t, text)
+        self._unet_dec_fn = lambda enc, residuals: unet_decode(unet, enc, residuals)
         if compile:
             self._unet_fn = torch.compile(self.den.unet, dynamic=False)
             self._capface_fn = torch.compile(self.den.capface, dynamic=False)
+            self._unet_enc_fn = torch.compile(self._unet_enc_fn, dynamic=False)
+            self._unet_dec_fn = torch.compile(self._unet_dec_fn, dynamic=False)
+        # CapFace only feeds the UNet's skip connections and mid output, so the UNet's down and mid
+        # blocks do not wait for it: on the GPU CapFace runs on a second stream, concurrently with
+        # them (inside the same CUDA graph), and the UNet's up blocks join both.
+        parallel = on_gpu if parallel_side_network is None else parallel_side_network
+        if parallel and not on_gpu:
+            raise EngineError("parallel_side_network needs a CUDA device (it uses a second CUDA stream)")
+        self._side_stream = torch.cuda.Stream(self.device) if parallel else None
         self._states: dict[tuple, _StepState] = {}
 
     # -- the Engine interface: one fused denoiser call ------------------------------------------
@@ -158,6 +170,9 @@ class TorchDenoiserEngine(Engine):
     def _step(self, s: _StepState, branches: int) -> None:
         """One denoising step on the static buffers (captured as a CUDA graph)."""
         xi = s.x.to(self.dtype)
+        if self._side_stream is not None:
+            self._step_two_streams(s, xi, branches)
+            return
         res, mask = self._capface_fn(xi, s.t, s.hint, s.ctx)
         scaled = [(r * s.strength[i]) * hard_mask_like(mask, r) for i, r in enumerate(res)]
         if branches == 1:
@@ -167,6 +182,35 @@ class TorchDenoiserEngine(Engine):
             pair = run_unet(self._unet_fn, torch.cat([xi, xi]), torch.cat([s.t, s.t]), s.text,
                             [torch.cat([r, r]) for r in scaled])
             eps_c, eps_u = pair[:n], pair[n:]
+            eps = eps_u + s.guidance * (eps_c - eps_u)
+        x_prev = ddim_update(s.x, eps.to(torch.float32), s.a_t, s.a_prev, s.sigma, s.sqrt_1m, s.noise)
+        s.x.copy_(x_prev)
+
+    def _step_two_streams(self, s: _StepState, xi: torch.Tensor, branches: int) -> None:
+        """`_step` with CapFace on the side stream, concurrent with the UNet's down and mid blocks."""
+        main, side = torch.cuda.current_stream(self.device), self._side_stream
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
+            res, mask = self._capface_fn(xi, s.t, s.hint, s.ctx)
+            scaled = [(r * s.strength[i]) * hard_mask_like(mask, r) for i, r in enumerate(res)]
+            if branches == 2:
+                scaled = [torch.cat([r, r]) for r in scaled]
+        # xi is read on both streams; the residuals are made on the side stream and read on main:
+        # tell the caching allocator, so neither block is reused before both streams are done
+        xi.record_stream(side)
+        for r in scaled:
+            r.record_stream(main)
+        if branches == 1:
+            enc = self._unet_enc_fn(xi, s.t, s.text)
+        else:
+            enc = self._unet_enc_fn(torch.cat([xi, xi]), torch.cat([s.t, s.t]), s.text)
+        main.wait_stream(side)
+        out = self._unet_dec_fn(enc, scaled)
+        if branches == 1:
+            eps = out
+        else:
+            n = xi.shape[0]
+            eps_c, eps_u = out[:n], out[n:]
             eps = eps_u + s.guidance * (eps_c - eps_u)
         x_prev = ddim_update(s.x, eps.to(torch.float32), s.a_t, s.a_prev, s.sigma, s.sqrt_1m, s.noise)
         s.x.copy_(x_prev)

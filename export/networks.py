@@ -9,6 +9,7 @@ guided hint, and the hard-masked, per-residual-scaled injection of the side netw
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -122,6 +123,59 @@ def run_unet(unet: UNet2DConditionModel, x: torch.Tensor, t: torch.Tensor, text_
         down, mid = tuple(residuals[:-1]), residuals[-1]
     return unet(x, t, encoder_hidden_states=text_context, down_block_additional_residuals=down,
                 mid_block_additional_residual=mid, return_dict=False)[0]
+
+
+class UNetEncoding(NamedTuple):
+    """What the UNet's first half hands to its second: the mid-block output (before any side-network
+    residual), the skip connections (before residuals), the time embedding and the text context.
+    (A NamedTuple, so torch.compile'd halves return it without a graph break.)"""
+    sample: torch.Tensor
+    skips: tuple[torch.Tensor, ...]
+    emb: torch.Tensor
+    text_context: torch.Tensor
+
+
+def unet_encode(unet: UNet2DConditionModel, x: torch.Tensor, t: torch.Tensor,
+                text_context: torch.Tensor) -> UNetEncoding:
+    """Time embedding, conv_in, down blocks and the mid block: the part of `run_unet` that does not
+    read the side network's residuals, so it can run concurrently with CapFace. With `unet_decode`
+    it computes exactly `run_unet` (same modules, same order; tests check equality)."""
+    t = t.reshape(-1).expand(x.shape[0])
+    emb = unet.time_embedding(unet.get_time_embed(sample=x, timestep=t), None)
+    sample = unet.conv_in(x)
+    skips = (sample,)
+    for block in unet.down_blocks:
+        if getattr(block, "has_cross_attention", False):
+            sample, res = block(hidden_states=sample, temb=emb, encoder_hidden_states=text_context)
+        else:
+            sample, res = block(hidden_states=sample, temb=emb)
+        skips += res
+    sample = unet.mid_block(sample, emb, encoder_hidden_states=text_context)
+    return UNetEncoding(sample, skips, emb, text_context)
+
+
+def unet_decode(unet: UNet2DConditionModel, enc: UNetEncoding, residuals: list[torch.Tensor] | None) -> torch.Tensor:
+    """The up blocks and the output head, after adding the side network's residuals (the
+    ControlNet convention of `run_unet`: one per skip connection, the last one to the mid output)."""
+    skips, sample = enc.skips, enc.sample
+    if residuals is not None:
+        skips = tuple(s + r for s, r in zip(skips, residuals[:-1]))
+        sample = sample + residuals[-1]
+    n_up = len(unet.up_blocks) - 1
+    forward_upsample_size = any(d % (2 ** n_up) for d in skips[0].shape[-2:])
+    upsample_size = None
+    for i, block in enumerate(unet.up_blocks):
+        res, skips = skips[-len(block.resnets):], skips[:-len(block.resnets)]
+        if i < n_up and forward_upsample_size:
+            upsample_size = skips[-1].shape[2:]
+        if getattr(block, "has_cross_attention", False):
+            sample = block(hidden_states=sample, temb=enc.emb, res_hidden_states_tuple=res,
+                           encoder_hidden_states=enc.text_context, upsample_size=upsample_size)
+        else:
+            sample = block(hidden_states=sample, temb=enc.emb, res_hidden_states_tuple=res, upsample_size=upsample_size)
+    if unet.conv_norm_out is not None:
+        sample = unet.conv_act(unet.conv_norm_out(sample))
+    return unet.conv_out(sample)
 
 
 def build_vae(spec: VAESpec) -> AutoencoderKL:

@@ -8,6 +8,7 @@ import copy
 import pytest
 import torch
 
+from engines.base import EngineError
 from engines.torch_engine import TorchDenoiserEngine
 from export.models import load_denoiser
 from runtime.sampling import ddim_sample
@@ -67,6 +68,33 @@ def test_run_is_the_denoiser_graph(dens, tiny_config):
         engine.run({"sample": feed["sample"]})
 
 
+def test_split_unet_equals_run_unet(dens, tiny_config):
+    """unet_encode + unet_decode (the two-stream step's halves) compute exactly run_unet."""
+    from export.networks import run_unet, unet_decode, unet_encode
+
+    ref_den, _ = dens
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 4, 16, 16, generator=g)
+    t = torch.tensor([601, 601])
+    text = torch.randn(2, 77, tiny_config.context_dim, generator=g)
+    hint = torch.rand(1, tiny_config.capface.hint_channels, 128, 128, generator=g)
+    ctx = torch.randn(1, 258, tiny_config.context_dim, generator=g)
+    with torch.no_grad():
+        res, _ = ref_den.capface(x[:1], t[:1], hint, ctx)
+        res = [torch.cat([r, r]) for r in res]
+        assert any(r.abs().max() > 0 for r in res)
+        for residuals in (res, None):
+            want = run_unet(ref_den.unet, x, t, text, residuals)
+            got = unet_decode(ref_den.unet, unet_encode(ref_den.unet, x, t, text), residuals)
+            assert torch.equal(got, want)
+
+
+def test_parallel_side_network_needs_cuda(dens):
+    ref_den, _ = dens
+    with pytest.raises(EngineError, match="CUDA"):
+        TorchDenoiserEngine(copy.deepcopy(ref_den), device="cpu", dtype=torch.float32, parallel_side_network=True)
+
+
 def test_bad_requests(dens, tiny_config):
     _, engine = dens
     inp = _inputs(tiny_config)
@@ -78,10 +106,12 @@ def test_bad_requests(dens, tiny_config):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("parallel", [True, False], ids=["two-streams", "one-stream"])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.float16, 2e-2)])
-def test_cuda_graph_engine_matches_eager(tiny_config_path, official_checkpoint, tiny_config, dtype, tol):
+def test_cuda_graph_engine_matches_eager(tiny_config_path, official_checkpoint, tiny_config, dtype, tol, parallel):
     ref = load_denoiser(tiny_config_path, official_checkpoint).cuda()
-    engine = TorchDenoiserEngine(copy.deepcopy(ref), device="cuda", dtype=dtype)
+    engine = TorchDenoiserEngine(copy.deepcopy(ref), device="cuda", dtype=dtype, parallel_side_network=parallel)
+    assert (engine._side_stream is not None) == parallel
     inp = {k: v.cuda() for k, v in _inputs(tiny_config).items()}
     with torch.no_grad():
         want = ddim_sample(ref, **inp, steps=10)
