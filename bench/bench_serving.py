@@ -68,11 +68,12 @@ def environment(cuda: bool) -> dict:
     import torch
     env = {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
            "platform": platform.platform(), "cpus": os.cpu_count()}
-    for mod in ("triton", "diffusers", "transformers", "tritonclient", "grpc"):
+    from importlib.metadata import PackageNotFoundError, version
+    for dist in ("triton", "diffusers", "transformers", "tritonclient", "grpcio", "nvidia-pytriton"):
         try:
-            env[mod] = getattr(__import__(mod), "__version__", "?")
-        except ImportError:
-            env[mod] = None
+            env[dist] = version(dist)
+        except PackageNotFoundError:
+            env[dist] = None
     if cuda:
         env["gpu"] = torch.cuda.get_device_name(0)
         env["cuda"] = torch.version.cuda
@@ -247,6 +248,9 @@ def serve_and_measure(args, cuda: bool, results: dict, save) -> None:
         code = server.stop()
         results.setdefault("server", {})["exit_code"] = code
         results["server"]["log_tail"] = server.log_tail(30).splitlines()
+        log_text = server.log_path.read_text(errors="replace") if server.log_path.is_file() else ""
+        results["server"]["model_errors"] = sorted({ln.split("] ", 1)[-1][:300] for ln in log_text.splitlines()
+                                                    if "failed to load" in ln or "UNAVAILABLE" in ln})[:10]
         save()
 
 
@@ -334,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         serve_and_measure(args, cuda, results, save)
     except Exception as e:  # noqa: BLE001 - recorded in the JSON
-        results["error"] = f"{type(e).__name__}: {e}"
+        results["error"] = f"{type(e).__name__}: {str(e)[:2000]}"
         save()
         log(f"FAILED: {results['error']}")
         print(table(results))

@@ -154,3 +154,25 @@ def test_batch_of_different_requests_matches_each_alone(pipe):
     assert not torch.allclose(lat[0], lat[1])
     with pytest.raises(ValueError):
         bg.sample([Job(gens[0]), Job(_request(pipe, "x", 4, guidance=5.0))])
+
+
+def test_batch_through_the_torch_engine_matches_each_alone():
+    """The CUDA path's sampler (TorchDenoiserEngine.sample), here on the CPU without graphs: a padded batch of
+    different requests gives each request's latents, and one job equals `generate` with the same engine."""
+    from engines.torch_engine import TorchDenoiserEngine
+    from runtime.pipeline import tiny_random_pipeline
+
+    pipe = tiny_random_pipeline(seed=0)
+    engine = TorchDenoiserEngine(pipe.denoiser, device="cpu", dtype=torch.float32, cuda_graph=False)
+    pipe.sampler, pipe.backend = engine.sample, "torch"
+    gens = [_request(pipe, p, s, scale) for p, s, scale in (("a person", 5, 1.0), ("at night", 6, 0.8),
+                                                             ("smiling", 7, 1.1))]
+    bg = BatchGenerator(pipe, buckets=(1, 2, 4))
+    lat = bg.sample([Job(g) for g in gens])
+    for k, g in enumerate(gens):
+        alone = pipe.generate(g)
+        err = ((lat[k] - alone.latents[0]).abs().max() / alone.latents[0].abs().max()).item()
+        assert err < 1e-4, (k, err)
+    one = bg.sample([Job(gens[1])])
+    assert torch.equal(one, pipe.generate(gens[1]).latents)
+    engine.close()
