@@ -94,7 +94,7 @@ def baseline(args, cuda: bool) -> dict:
     pipe = random_pipeline(args.config, device=device)
     if cuda:
         pipe.image_encoder = None
-    engine = engine_pipeline(pipe, device)
+    engine = engine_pipeline(pipe, device, cpu=args.engine == "torch")
     ctx = torch.randn(1, 258, pipe.config.context_dim, generator=torch.Generator().manual_seed(0))
     hint = sphere_hint(args.resolution)
 
@@ -138,7 +138,7 @@ def make_repository(args, cuda: bool, dst: Path) -> Path:
                               "instance_group [ { count: 1 kind: KIND_CPU } ]", cfg.read_text()))
     params = {"warm_resolutions": str(args.resolution)}
     for key, value in (("max_batch", args.max_batch), ("batch_sizes", args.batch_sizes),
-                       ("batch_gather_ms", args.gather_ms)):
+                       ("batch_gather_ms", args.gather_ms), ("engine", args.engine)):
         if value is not None:
             params[key] = str(value)
     set_parameters(dst / "caphuman" / "config.pbtxt", params)
@@ -298,6 +298,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-batch", type=int, default=None, help="caphuman's max_batch (default: the repository's)")
     ap.add_argument("--batch-sizes", default=None, help="caphuman's batch_sizes, e.g. 1,2,4,8")
     ap.add_argument("--gather-ms", type=float, default=None, help="caphuman's batch_gather_ms")
+    ap.add_argument("--engine", default=None, choices=["auto", "eager", "torch"],
+                    help="caphuman's engine parameter (torch: the engine also on the CPU)")
     ap.add_argument("--progress", action="store_true", help="ask for a progress response per step")
     ap.add_argument("--aux-gpu", action="store_true", help="identity and head_condition on the GPU too")
     ap.add_argument("--server-env", action="append", default=[], help="KEY=VALUE for the server (repeatable)")
@@ -322,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
                                 "steps": args.steps, "guidance": args.guidance, "concurrency": args.concurrency,
                                 "duration_s": args.duration, "warmup_s": args.warmup, "progress": args.progress,
                                 "max_batch": args.max_batch, "batch_sizes": args.batch_sizes,
-                                "gather_ms": args.gather_ms, "aux_models_on_gpu": args.aux_gpu,
+                                "gather_ms": args.gather_ms, "engine": args.engine, "aux_models_on_gpu": args.aux_gpu,
                                 "device": "cuda" if cuda else "cpu"}}
 
     def save():

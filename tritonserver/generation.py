@@ -105,12 +105,17 @@ def item_parameters(pipe, gen, hint_sha256: str | None = None, identity_sha256: 
 
 
 # ------------------------------------------------------------------------------------- the engine
-def engine_pipeline(pipe, device: str, compile: bool = False):
+def engine_pipeline(pipe, device: str, compile: bool = False, cpu: bool = False):
     """On CUDA: the pipeline's networks in fp16 and `TorchDenoiserEngine` (one CUDA graph per step,
-    Triton attention) as its sampler. Returns the engine (None on the CPU: the eager sampler stays)."""
-    if not str(device).startswith("cuda"):
-        return None
+    Triton attention) as its sampler. Returns the engine; None on the CPU (the eager sampler stays) unless
+    `cpu` (the same engine in fp32 without graphs: tests of the serving path on CPU machines)."""
     from engines.torch_engine import TorchDenoiserEngine
+    if not str(device).startswith("cuda"):
+        if not cpu:
+            return None
+        engine = TorchDenoiserEngine(pipe.denoiser, device=device, dtype=torch.float32, cuda_graph=False)
+        pipe.sampler, pipe.backend = engine.sample, "torch-cpu"
+        return engine
     dtype = torch.float16
     pipe.text_encoder.to(device, dtype)
     pipe.vae.to(device, dtype)

@@ -28,7 +28,7 @@ from tritonserver.weights import RANDOM_WEIGHTS_NOTICE, load_generation_pipeline
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 # config.pbtxt parameters of this model (besides torch_threads); values are strings.
 PARAMETERS = {
-    "engine": "auto",             # auto: the torch engine on CUDA, eager on the CPU; or "eager"
+    "engine": "auto",             # auto: the torch engine on CUDA, eager on the CPU; "eager"; "torch" (also on the CPU)
     "compile": "false",           # torch.compile in the engine (minutes of start-up)
     "max_batch": "0",             # items denoised together; 0: 8 on CUDA, 1 on the CPU
     "batch_sizes": "1,2,4,8",     # batches are padded up to one of these (one CUDA graph each)
@@ -114,8 +114,8 @@ class TritonPythonModel:
         p = {k: p.get(k) or default for k, default in PARAMETERS.items()}
         cuda = self.device.startswith("cuda")
         try:
-            if p["engine"] not in ("auto", "eager"):
-                raise ValueError(f"engine must be 'auto' or 'eager', got {p['engine']!r}")
+            if p["engine"] not in ("auto", "eager", "torch"):
+                raise ValueError(f"engine must be 'auto', 'eager' or 'torch', got {p['engine']!r}")
             if p["compile"] not in ("true", "false"):
                 raise ValueError(f"compile must be 'true' or 'false', got {p['compile']!r}")
             max_batch = int(p["max_batch"]) or (8 if cuda else 1)
@@ -133,7 +133,8 @@ class TritonPythonModel:
         self.pipe = load_generation_pipeline(files, self.device)
         if self.random_weights and cuda:
             self.pipe.image_encoder = None  # the identity model's; not used here
-        self.engine = engine_pipeline(self.pipe, self.device, p["compile"] == "true") if p["engine"] == "auto" else None
+        self.engine = None if p["engine"] == "eager" else engine_pipeline(
+            self.pipe, self.device, p["compile"] == "true", cpu=p["engine"] == "torch")
         self.generator = BatchGenerator(self.pipe, buckets if self.engine is not None else (1,))
         self.max_batch = max_batch
         self.identity_cache = LRU(self.settings.identity_cache_entries)
@@ -146,11 +147,11 @@ class TritonPythonModel:
     def _warm_up(self, resolutions, max_batch):
         from runtime.pipeline import GenerationRequest, sphere_hint
         t0 = time.perf_counter()
-        if self.engine is None:  # CPU: one 2-step generation at 256x256
+        if self.engine is None:  # eager (CPU): one 2-step generation at 256x256
             ctx = torch.zeros(1, 258, self.pipe.config.context_dim)
             self.pipe.generate(GenerationRequest(prompt="warm-up", hint=sphere_hint(256), identity_context=ctx, steps=2))
             detail = ""
-        else:  # CUDA: capture every batch size's graph at the usual resolutions
+        else:  # the engine: every batch size at the usual resolutions (CUDA: captures their graphs)
             detail = f": {self.generator.warm_up(resolutions, max_batch)}"
         log(pb_utils, "info", f"caphuman: warm in {time.perf_counter() - t0:.1f} s (device {self.device}){detail}")
 
