@@ -188,14 +188,15 @@ class BatchGenerator:
         return latents_to_uint8(self.pipe.vae.decode(latents.to(self.pipe.dtype)))[0]
 
     def warm_up(self, resolutions: tuple[int, ...], max_batch: int, steps: int = 2) -> dict:
-        """Run every bucket <= max_batch once at each resolution (captures their CUDA graphs). {key: s}."""
+        """Run every bucket a batch of up to max_batch can use, once at each resolution (captures their
+        CUDA graphs). Returns {what: seconds}."""
         from runtime.pipeline import GenerationRequest, sphere_hint
         ctx = torch.zeros(1, 258, self.pipe.config.context_dim)
         times = {}
         for res in resolutions:
             hint = sphere_hint(res)
             for b in self.buckets:
-                if b > max_batch:
+                if b > bucket_size(max_batch, self.buckets):
                     continue
                 t0 = time.perf_counter()
                 jobs = [Job(GenerationRequest(prompt="warm-up", hint=hint, identity_context=ctx, seed=k, steps=steps))

@@ -158,12 +158,11 @@ class TritonPythonModel:
     # ------------------------------------------------------------------------------------ serving
     def execute(self, requests):
         for request in requests:
-            state = None
+            state = _Request(request, request.get_response_sender(), 1)
             try:
-                state, jobs = self._prepare(request)
-                self.scheduler.submit(jobs)
+                self.scheduler.submit(self._prepare(request, state))
             except Exception as e:  # noqa: BLE001 - each request gets its own error; the model keeps serving
-                (state or _Request(request, request.get_response_sender(), 1)).fail(e)
+                state.fail(e)
         return None
 
     def _bls(self, model, inputs, outputs):
@@ -212,14 +211,14 @@ class TritonPythonModel:
         self.hint_cache.put(key, (hint, digest, notes))
         return hint, digest, bool(out["CACHE_HIT"].reshape(-1)[0]), notes
 
-    def _prepare(self, request):
-        """Steps 1-3 for every item: (request state, jobs). Raises RequestError for a bad request."""
+    def _prepare(self, request, state: _Request) -> list:
+        """Steps 1-3 for every item: the jobs. Raises RequestError for a bad request."""
         from runtime.pipeline import GenerationRequest
 
         t_start = time.perf_counter()
         arrays = {t.name(): t.as_numpy() for t in request.inputs()}
         req = parse_request(arrays, self.settings)
-        state = _Request(request, request.get_response_sender(), req.num_items)
+        state.remaining = req.num_items
         t_parsed = time.perf_counter()
         ref_key = sha256(req.reference)
         ctx, id_digest, id_cache, id_ms = self._identity(ref_key, req.reference)
@@ -251,7 +250,7 @@ class TritonPythonModel:
                        "head_condition_ms": (time.perf_counter() - t0) * 1e3,
                        "head_condition_cache": "hit" if hint_hit else "miss", "_t0": t0}
             jobs.append(Job(gen, state, i, req.progress, req.preview_size, params, timings))
-        return state, jobs
+        return jobs
 
     # ------------------------------------------------------------------------ the scheduler thread
     def _run_batch(self, jobs):
