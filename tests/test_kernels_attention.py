@@ -368,3 +368,19 @@ def test_processors_on_cuda_use_triton_and_match_sdpa() -> None:
     torch.testing.assert_close(auto, ref, atol=1e-3, rtol=1e-3)
     for o in outs:
         torch.testing.assert_close(o, ref, atol=1e-2, rtol=1e-2)
+
+
+def test_alignment_hint_is_a_true_divisor() -> None:
+    """ALIGN (the kernel's tl.multiple_of hint) must divide every batch/head/token stride and base
+    address in elements: a wrong hint would make the GPU kernel read misaligned vectors."""
+    base = torch.zeros(2, 64, 8 * 40, dtype=torch.float16)
+    bnhd = base.view(2, 64, 8, 40).transpose(1, 2)           # strides (20480, 40, 320): all multiples of 8
+    assert at._alignment(bnhd) == 8
+    odd = torch.zeros(2, 64, 8 * 41, dtype=torch.float16).view(2, 64, 8, 41).transpose(1, 2)
+    assert at._alignment(odd) == 1                            # head stride 41
+    offset = torch.zeros(2 * 64 * 320 + 4, dtype=torch.float16)[4:].view(2, 64, 8, 40).transpose(1, 2)
+    assert at._alignment(offset) == 4                         # base address 4 elements past an aligned one
+    assert at._alignment(bnhd, odd) == 1                      # the weakest tensor decides
+    for t in (bnhd, odd, offset):
+        a = at._alignment(t)
+        assert all(x % a == 0 for x in (*t.stride()[:3], t.data_ptr() // t.element_size()))
