@@ -11,9 +11,10 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
+import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 import torch
@@ -25,6 +26,9 @@ from export.models import (VAE, CapHumanDenoiser, clip_folder_state, denoiser_fr
                            text_encoder_from_state, vae_from_state)
 
 from .sampling import ddim_sample, validate_sampling_args
+
+if TYPE_CHECKING:
+    from .condition.text import PromptEncoder
 
 log = logging.getLogger(__name__)
 
@@ -119,13 +123,33 @@ class CapHumanPipeline:
         # signature as `ddim_sample` without the model. None: `ddim_sample` on `self.denoiser`.
         self.sampler: Callable | None = None
         self.backend = "eager"
+        # Prompts through `runtime.condition.text.PromptEncoder` (the empty negative prompt encoded once;
+        # on CUDA the text tower replayed from a graph where that is bit-identical), rebuilt when the
+        # text encoder moves to another device or dtype (`attach_backend`, `engine_pipeline`).
+        self._prompts: tuple[tuple, PromptEncoder] | None = None
+        self._prompts_lock = threading.Lock()
 
     @property
     def dtype(self) -> torch.dtype:
         return next(self.denoiser.parameters()).dtype
 
+    def prompt_encoder(self) -> PromptEncoder:
+        """The `PromptEncoder` of the text encoder's current device and dtype."""
+        p = next(self.text_encoder.parameters())
+        key = (p.device, p.dtype, p.data_ptr())
+        with self._prompts_lock:
+            if self._prompts is None or self._prompts[0] != key:
+                from .condition.text import PromptEncoder
+                graph = p.device.type == "cuda"
+                self._prompts = (key, PromptEncoder(self.text_encoder, graph=graph, exact=True))
+            return self._prompts[1]
+
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+        """[len(prompts), 77, C] in the pipeline's dtype. One prompt (what `generate` and the serving
+        batches encode) goes through `prompt_encoder()`: the same numbers as the text encoder's."""
+        if len(prompts) == 1:
+            return self.prompt_encoder()(prompts[0]).to(self.dtype)
         return self.text_encoder(prompts).to(self.dtype)
 
     @torch.no_grad()

@@ -187,3 +187,21 @@ def test_text_tower_equals_the_transformers_forward(tiny_config):
     assert isinstance(_graphable_tower(text.model), _TextTower)
     prompts = PromptEncoder(text, graph=True)  # on the CPU the graph wrapper runs the tower eagerly
     torch.testing.assert_close(prompts("a photo of a person, best quality"), want[:1], rtol=1e-6, atol=1e-6)
+
+
+def test_exact_prompt_encoder_uses_the_tower_only_when_bit_identical(tiny_config, monkeypatch):
+    from export.clip import TextEncoder
+    from runtime.condition.text import PromptEncoder, _LastHiddenState, _TextTower
+    torch.manual_seed(0)
+    text = TextEncoder(tiny_config.text_clip).eval()
+    with torch.no_grad():
+        want = text(["a photo of a person"])
+    prompts = PromptEncoder(text, graph=True, exact=True)
+    assert isinstance(prompts._tower.module, _TextTower)  # equal bit for bit on the CPU
+    torch.testing.assert_close(prompts("a photo of a person"), want, rtol=0, atol=0)
+    forward = _TextTower.forward
+    monkeypatch.setattr(_TextTower, "forward", lambda self, ids: forward(self, ids) * (1 + 1e-6))
+    assert isinstance(PromptEncoder(text, graph=True)._tower.module, _TextTower)  # within the tolerance
+    prompts = PromptEncoder(text, graph=True, exact=True)
+    assert isinstance(prompts._tower.module, _LastHiddenState)  # the transformers forward
+    torch.testing.assert_close(prompts("a photo of a person"), want, rtol=0, atol=0)

@@ -6,7 +6,9 @@
   ``n_prompt = ""``) are encoded once per process and served from memory afterwards: CLIP's text
   tower is a deterministic function of the token ids, so the cached [1, 77, C] tensor is what a
   fresh encoding returns;
-* on a GPU, `graph=True` replays the text tower from a CUDA graph (static [1, 77] token ids).
+* on a GPU, `graph=True` replays the text tower from a CUDA graph (static [1, 77] token ids);
+  with `exact=True` only when its result equals the transformers forward's bit for bit (checked on
+  a probe prompt at construction), else the plain forward runs.
 
     prompts = PromptEncoder(text_encoder, graph=True)
     text_c, text_u = prompts("a photo of a person"), prompts("")
@@ -69,15 +71,24 @@ class _TextTower(nn.Module):
         return self.tm.final_layer_norm(x)
 
 
-def _graphable_tower(model: nn.Module) -> nn.Module:
-    """`_TextTower` when it reproduces the HF forward on this device and dtype, else the HF forward."""
+def _probe_ids(model: nn.Module) -> torch.Tensor:
+    p = next(model.parameters())
+    g = torch.Generator().manual_seed(0)  # not the global generator: a check must not change the caller's draws
+    return torch.randint(0, model.config.vocab_size, (1, MAX_TOKENS), generator=g).to(p.device)
+
+
+def _graphable_tower(model: nn.Module, exact: bool = False) -> nn.Module:
+    """`_TextTower` when it reproduces the HF forward on this device and dtype (bit for bit with
+    `exact`), else the HF forward."""
     hf = _LastHiddenState(model)
     try:
         tower = _TextTower(model)
         p = next(model.parameters())
-        ids = torch.randint(0, model.config.vocab_size, (1, MAX_TOKENS), device=p.device)
+        ids = _probe_ids(model)
         with torch.no_grad():
             want, got = hf(ids).float(), tower(ids).float()
+        if exact and not torch.equal(got, want):
+            raise ValueError(f"differs from the transformers forward by up to {(got - want).abs().max().item():.2e}")
         err = ((got - want).norm() / want.norm().clamp_min(1e-12)).item()
         if err > (1e-5 if p.dtype == torch.float32 else 2e-3):
             raise ValueError(f"relative difference {err:.2e} from the transformers forward")
@@ -90,12 +101,28 @@ def _graphable_tower(model: nn.Module) -> nn.Module:
 class PromptEncoder:
     """`encoder(prompt) -> [1, 77, C]`; constant prompts come from a per-process cache."""
 
-    def __init__(self, text_encoder: TextEncoder, constant: tuple[str, ...] = ("",), graph: bool = False):
+    def __init__(self, text_encoder: TextEncoder, constant: tuple[str, ...] = ("",), graph: bool = False,
+                 exact: bool = False):
         self.text = text_encoder
-        self._tower = CudaGraphed(_graphable_tower(text_encoder.model)) if graph else _LastHiddenState(text_encoder.model)
+        model = text_encoder.model
+        self._tower = CudaGraphed(_graphable_tower(model, exact)) if graph else _LastHiddenState(model)
+        if graph and exact and not self._replays_exactly():
+            self._tower = _LastHiddenState(model)
         self.constant = frozenset(constant)
         self._cache: dict[str, torch.Tensor] = {}
         self._lock = threading.Lock()
+
+    @torch.no_grad()
+    def _replays_exactly(self) -> bool:
+        """`exact`: the graphed tower (captured and replayed here on a GPU) returns the transformers
+        forward's numbers bit for bit; else the plain forward is used, with a warning."""
+        ids = _probe_ids(self.text.model)
+        want, got = _LastHiddenState(self.text.model)(ids), self._tower(ids)
+        if torch.equal(got, want):
+            return True
+        log.warning("CLIP text tower: the graphed tower differs from the transformers forward by up to %.2e; "
+                    "using the transformers forward", (got.float() - want.float()).abs().max().item())
+        return False
 
     @torch.no_grad()
     def __call__(self, prompt: str) -> torch.Tensor:
