@@ -157,3 +157,27 @@ def test_launcher_command_uses_the_wheel_and_this_python(tmp_path):
     assert env["PATH"].split(":")[0] == str(Path(sys.executable).parent)
     assert "nvidia_pytriton.libs" in env["LD_LIBRARY_PATH"]
     assert env["CAPHUMAN_WEIGHTS"] == str((tmp_path / "w").resolve())
+
+
+@pytest.mark.parametrize("name,detections", [("reference_196251.png", 1), ("exp_3.jpg", 2)])
+def test_photo_from_bytes_detects_a_512_photo_once_with_the_same_result(monkeypatch, name, detections):
+    """A 512x512 photo is its own DECA frame: one MTCNN run, the same Photo as detecting both."""
+    from ._shared_data import shared_path
+
+    from runtime.condition import FaceAnalyzer
+    from runtime.condition.faces import DECA_FRAME
+    from runtime.condition.images import resize_like_deca
+    from tritonserver.services import photo_from_bytes
+
+    analyzer = FaceAnalyzer()
+    detect, calls = analyzer.mtcnn.detect, []
+    monkeypatch.setattr(analyzer.mtcnn, "detect", lambda img: calls.append(img.shape) or detect(img))
+    photo = photo_from_bytes(analyzer, shared_path("faces", name).read_bytes(), "REFERENCE_IMAGE", ServerSettings())
+    assert len(calls) == detections
+    arr = np.asarray(photo.image)
+    frame = resize_like_deca(arr, DECA_FRAME)  # the previous code: detect in the photo, then in its frame
+    assert np.array_equal(photo.frame, frame)
+    for got, want in ((photo.detection, detect(arr)[0]), (photo.frame_detection, detect(frame)[0])):
+        assert np.array_equal(got.box, want.box) and np.array_equal(got.landmarks, want.landmarks)
+        assert got.prob == want.prob
+    assert str(photo.path).endswith("REFERENCE_IMAGE")

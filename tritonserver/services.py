@@ -84,17 +84,9 @@ def decode_photo(data: bytes, what: str, settings: ServerSettings) -> Image.Imag
 
 
 def photo_from_bytes(analyzer, data: bytes, what: str, settings: ServerSettings):
-    """`runtime.condition.Photo` of encoded bytes (what `FaceAnalyzer.analyze` does for a file)."""
-    from runtime.condition import Photo
-    from runtime.condition.faces import DECA_FRAME
-    from runtime.condition.images import resize_like_deca
-
-    image = decode_photo(data, what, settings)
-    arr = np.asarray(image)
-    frame = resize_like_deca(arr, DECA_FRAME)
-    det = analyzer.mtcnn.detect(arr)
-    fdet = analyzer.mtcnn.detect(frame)
-    return Photo(_NO_FILE / what, image, frame, det[0] if det else None, fdet[0] if fdet else None)
+    """`runtime.condition.Photo` of encoded bytes (what `FaceAnalyzer.analyze` does for a file: a
+    512x512 photo, which is its own DECA frame, is detected once)."""
+    return analyzer.analyze_image(decode_photo(data, what, settings), _NO_FILE / what)
 
 
 def no_face(what: str) -> RequestError:
