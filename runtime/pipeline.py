@@ -217,10 +217,11 @@ def load_pipeline(config_path, checkpoint, sd_checkpoint=None, vae_checkpoint=No
                             model_hashes={k: v for k, v in hashes.items() if v})
 
 
-def tiny_random_pipeline(seed: int = 0, device="cpu") -> CapHumanPipeline:
-    """The built-in demo: the tiny config with seeded RANDOM weights. Its images are noise-like
-    patterns, not photos: it exists to exercise the whole runtime without the real weights."""
-    config = load_config(packaged_config("cldm_tiny"))
+def random_pipeline(config_name: str = "cldm_tiny", seed: int = 0, device="cpu") -> CapHumanPipeline:
+    """A packaged config with seeded RANDOM weights (the demo, tests, benchmarks at the official
+    sizes). Its images are noise-like patterns, not photos: it exercises the whole runtime, and
+    costs the same compute, without the real weights."""
+    config = load_config(packaged_config(config_name))
     torch.manual_seed(seed)
     den = CapHumanDenoiser(config).eval()
     # Zero-initialised layers in the real model are trained; make them non-zero so CapFace matters.
@@ -231,8 +232,14 @@ def tiny_random_pipeline(seed: int = 0, device="cpu") -> CapHumanPipeline:
     text = TextEncoder(config.text_clip).eval()
     vae = VAE(config).eval()
     image = ImageEncoder(config.vision_clip).eval().requires_grad_(False)
+    label = "tiny" if config_name == "cldm_tiny" else config_name
     return CapHumanPipeline(config, text, den.requires_grad_(False), vae.requires_grad_(False), image, device=device,
-                            model_hashes={"weights": f"tiny-random-seed{seed}"}, random_weights=True)
+                            model_hashes={"weights": f"{label}-random-seed{seed}"}, random_weights=True)
+
+
+def tiny_random_pipeline(seed: int = 0, device="cpu") -> CapHumanPipeline:
+    """The built-in demo: the tiny config with seeded RANDOM weights."""
+    return random_pipeline("cldm_tiny", seed=seed, device=device)
 
 
 def sphere_hint(size: int = 512, light: Sequence[float] | None = None) -> torch.Tensor:

@@ -84,26 +84,9 @@ def random_config(environ=os.environ) -> str:
 
 
 def random_pipeline(config_name: str, seed: int = TINY_SEED, device: str = "cpu"):
-    """`runtime.pipeline.tiny_random_pipeline` for any packaged config: seeded RANDOM weights."""
-    from runtime.pipeline import tiny_random_pipeline
-    if config_name == "cldm_tiny":
-        return tiny_random_pipeline(seed=seed, device=device)
-    from export.clip import ImageEncoder, TextEncoder
-    from export.config import load_config, packaged_config
-    from export.models import VAE, CapHumanDenoiser
-    from runtime.pipeline import CapHumanPipeline
-    config = load_config(packaged_config(config_name))
-    torch.manual_seed(seed)
-    den = CapHumanDenoiser(config).eval()
-    with torch.no_grad():  # zero-initialised layers are trained in the real model; make CapFace matter
-        for p in den.capface.parameters():
-            if p.abs().sum() == 0:
-                p.normal_(0, 0.02)
-    text = TextEncoder(config.text_clip).eval()
-    vae = VAE(config).eval()
-    image = ImageEncoder(config.vision_clip).eval().requires_grad_(False)
-    return CapHumanPipeline(config, text, den.requires_grad_(False), vae.requires_grad_(False), image, device=device,
-                            model_hashes={"weights": f"{config_name}-random-seed{seed}"}, random_weights=True)
+    """`runtime.pipeline.random_pipeline` with the serving default seed: seeded RANDOM weights."""
+    from runtime.pipeline import random_pipeline as build
+    return build(config_name, seed=seed, device=device)
 
 
 def load_generation_pipeline(files: WeightFiles | None, device: str, with_image_encoder: bool = False):
