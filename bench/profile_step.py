@@ -28,7 +28,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.bench_e2e import environment, inputs, make_denoiser, timed  # noqa: E402
+from bench.bench_e2e import INDUCTOR_UNET_OPTIONS, environment, inputs, make_denoiser, timed  # noqa: E402
 from export.config import load_config, packaged_config  # noqa: E402
 
 VARIANTS = {
@@ -73,7 +73,7 @@ def profile(fn, replays: int = 10) -> tuple[dict, dict]:
     per_cat: dict[str, float] = defaultdict(float)
     for name, us in per_kernel.items():
         per_cat[category(name)] += us
-    top = dict(sorted(per_kernel.items(), key=lambda kv: -kv[1])[:25])
+    top = dict(sorted(per_kernel.items(), key=lambda kv: -kv[1])[:80])
     return dict(sorted(per_cat.items(), key=lambda kv: -kv[1])), top
 
 
@@ -81,13 +81,9 @@ def run_variant(name: str, cfg, device, size: int, repeat: int) -> dict:
     from engines.torch_engine import TorchDenoiserEngine
 
     kw = dict(VARIANTS[name])
-    tuned = kw.pop("tuned", False)
+    if kw.pop("tuned", False):
+        kw["compile_options"] = INDUCTOR_UNET_OPTIONS
     if kw.get("compile"):
-        import torch._inductor.config as ic
-
-        ic.conv_1x1_as_mm = tuned
-        ic.coordinate_descent_tuning = tuned
-        ic.epilogue_fusion = not tuned
         torch._dynamo.reset()
     den = make_denoiser(cfg, device, torch.float16)
     eng = TorchDenoiserEngine(den, device=device, dtype=torch.float16, channels_last=True, cuda_graph=True, **kw)

@@ -92,7 +92,8 @@ class _StepState:
     x: torch.Tensor
     t: torch.Tensor
     text: torch.Tensor
-    hint: torch.Tensor
+    guided: torch.Tensor  # CapFace's guided hint, computed once per request (it depends on the hint alone)
+    hard: dict  # (h, w) -> the hard head mask at that residual resolution, once per request
     ctx: torch.Tensor
     strength: torch.Tensor
     guidance: torch.Tensor
@@ -114,7 +115,8 @@ class TorchDenoiserEngine(Engine):
 
     def __init__(self, den: CapHumanDenoiser, *, device: str | torch.device = "cuda", dtype=torch.float16,
                  channels_last: bool | None = None, fast_attention: bool = True, cuda_graph: bool | None = None,
-                 compile: bool = False, parallel_side_network: bool | None = None):
+                 compile: bool = False, parallel_side_network: bool | None = None, fuse_qkv: bool = True,
+                 compile_options: dict | None = None, conv_autotune: bool = True):
         self.device = torch.device(device)
         self.dtype = dtype
         on_gpu = self.device.type == "cuda"
@@ -126,7 +128,8 @@ class TorchDenoiserEngine(Engine):
         self.den.alphas_cumprod = schedule.to(self.device)
         self.spec = graph_specs(den.config)["denoiser"]
         self.num_residuals = den.num_residuals
-        if channels_last if channels_last is not None else on_gpu:
+        self.channels_last = channels_last if channels_last is not None else on_gpu
+        if self.channels_last:
             self.den.unet.to(memory_format=torch.channels_last)
             self.den.capface.to(memory_format=torch.channels_last)
         self._attn = _fast_attention_module() if fast_attention else None
@@ -136,16 +139,29 @@ class TorchDenoiserEngine(Engine):
                 for m in net.modules():
                     if isinstance(m, self._attn.Attention):
                         m.set_processor(self._attn.FastAttnProcessor(self._attn.AttnBackend.AUTO, self._proxy))
+                        if fuse_qkv and not m.is_cross_attention:
+                            # self-attention q/k/v in one GEMM (the engine owns these weights, so
+                            # the fused copy cannot go stale)
+                            m.fuse_projections()
         self._unet_fn = self.den.unet
         self._capface_fn = self.den.capface
+        capface = self.den.capface
+        self._capface_enc_fn = capface.encode
         unet = self.den.unet
         self._unet_enc_fn = lambda x, t, text: unet_encode(unet, x, t, text)
         self._unet_dec_fn = lambda enc, residuals: unet_decode(unet, enc, residuals)
         if compile:
-            self._unet_fn = torch.compile(self.den.unet, dynamic=False)
-            self._capface_fn = torch.compile(self.den.capface, dynamic=False)
-            self._unet_enc_fn = torch.compile(self._unet_enc_fn, dynamic=False)
-            self._unet_dec_fn = torch.compile(self._unet_dec_fn, dynamic=False)
+            def compiled(fn):
+                return torch.compile(fn, dynamic=False, options=compile_options)
+
+            self._unet_fn = compiled(self.den.unet)
+            self._capface_fn = compiled(self.den.capface)
+            self._capface_enc_fn = compiled(capface.encode)
+            self._unet_enc_fn = compiled(self._unet_enc_fn)
+            self._unet_dec_fn = compiled(self._unet_dec_fn)
+        # cuDNN picks each convolution's algorithm by timing them (cudnn.benchmark) during the
+        # warm-up before a CUDA-graph capture; the capture replays those choices
+        self.conv_autotune = conv_autotune
         # CapFace only feeds the UNet's skip connections and mid output, so the UNet's down and mid
         # blocks do not wait for it: on the GPU CapFace runs on a second stream, concurrently with
         # them (inside the same CUDA graph), and the UNet's up blocks join both.
@@ -173,8 +189,8 @@ class TorchDenoiserEngine(Engine):
         if self._side_stream is not None:
             self._step_two_streams(s, xi, branches)
             return
-        res, mask = self._capface_fn(xi, s.t, s.hint, s.ctx)
-        scaled = [(r * s.strength[i]) * hard_mask_like(mask, r) for i, r in enumerate(res)]
+        res = self._capface_enc_fn(xi, s.t, s.guided, s.ctx)
+        scaled = [(r * s.strength[i]) * s.hard[tuple(r.shape[-2:])] for i, r in enumerate(res)]
         if branches == 1:
             eps = run_unet(self._unet_fn, xi, s.t, s.text, scaled)
         else:
@@ -191,8 +207,8 @@ class TorchDenoiserEngine(Engine):
         main, side = torch.cuda.current_stream(self.device), self._side_stream
         side.wait_stream(main)
         with torch.cuda.stream(side):
-            res, mask = self._capface_fn(xi, s.t, s.hint, s.ctx)
-            scaled = [(r * s.strength[i]) * hard_mask_like(mask, r) for i, r in enumerate(res)]
+            res = self._capface_enc_fn(xi, s.t, s.guided, s.ctx)
+            scaled = [(r * s.strength[i]) * s.hard[tuple(r.shape[-2:])] for i, r in enumerate(res)]
             if branches == 2:
                 scaled = [torch.cat([r, r]) for r in scaled]
         # xi is read on both streams; the residuals are made on the side stream and read on main:
@@ -222,9 +238,16 @@ class TorchDenoiserEngine(Engine):
         def scalar(dtype=torch.float32):
             return torch.zeros((), device=dev, dtype=dtype)
 
+        guided = torch.zeros(n, cfg.capface.model_channels, h // 8, w // 8, device=dev, dtype=dt)
+        if self.channels_last:
+            guided = guided.to(memory_format=torch.channels_last)  # as conv_in's output, which it is added to
+        hard, rh, rw = {}, h // 8, w // 8
+        for _ in cfg.capface.channel_mult:  # residual resolutions: each downsample (3x3, stride 2, pad 1) rounds up
+            hard[(rh, rw)] = torch.zeros(n, 1, rh, rw, device=dev, dtype=dt)
+            rh, rw = -(-rh // 2), -(-rw // 2)
         s = _StepState(x=torch.zeros(n, lat, h // 8, w // 8, device=dev), t=torch.zeros(n, dtype=torch.long, device=dev),
                        text=torch.zeros(n * branches, 77, cfg.context_dim, device=dev, dtype=dt),
-                       hint=torch.zeros(n, cfg.capface.hint_channels, h, w, device=dev, dtype=dt),
+                       guided=guided, hard=hard,
                        ctx=torch.zeros(n, 258, cfg.context_dim, device=dev, dtype=dt),
                        strength=torch.zeros(self.num_residuals, device=dev), guidance=scalar(), a_t=scalar(),
                        a_prev=scalar(), sigma=scalar(), sqrt_1m=scalar(),
@@ -234,6 +257,14 @@ class TorchDenoiserEngine(Engine):
         s.kv.gate = s.gate
         self._states[key] = s
         return s
+
+    def _fill_hint(self, s: _StepState, hint: torch.Tensor) -> None:
+        """The per-request hint work, outside the per-step graph: CapFace's guided hint and its
+        hard head masks at every residual resolution (the same ops as in CapFace's forward)."""
+        guided, mask = self.den.capface.embed_hint(hint)
+        s.guided.copy_(guided)
+        for buf in s.hard.values():
+            buf.copy_(hard_mask_like(mask, buf))
 
     def _prepare(self, s: _StepState, branches: int, first: bool) -> None:
         """Fill K/V for this request; on a new key, warm up (Triton JIT, cuDNN) and capture."""
@@ -249,24 +280,33 @@ class TorchDenoiserEngine(Engine):
             s.gate.fill_(1.0)
         s.kv.mode = "fill"
         if self.cuda_graph:
-            side = torch.cuda.Stream(self.device)
-            side.wait_stream(torch.cuda.current_stream(self.device))
-            # Warm up exactly as the capture will run (Triton JIT and autotune happen here, not in capture).
-            warm = self._attn.graph_warmup() if self._attn is not None else contextlib.nullcontext()
-            with torch.cuda.stream(side), warm:
-                for _ in range(2):
-                    self._step(s, branches)
-                    s.x.copy_(x0)
-                    s.kv.mode = "use"
-            torch.cuda.current_stream(self.device).wait_stream(side)
-            s.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(s.graph):
-                self._step(s, branches)
-            s.x.copy_(x0)
+            benchmark = torch.backends.cudnn.benchmark
+            torch.backends.cudnn.benchmark = benchmark or self.conv_autotune
+            try:
+                self._warm_up_and_capture(s, branches, x0)
+            finally:
+                torch.backends.cudnn.benchmark = benchmark
         else:
             self._step(s, branches)
             s.x.copy_(x0)
             s.kv.mode = "use"
+
+    def _warm_up_and_capture(self, s: _StepState, branches: int, x0: torch.Tensor) -> None:
+        """Warm up exactly as the capture will run (Triton JIT and autotune, cuDNN algorithm search
+        happen here, never inside the capture), then capture one step."""
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        warm = self._attn.graph_warmup() if self._attn is not None else contextlib.nullcontext()
+        with torch.cuda.stream(side), warm:
+            for _ in range(2):
+                self._step(s, branches)
+                s.x.copy_(x0)
+                s.kv.mode = "use"
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        s.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(s.graph):
+            self._step(s, branches)
+        s.x.copy_(x0)
 
     @torch.no_grad()
     def sample(self, noise: torch.Tensor, text_cond: torch.Tensor, text_uncond: torch.Tensor, hint: torch.Tensor,
@@ -291,7 +331,7 @@ class TorchDenoiserEngine(Engine):
         dt = self.dtype
         cond = text_cond.to(self.device, dt).expand(n, -1, -1)
         s.text.copy_(cond if branches == 1 else torch.cat([cond, text_uncond.to(self.device, dt).expand(n, -1, -1)]))
-        s.hint.copy_(hint.to(self.device, dt).expand(n, -1, -1, -1))
+        self._fill_hint(s, hint.to(self.device, dt).expand(n, -1, -1, -1))
         s.ctx.copy_(identity_context.to(self.device, dt).expand(n, -1, -1))
         s.strength.copy_(per_residual_strength(strength, self.num_residuals))
         s.guidance.fill_(float(guidance))

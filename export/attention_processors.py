@@ -10,7 +10,9 @@ What the processor does per call:
    attention problems; see ``triton_preferred``), torch SDPA otherwise; "triton" forces the kernel
    (also on CPU tensors under ``TRITON_INTERPRET=1``), "sdpa" forces SDPA. The choice is recorded
    in ``processor.last_backend`` so tests can see it.
-2. Feeds q/k/v as [B, N, H, D] stride views of the projections: no transpose or copy.
+2. Feeds q/k/v as [B, N, H, D] stride views of the projections: no transpose or copy. Where
+   the module's self-attention projections are fused (diffusers' ``Attention.fuse_projections``,
+   which the torch engine calls), q/k/v come from one GEMM.
 3. For cross-attention, reuses K/V projected from the same context tensor (see ``CrossKVCache``):
    the text (77 tokens) and identity (258 tokens) contexts are constant for a whole request, so
    ``to_k``/``to_v`` run once per request instead of once per denoising step.
@@ -254,10 +256,14 @@ class FastAttnProcessor:
         if attn.group_norm is not None:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
 
-        query = attn.to_q(hidden_states)
-        if not is_cross:
-            key, value = attn.to_k(hidden_states), attn.to_v(hidden_states)
+        if not is_cross and getattr(attn, "fused_projections", False) and hasattr(attn, "to_qkv"):
+            # one GEMM instead of three (``Attention.fuse_projections``); the chunks are strided
+            # views, which both the kernel and SDPA take as they are
+            query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
+        elif not is_cross:
+            query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
         else:
+            query = attn.to_q(hidden_states)
             if attn.norm_cross:
                 encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
             if self.kv_cache is not None:

@@ -75,12 +75,22 @@ class SideNetwork(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, hint: torch.Tensor, context: torch.Tensor
                 ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        guided_hint, mask = self.embed_hint(hint)
+        return self.encode(x, t, guided_hint, context), mask
+
+    def embed_hint(self, hint: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(guided hint, head mask or None) of a hint image. They depend on the hint alone (not on
+        x, t or the context), so a sampler computes them once per request instead of once per step."""
+        guided_hint = self.net.controlnet_cond_embedding(hint)
+        mask = torch.sigmoid(self.mask_predict(guided_hint)) if self.mask_predict is not None else None
+        return guided_hint, mask
+
+    def encode(self, x: torch.Tensor, t: torch.Tensor, guided_hint: torch.Tensor, context: torch.Tensor
+               ) -> list[torch.Tensor]:
+        """The residuals [1 + blocks + middle] given the guided hint of ``embed_hint``."""
         net = self.net
         t = t.reshape(-1).expand(x.shape[0])
         emb = net.time_embedding(net.time_proj(t).to(x.dtype))
-        guided_hint = net.controlnet_cond_embedding(hint)
-        mask = torch.sigmoid(self.mask_predict(guided_hint)) if self.mask_predict is not None else None
-
         h = net.conv_in(x) + guided_hint
         features = [h]
         for block in net.down_blocks:
@@ -92,7 +102,7 @@ class SideNetwork(nn.Module):
         residuals = [zero_conv(f) for zero_conv, f in zip(net.controlnet_down_blocks, features)]
         h = net.mid_block(h, emb, encoder_hidden_states=context)
         residuals.append(net.controlnet_mid_block(h))
-        return residuals, mask
+        return residuals
 
 
 def hard_mask_like(mask: torch.Tensor, feature: torch.Tensor) -> torch.Tensor:

@@ -48,13 +48,19 @@ def test_engine_equals_ddim_sample(dens, tiny_config, kw):
         assert rel_err(got, want) <= 1e-6
 
 
-def test_new_request_refreshes_cross_attention_kv(dens, tiny_config):
+@pytest.mark.parametrize("lat", [8, 6], ids=["latent8", "latent6-odd-residuals"])
+def test_new_request_refreshes_per_request_state(dens, tiny_config, lat):
+    """Cross-attention K/V, CapFace's guided hint and the hard head masks are computed once per
+    request: a second request on the same buffers must not see the first one's. Latent 6 gives
+    residual resolutions 6, 3, 2, 1 (the downsamples round up)."""
     ref_den, engine = dens
-    a, b = _inputs(tiny_config, seed=1), _inputs(tiny_config, seed=2)
+    a, b = _inputs(tiny_config, lat=lat, seed=1), _inputs(tiny_config, lat=lat, seed=2)
     engine.sample(**a, steps=2)
-    got = engine.sample(**b, steps=2)
-    with torch.no_grad():
-        assert rel_err(got, ddim_sample(ref_den, **b, steps=2)) <= 1e-6
+    only_hint = {**a, "hint": b["hint"]}
+    for inp in (b, only_hint):
+        got = engine.sample(**inp, steps=2)
+        with torch.no_grad():
+            assert rel_err(got, ddim_sample(ref_den, **inp, steps=2)) <= 1e-6
 
 
 def test_run_is_the_denoiser_graph(dens, tiny_config):

@@ -223,6 +223,27 @@ def test_enable_fast_attention_same_output_cpu_fallback() -> None:
     torch.testing.assert_close(back, ref, rtol=0, atol=0)
 
 
+def test_fused_self_attention_projections() -> None:
+    """With diffusers' fuse_projections (what the torch engine does), self-attention q/k/v come
+    from one to_qkv GEMM as strided views, and the network computes the same."""
+    _, Attention, _, ap = _diffusers()
+    unet = _tiny_unet()
+    x, t, ctx = torch.randn(2, 4, 8, 8), torch.tensor([10, 10]), torch.randn(2, 7, 24)
+    calls = {"q": 0, "qkv": 0}
+    with torch.no_grad():
+        ref = unet(x, t, ctx).sample
+        ap.enable_fast_attention(unet)
+        selfs = [m for m in unet.modules() if isinstance(m, Attention) and not m.is_cross_attention]
+        assert selfs
+        for m in selfs:
+            m.fuse_projections()
+            m.to_q.register_forward_hook(lambda *_: calls.__setitem__("q", calls["q"] + 1))
+            m.to_qkv.register_forward_hook(lambda *_: calls.__setitem__("qkv", calls["qkv"] + 1))
+        out = unet(x, t, ctx).sample
+    assert calls == {"q": 0, "qkv": len(selfs)}
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+
+
 def test_select_backend_is_explicit() -> None:
     _, Attention, AttnProcessor2_0, ap = _diffusers()
     cpu16 = torch.zeros(1, 4, 2, 40, dtype=torch.float16)
@@ -330,7 +351,12 @@ _UNET_TRITON_SCRIPT = textwrap.dedent(
         ap.enable_fast_attention(unet, backend="triton")
         tri = unet(x.bfloat16(), t, ctx.bfloat16()).sample.double()
         used = {m.processor.last_backend.value for m in unet.modules() if hasattr(m, "processor")}
-    print("RESULT", (tri - sdpa).abs().max().item(), (sdpa - ref).abs().max().item(), sorted(used))
+        for m in unet.modules():  # fused q/k/v: the kernel takes the strided chunks of one GEMM
+            if hasattr(m, "processor") and not m.is_cross_attention:
+                m.fuse_projections()
+        fused = unet(x.bfloat16(), t, ctx.bfloat16()).sample.double()
+    print("RESULT", (tri - sdpa).abs().max().item(), (sdpa - ref).abs().max().item(), sorted(used),
+          (fused - tri).abs().max().item())
     """
 )
 
@@ -338,8 +364,11 @@ _UNET_TRITON_SCRIPT = textwrap.dedent(
 def test_unet_through_triton_kernel_interpreted() -> None:
     _, Attention, AttnProcessor2_0, ap = _diffusers()
     out = _run_interpreted(_UNET_TRITON_SCRIPT)
-    _, tri_vs_sdpa, sdpa_vs_fp32, used = next(ln for ln in out.splitlines() if ln.startswith("RESULT")).split(" ", 3)
-    assert used == "['triton']"
+    line = next(ln for ln in out.splitlines() if ln.startswith("RESULT"))
+    _, tri_vs_sdpa, sdpa_vs_fp32, used, fused_vs_tri = line.replace("['triton']", "triton").split(" ")
+    assert used == "triton"
+    # same weights, one GEMM instead of three: at most a bf16 rounding apart
+    assert float(fused_vs_tri) <= max(float(sdpa_vs_fp32), 2e-2), fused_vs_tri
     # bf16 network: Triton must be as close to the bf16 SDPA run as bf16 rounding allows
     assert float(tri_vs_sdpa) <= max(2 * float(sdpa_vs_fp32), 2e-2), (tri_vs_sdpa, sdpa_vs_fp32)
 
