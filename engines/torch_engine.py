@@ -18,6 +18,7 @@ Aliasing: `sample` returns a fresh tensor; the per-step `callback` receives a cl
 from __future__ import annotations
 
 import contextlib
+import types
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -132,6 +133,8 @@ class TorchDenoiserEngine(Engine):
         if self.channels_last:
             self.den.unet.to(memory_format=torch.channels_last)
             self.den.capface.to(memory_format=torch.channels_last)
+            for net in (self.den.unet, self.den.capface.net):
+                keep_transformer_outputs_channels_last(net)
         self._attn = _fast_attention_module() if fast_attention else None
         self._proxy = _KVProxy()
         if self._attn is not None:
@@ -143,10 +146,12 @@ class TorchDenoiserEngine(Engine):
                             # self-attention q/k/v in one GEMM (the engine owns these weights, so
                             # the fused copy cannot go stale)
                             m.fuse_projections()
+        # The UNet's first self-attention sees the two CFG branches before any text has entered
+        # (same latents, same timestep): it runs on one branch and is tiled (see _step).
+        self._first_self_attn = _first_self_attention_processor(self.den.unet) if self._attn is not None else None
         self._unet_fn = self.den.unet
         self._capface_fn = self.den.capface
-        capface = self.den.capface
-        self._capface_enc_fn = capface.encode
+        self._capface_res_fn = self._capface_residuals
         unet = self.den.unet
         self._unet_enc_fn = lambda x, t, text: unet_encode(unet, x, t, text)
         self._unet_dec_fn = lambda enc, residuals: unet_decode(unet, enc, residuals)
@@ -156,7 +161,7 @@ class TorchDenoiserEngine(Engine):
 
             self._unet_fn = compiled(self.den.unet)
             self._capface_fn = compiled(self.den.capface)
-            self._capface_enc_fn = compiled(capface.encode)
+            self._capface_res_fn = compiled(self._capface_residuals)
             self._unet_enc_fn = compiled(self._unet_enc_fn)
             self._unet_dec_fn = compiled(self._unet_dec_fn)
         # cuDNN picks each convolution's algorithm by timing them (cudnn.benchmark) during the
@@ -185,12 +190,22 @@ class TorchDenoiserEngine(Engine):
     # -- whole DDIM loops ---------------------------------------------------------------------------
     def _step(self, s: _StepState, branches: int) -> None:
         """One denoising step on the static buffers (captured as a CUDA graph)."""
+        if self._first_self_attn is None:
+            self._step_body(s, branches)
+            return
+        # a Python flag, read while running/tracing/capturing this step only (`run` takes any input)
+        self._first_self_attn.identical_batch_halves = branches == 2
+        try:
+            self._step_body(s, branches)
+        finally:
+            self._first_self_attn.identical_batch_halves = False
+
+    def _step_body(self, s: _StepState, branches: int) -> None:
         xi = s.x.to(self.dtype)
         if self._side_stream is not None:
             self._step_two_streams(s, xi, branches)
             return
-        res = self._capface_enc_fn(xi, s.t, s.guided, s.ctx)
-        scaled = [(r * s.strength[i]) * s.hard[tuple(r.shape[-2:])] for i, r in enumerate(res)]
+        scaled = self._capface_res_fn(xi, s.t, s.guided, s.ctx, s.strength, s.hard)
         if branches == 1:
             eps = run_unet(self._unet_fn, xi, s.t, s.text, scaled)
         else:
@@ -202,15 +217,19 @@ class TorchDenoiserEngine(Engine):
         x_prev = ddim_update(s.x, eps.to(torch.float32), s.a_t, s.a_prev, s.sigma, s.sqrt_1m, s.noise)
         s.x.copy_(x_prev)
 
+    def _capface_residuals(self, x: torch.Tensor, t: torch.Tensor, guided: torch.Tensor, ctx: torch.Tensor,
+                           strength: torch.Tensor, hard: dict) -> list[torch.Tensor]:
+        """CapFace's residuals, scaled and hard-masked as the official code does (one compiled
+        function with the network, so the scaling fuses into its last kernels)."""
+        res = self.den.capface.encode(x, t, guided, ctx)
+        return [(r * strength[i]) * hard[tuple(r.shape[-2:])] for i, r in enumerate(res)]
+
     def _step_two_streams(self, s: _StepState, xi: torch.Tensor, branches: int) -> None:
         """`_step` with CapFace on the side stream, concurrent with the UNet's down and mid blocks."""
         main, side = torch.cuda.current_stream(self.device), self._side_stream
         side.wait_stream(main)
         with torch.cuda.stream(side):
-            res = self._capface_enc_fn(xi, s.t, s.guided, s.ctx)
-            scaled = [(r * s.strength[i]) * s.hard[tuple(r.shape[-2:])] for i, r in enumerate(res)]
-            if branches == 2:
-                scaled = [torch.cat([r, r]) for r in scaled]
+            scaled = self._capface_res_fn(xi, s.t, s.guided, s.ctx, s.strength, s.hard)
         # xi is read on both streams; the residuals are made on the side stream and read on main:
         # tell the caching allocator, so neither block is reused before both streams are done
         xi.record_stream(side)
@@ -365,6 +384,41 @@ class TorchDenoiserEngine(Engine):
             for net in (self.den.unet, self.den.capface.net):
                 self._attn.disable_fast_attention(net)
         self._states.clear()
+
+
+def _transformer_output_channels_last(self, hidden_states, residual, batch_size, height, width, inner_dim):
+    """diffusers' Transformer2DModel._get_output_for_continuous_inputs without its `.contiguous()`:
+    the permuted [B, H, W, C] tokens already are a channels-last [B, C, H, W] tensor, and forcing
+    them to NCHW only makes the channels-last 1x1 conv and the next GroupNorm convert them back."""
+    if not self.use_linear_projection:
+        hidden_states = self.proj_out(hidden_states.reshape(batch_size, height, width, inner_dim).permute(0, 3, 1, 2))
+    else:
+        hidden_states = self.proj_out(hidden_states).reshape(batch_size, height, width, inner_dim).permute(0, 3, 1, 2)
+    return hidden_states + residual
+
+
+def keep_transformer_outputs_channels_last(net: torch.nn.Module) -> int:
+    """Make every diffusers Transformer2DModel in ``net`` return its output in the channels-last
+    layout it computes it in (same values); returns how many were changed."""
+    from diffusers.models.transformers.transformer_2d import Transformer2DModel
+
+    changed = 0
+    for m in net.modules():
+        if isinstance(m, Transformer2DModel) and m.is_input_continuous:
+            m._get_output_for_continuous_inputs = types.MethodType(_transformer_output_channels_last, m)
+            changed += 1
+    return changed
+
+
+def _first_self_attention_processor(unet):
+    """The processor of the UNet's first self-attention (down block 0, transformer block 0, attn1),
+    or None where the UNet has none there."""
+    try:
+        attn = unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1
+    except (AttributeError, IndexError, TypeError):
+        return None
+    proc = getattr(attn, "processor", None)
+    return proc if hasattr(proc, "identical_batch_halves") and not attn.is_cross_attention else None
 
 
 class _KVProxy:

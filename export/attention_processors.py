@@ -229,6 +229,10 @@ class FastAttnProcessor:
         self.backend = AttnBackend(backend)
         self.kv_cache = kv_cache
         self.last_backend: AttnBackend | None = None
+        # Set by a caller that guarantees the two halves of the batch are equal (the two CFG
+        # branches of the UNet's first self-attention, before any text has entered): self-attention
+        # then runs on the first half only and its output is tiled.
+        self.identical_batch_halves = False
 
     def __call__(
         self,
@@ -240,6 +244,14 @@ class FastAttnProcessor:
         *args,
         **kwargs,
     ) -> torch.Tensor:
+        if (self.identical_batch_halves and encoder_hidden_states is None and attention_mask is None
+                and temb is None and hidden_states.shape[0] % 2 == 0):
+            half = self._attend(attn, hidden_states[: hidden_states.shape[0] // 2], None, None, temb)
+            return half.repeat(2, *([1] * (half.ndim - 1)))
+        return self._attend(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+
+    def _attend(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None,
+                attention_mask: torch.Tensor | None, temb: torch.Tensor | None) -> torch.Tensor:
         residual = hidden_states
         if attn.spatial_norm is not None:
             hidden_states = attn.spatial_norm(hidden_states, temb)

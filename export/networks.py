@@ -164,13 +164,24 @@ def unet_encode(unet: UNet2DConditionModel, x: torch.Tensor, t: torch.Tensor,
     return UNetEncoding(sample, skips, emb, text_context)
 
 
+def _add_tiled(feature: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """feature + residual, where a residual of batch n serves a feature of batch k*n (the k CFG
+    branches of the same samples, as ``torch.cat([r] * k)``); compiled, the tiling is fused into the
+    add instead of materialised."""
+    if residual.shape[0] != feature.shape[0]:
+        residual = residual.repeat(feature.shape[0] // residual.shape[0], 1, 1, 1)
+    return feature + residual
+
+
 def unet_decode(unet: UNet2DConditionModel, enc: UNetEncoding, residuals: list[torch.Tensor] | None) -> torch.Tensor:
     """The up blocks and the output head, after adding the side network's residuals (the
-    ControlNet convention of `run_unet`: one per skip connection, the last one to the mid output)."""
+    ControlNet convention of `run_unet`: one per skip connection, the last one to the mid output).
+    Residuals may have the batch of the samples when the UNet runs k CFG branches of them
+    (batch k*n): they are tiled, as `run_unet` with `torch.cat([r] * k)` does."""
     skips, sample = enc.skips, enc.sample
     if residuals is not None:
-        skips = tuple(s + r for s, r in zip(skips, residuals[:-1]))
-        sample = sample + residuals[-1]
+        skips = tuple(_add_tiled(s, r) for s, r in zip(skips, residuals[:-1]))
+        sample = _add_tiled(sample, residuals[-1])
     n_up = len(unet.up_blocks) - 1
     forward_upsample_size = any(d % (2 ** n_up) for d in skips[0].shape[-2:])
     upsample_size = None

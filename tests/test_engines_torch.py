@@ -86,13 +86,16 @@ def test_split_unet_equals_run_unet(dens, tiny_config):
     hint = torch.rand(1, tiny_config.capface.hint_channels, 128, 128, generator=g)
     ctx = torch.randn(1, 258, tiny_config.context_dim, generator=g)
     with torch.no_grad():
-        res, _ = ref_den.capface(x[:1], t[:1], hint, ctx)
-        res = [torch.cat([r, r]) for r in res]
+        res1, _ = ref_den.capface(x[:1], t[:1], hint, ctx)
+        res = [torch.cat([r, r]) for r in res1]
         assert any(r.abs().max() > 0 for r in res)
         for residuals in (res, None):
             want = run_unet(ref_den.unet, x, t, text, residuals)
             got = unet_decode(ref_den.unet, unet_encode(ref_den.unet, x, t, text), residuals)
             assert torch.equal(got, want)
+        # batch-1 residuals for a batch-2 (two CFG branches) UNet are tiled, as torch.cat([r, r])
+        want = run_unet(ref_den.unet, x, t, text, res)
+        assert torch.equal(unet_decode(ref_den.unet, unet_encode(ref_den.unet, x, t, text), res1), want)
 
 
 def test_parallel_side_network_needs_cuda(dens):
@@ -125,3 +128,50 @@ def test_cuda_graph_engine_matches_eager(tiny_config_path, official_checkpoint, 
         got = engine.sample(**inp, steps=10)
         assert next(iter(engine._states.values())).graph is not None
         assert rel_err(got, want) <= tol
+
+
+def test_first_self_attention_runs_one_cfg_branch(dens, tiny_config):
+    """With guidance the UNet's first self-attention sees both CFG branches equal (no text yet): the
+    engine runs it on one branch (fused q/k/v GEMM of batch n, not 2n); results stay those of
+    ddim_sample (test_engine_equals_ddim_sample), and a guidance-1 request runs it on the full batch."""
+    ref_den, engine = dens
+    attn = engine.den.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1
+    seen = []
+    hook = attn.to_qkv.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[0]))
+    try:
+        inp = _inputs(tiny_config, n=1)
+        engine.sample(**inp, steps=2)
+        assert seen and set(seen) == {1}
+        seen.clear()
+        engine.sample(**_inputs(tiny_config, n=2), steps=2, guidance=1.0)  # two different samples
+        assert seen and set(seen) == {2}
+        seen.clear()
+        engine.sample(**_inputs(tiny_config, n=2), steps=2)  # UNet batch 4 = 2 branches x 2 samples
+        assert seen and set(seen) == {2}
+    finally:
+        hook.remove()
+    assert attn.processor.identical_batch_halves is False  # only ever set inside a step
+
+
+def test_channels_last_engine_keeps_transformer_outputs_channels_last(tiny_config_path, official_checkpoint, tiny_config):
+    """channels_last=True (the GPU default): the transformers hand their output on in channels-last
+    (no NCHW round trip), and the engine still computes what ddim_sample computes."""
+    from diffusers.models.transformers.transformer_2d import Transformer2DModel
+
+    ref_den = load_denoiser(tiny_config_path, official_checkpoint)
+    engine = TorchDenoiserEngine(copy.deepcopy(ref_den), device="cpu", dtype=torch.float32, channels_last=True)
+    blocks = [m for m in engine.den.unet.modules() if isinstance(m, Transformer2DModel)]
+    assert blocks
+    layouts = []
+    # what the 1x1 output conv reads: the tokens in channels-last, not an NCHW copy of them
+    hooks = [b.proj_out.register_forward_pre_hook(lambda m, args: layouts.append(
+        args[0].is_contiguous(memory_format=torch.channels_last) and not args[0].is_contiguous())) for b in blocks]
+    try:
+        inp = _inputs(tiny_config)
+        got = engine.sample(**inp, steps=4)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert layouts and all(layouts)
+    with torch.no_grad():
+        assert rel_err(got, ddim_sample(ref_den, **inp, steps=4)) <= 1e-6
