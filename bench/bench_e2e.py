@@ -118,13 +118,13 @@ def bench_step(cfg, device, size: int, repeat: int, modes: list[str]) -> dict:
         # the same networks' eager kernels (SDPA attention, channels-last), one CUDA graph per step,
         # cuDNN's default (heuristic) convolution algorithms: the baseline as the issue measured it
         "graph_eager_kernels": dict(fast_attention=False, channels_last=True, cuda_graph=True,
-                                    parallel_side_network=False, conv_autotune=False),
+                                    parallel_side_network=False, conv_autotune=False, rewrite_networks=False),
         # ... with cuDNN's algorithm search (cudnn.benchmark), which every other mode gets
         "graph_eager_kernels_autotuned": dict(fast_attention=False, channels_last=True, cuda_graph=True,
-                                              parallel_side_network=False),
+                                              parallel_side_network=False, rewrite_networks=False),
         # torch.compile of the same networks (inductor, default mode), inside our CUDA graph
         "graph_torch_compile": dict(fast_attention=False, channels_last=True, cuda_graph=True, compile=True,
-                                    parallel_side_network=False),
+                                    parallel_side_network=False, rewrite_networks=False),
         # ours: Triton attention + static cross-attention K/V, channels-last, CapFace on a second
         # stream concurrent with the UNet's down/mid blocks, one CUDA graph per step
         "optimized": dict(fast_attention=True, channels_last=True, cuda_graph=True),

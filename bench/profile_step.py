@@ -32,7 +32,7 @@ from bench.bench_e2e import INDUCTOR_UNET_OPTIONS, environment, inputs, make_den
 from export.config import load_config, packaged_config  # noqa: E402
 
 VARIANTS = {
-    "graph_eager_kernels": dict(fast_attention=False),
+    "graph_eager_kernels": dict(fast_attention=False, rewrite_networks=False, conv_autotune=False),
     "optimized": dict(fast_attention=True),
     "optimized_compiled": dict(fast_attention=True, compile=True),
     "optimized_compiled_tuned": dict(fast_attention=True, compile=True, tuned=True),

@@ -27,6 +27,7 @@ import torch
 from export.models import CapHumanDenoiser
 from export.networks import hard_mask_like, run_unet, unet_decode, unet_encode
 from export.onnx_specs import graph_specs
+from export.time_projections import fuse_time_projections
 from .ddim import ddim_schedule, ddim_update, step_noise, validate_sampling_args
 
 from .base import Engine, EngineError
@@ -116,7 +117,7 @@ class TorchDenoiserEngine(Engine):
 
     def __init__(self, den: CapHumanDenoiser, *, device: str | torch.device = "cuda", dtype=torch.float16,
                  channels_last: bool | None = None, fast_attention: bool = True, cuda_graph: bool | None = None,
-                 compile: bool = False, parallel_side_network: bool | None = None, fuse_qkv: bool = True,
+                 compile: bool = False, parallel_side_network: bool | None = None, rewrite_networks: bool = True,
                  compile_options: dict | None = None, conv_autotune: bool = True):
         self.device = torch.device(device)
         self.dtype = dtype
@@ -133,8 +134,15 @@ class TorchDenoiserEngine(Engine):
         if self.channels_last:
             self.den.unet.to(memory_format=torch.channels_last)
             self.den.capface.to(memory_format=torch.channels_last)
+        # Same-value rewrites of the networks (the engine owns them, so the fused weight copies
+        # cannot go stale): the blocks' time projections as one GEMM, transformer outputs left in
+        # channels-last, and (below, with our attention) self-attention q/k/v as one GEMM.
+        self.rewrite_networks = rewrite_networks
+        if rewrite_networks:
             for net in (self.den.unet, self.den.capface.net):
-                keep_transformer_outputs_channels_last(net)
+                fuse_time_projections(net)
+                if self.channels_last:
+                    keep_transformer_outputs_channels_last(net)
         self._attn = _fast_attention_module() if fast_attention else None
         self._proxy = _KVProxy()
         if self._attn is not None:
@@ -142,10 +150,8 @@ class TorchDenoiserEngine(Engine):
                 for m in net.modules():
                     if isinstance(m, self._attn.Attention):
                         m.set_processor(self._attn.FastAttnProcessor(self._attn.AttnBackend.AUTO, self._proxy))
-                        if fuse_qkv and not m.is_cross_attention:
-                            # self-attention q/k/v in one GEMM (the engine owns these weights, so
-                            # the fused copy cannot go stale)
-                            m.fuse_projections()
+                        if rewrite_networks and not m.is_cross_attention:
+                            m.fuse_projections()  # self-attention q/k/v in one GEMM
         # The UNet's first self-attention sees the two CFG branches before any text has entered
         # (same latents, same timestep): it runs on one branch and is tiled (see _step).
         self._first_self_attn = _first_self_attention_processor(self.den.unet) if self._attn is not None else None
