@@ -158,9 +158,8 @@ class TorchDenoiserEngine(Engine):
         self._unet_fn = self.den.unet
         self._capface_fn = self.den.capface
         self._capface_res_fn = self._capface_residuals
-        unet = self.den.unet
-        self._unet_enc_fn = lambda x, t, text: unet_encode(unet, x, t, text)
-        self._unet_dec_fn = lambda enc, residuals: unet_decode(unet, enc, residuals)
+        self._unet_enc_fn = self._unet_first_half
+        self._unet_dec_fn = self._unet_second_half_and_update
         if compile:
             def compiled(fn):
                 return torch.compile(fn, dynamic=False, options=compile_options)
@@ -207,54 +206,56 @@ class TorchDenoiserEngine(Engine):
             self._first_self_attn.identical_batch_halves = False
 
     def _step_body(self, s: _StepState, branches: int) -> None:
-        xi = s.x.to(self.dtype)
-        if self._side_stream is not None:
-            self._step_two_streams(s, xi, branches)
-            return
-        scaled = self._capface_res_fn(xi, s.t, s.guided, s.ctx, s.strength, s.hard)
-        if branches == 1:
-            eps = run_unet(self._unet_fn, xi, s.t, s.text, scaled)
+        """CapFace (on the side stream when there is one, concurrent with the UNet's down and mid
+        blocks), the UNet's two halves, guidance and the DDIM update: three (compiled) functions
+        that read the static buffers, so the casts, CFG concatenations and the update fuse into
+        the networks' kernels."""
+        side = self._side_stream
+        if side is not None:
+            main = torch.cuda.current_stream(self.device)
+            side.wait_stream(main)
+            with torch.cuda.stream(side):
+                scaled = self._capface_res_fn(s.x, s.t, s.guided, s.ctx, s.strength, s.hard)
+            # made on the side stream, read on main: keep the allocator from reusing them early
+            for r in scaled:
+                r.record_stream(main)
         else:
-            n = xi.shape[0]
-            pair = run_unet(self._unet_fn, torch.cat([xi, xi]), torch.cat([s.t, s.t]), s.text,
-                            [torch.cat([r, r]) for r in scaled])
-            eps_c, eps_u = pair[:n], pair[n:]
-            eps = eps_u + s.guidance * (eps_c - eps_u)
-        x_prev = ddim_update(s.x, eps.to(torch.float32), s.a_t, s.a_prev, s.sigma, s.sqrt_1m, s.noise)
+            scaled = self._capface_res_fn(s.x, s.t, s.guided, s.ctx, s.strength, s.hard)
+        enc = self._unet_enc_fn(s.x, s.t, s.text, branches)
+        if side is not None:
+            main.wait_stream(side)
+        x_prev = self._unet_dec_fn(enc, scaled, s.x, s.guidance, s.a_t, s.a_prev, s.sigma, s.sqrt_1m, s.noise,
+                                   branches)
         s.x.copy_(x_prev)
 
     def _capface_residuals(self, x: torch.Tensor, t: torch.Tensor, guided: torch.Tensor, ctx: torch.Tensor,
                            strength: torch.Tensor, hard: dict) -> list[torch.Tensor]:
         """CapFace's residuals, scaled and hard-masked as the official code does (one compiled
         function with the network, so the scaling fuses into its last kernels)."""
-        res = self.den.capface.encode(x, t, guided, ctx)
+        res = self.den.capface.encode(x.to(self.dtype), t, guided, ctx)
         return [(r * strength[i]) * hard[tuple(r.shape[-2:])] for i, r in enumerate(res)]
 
-    def _step_two_streams(self, s: _StepState, xi: torch.Tensor, branches: int) -> None:
-        """`_step` with CapFace on the side stream, concurrent with the UNet's down and mid blocks."""
-        main, side = torch.cuda.current_stream(self.device), self._side_stream
-        side.wait_stream(main)
-        with torch.cuda.stream(side):
-            scaled = self._capface_res_fn(xi, s.t, s.guided, s.ctx, s.strength, s.hard)
-        # xi is read on both streams; the residuals are made on the side stream and read on main:
-        # tell the caching allocator, so neither block is reused before both streams are done
-        xi.record_stream(side)
-        for r in scaled:
-            r.record_stream(main)
-        if branches == 1:
-            enc = self._unet_enc_fn(xi, s.t, s.text)
-        else:
-            enc = self._unet_enc_fn(torch.cat([xi, xi]), torch.cat([s.t, s.t]), s.text)
-        main.wait_stream(side)
-        out = self._unet_dec_fn(enc, scaled)
+    def _unet_first_half(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, branches: int):
+        """The UNet's down and mid blocks on the fp32 latents, both CFG branches in one batch."""
+        xi = x.to(self.dtype)
+        if branches == 2:
+            xi, t = torch.cat([xi, xi]), torch.cat([t, t])
+        return unet_encode(self.den.unet, xi, t, text)
+
+    def _unet_second_half_and_update(self, enc, residuals: list[torch.Tensor], x: torch.Tensor,
+                                     guidance: torch.Tensor, a_t: torch.Tensor, a_prev: torch.Tensor,
+                                     sigma: torch.Tensor, sqrt_1m: torch.Tensor, noise: torch.Tensor | None,
+                                     branches: int) -> torch.Tensor:
+        """The UNet's up blocks (residuals of batch n tiled over the branches), guidance and the
+        DDIM update: the next latents."""
+        out = unet_decode(self.den.unet, enc, residuals)
         if branches == 1:
             eps = out
         else:
-            n = xi.shape[0]
+            n = x.shape[0]
             eps_c, eps_u = out[:n], out[n:]
-            eps = eps_u + s.guidance * (eps_c - eps_u)
-        x_prev = ddim_update(s.x, eps.to(torch.float32), s.a_t, s.a_prev, s.sigma, s.sqrt_1m, s.noise)
-        s.x.copy_(x_prev)
+            eps = eps_u + guidance * (eps_c - eps_u)
+        return ddim_update(x, eps.to(torch.float32), a_t, a_prev, sigma, sqrt_1m, noise)
 
     def _state(self, key: tuple, n: int, h: int, w: int, branches: int, eta_on: bool, tau_on: bool) -> _StepState:
         dev, dt, cfg = self.device, self.dtype, self.den.config
