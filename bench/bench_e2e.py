@@ -31,6 +31,7 @@ from export.models import VAE, CapHumanDenoiser  # noqa: E402
 from runtime.sampling import ddim_sample, dpmpp_2m_sample, guided_eps  # noqa: E402
 
 RESULTS: dict = {}
+SAVE_DIR: Path | None = None  # set by main: bench_step saves after every mode
 
 
 def log(msg: str) -> None:
@@ -131,9 +132,6 @@ def bench_step(cfg, device, size: int, repeat: int, modes: list[str]) -> dict:
         "optimized_one_stream": dict(fast_attention=True, channels_last=True, cuda_graph=True,
                                      parallel_side_network=False),
         "optimized_compiled": dict(fast_attention=True, channels_last=True, cuda_graph=True, compile=True),
-        # + inductor's aggressive fusion (fuses nodes that share no memory reads, too)
-        "optimized_compiled_aggressive": dict(fast_attention=True, channels_last=True, cuda_graph=True, compile=True,
-                                              compile_options={"aggressive_fusion": True}),
         # + the inductor settings diffusers recommends for UNets (coordinate-descent tuning: over
         # 9 minutes to compile on the H100, so not in the default modes)
         "optimized_compiled_tuned": dict(fast_attention=True, channels_last=True, cuda_graph=True, compile=True,
@@ -154,6 +152,10 @@ def bench_step(cfg, device, size: int, repeat: int, modes: list[str]) -> dict:
             step = state.graph.replay if state.graph is not None else (lambda: eng._step(state, 2))
             out[f"{name}_ms"] = timed(step, device, repeat=repeat)
             log(f"  {name}: {out[f'{name}_ms']:.2f} ms (setup {out[f'{name}_setup_s']} s)")
+            if SAVE_DIR is not None:  # after every mode: a run cut short keeps what it measured
+                RESULTS.setdefault("step", {}).update(out)
+                goals(RESULTS)
+                save(SAVE_DIR)
             eng.close()
             del eng, den
             torch.cuda.empty_cache()
@@ -400,6 +402,8 @@ def main() -> int:
     if unknown:
         ap.error(f"unknown parts {sorted(unknown)}")
     out = Path(args.out)
+    global SAVE_DIR
+    SAVE_DIR = out
     RESULTS.update(environment=environment(device), config=str(Path(cfg_path).name), size=args.size,
                    steps=20, guidance=7.0, batch=1)
     save(out)
