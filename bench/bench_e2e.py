@@ -132,6 +132,9 @@ def bench_step(cfg, device, size: int, repeat: int, modes: list[str]) -> dict:
         "optimized_one_stream": dict(fast_attention=True, channels_last=True, cuda_graph=True,
                                      parallel_side_network=False),
         "optimized_compiled": dict(fast_attention=True, channels_last=True, cuda_graph=True, compile=True),
+        # + inductor's 1x1 convolutions as matrix products (proj_in/out, zero convs, shortcuts)
+        "optimized_compiled_1x1": dict(fast_attention=True, channels_last=True, cuda_graph=True, compile=True,
+                                       compile_options={"conv_1x1_as_mm": True}),
         # + the inductor settings diffusers recommends for UNets (coordinate-descent tuning: over
         # 9 minutes to compile on the H100, so not in the default modes)
         "optimized_compiled_tuned": dict(fast_attention=True, channels_last=True, cuda_graph=True, compile=True,
