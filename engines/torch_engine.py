@@ -118,7 +118,7 @@ class TorchDenoiserEngine(Engine):
     def __init__(self, den: CapHumanDenoiser, *, device: str | torch.device = "cuda", dtype=torch.float16,
                  channels_last: bool | None = None, fast_attention: bool = True, cuda_graph: bool | None = None,
                  compile: bool = False, parallel_side_network: bool | None = None, rewrite_networks: bool = True,
-                 compile_options: dict | None = None, conv_autotune: bool = True):
+                 compile_options: dict | None = None, compile_backend="inductor", conv_autotune: bool = True):
         self.device = torch.device(device)
         self.dtype = dtype
         on_gpu = self.device.type == "cuda"
@@ -150,8 +150,8 @@ class TorchDenoiserEngine(Engine):
                 for m in net.modules():
                     if isinstance(m, self._attn.Attention):
                         m.set_processor(self._attn.FastAttnProcessor(self._attn.AttnBackend.AUTO, self._proxy))
-                        if rewrite_networks and not m.is_cross_attention:
-                            m.fuse_projections()  # self-attention q/k/v in one GEMM
+                        if rewrite_networks:
+                            m.processor.fuse_qkv(m)  # self-attention q/k/v in one GEMM
         # The UNet's first self-attention sees the two CFG branches before any text has entered
         # (same latents, same timestep): it runs on one branch and is tiled (see _step).
         self._first_self_attn = _first_self_attention_processor(self.den.unet) if self._attn is not None else None
@@ -160,9 +160,17 @@ class TorchDenoiserEngine(Engine):
         self._capface_res_fn = self._capface_residuals
         self._unet_enc_fn = self._unet_first_half
         self._unet_dec_fn = self._unet_second_half_and_update
+        # The per-request K/V "fill" step runs these eagerly; each key compiles them once ("use").
+        self._eager_step_fns = (self._capface_res_fn, self._unet_enc_fn, self._unet_dec_fn)
         if compile:
+            # one compiled graph per (batch, size, flags) key and function: a server's buckets and
+            # request variants pass dynamo's default limit of 8, after which it runs them eagerly
+            limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+            setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), 64))
+
             def compiled(fn):
-                return torch.compile(fn, dynamic=False, options=compile_options)
+                return torch.compile(fn, dynamic=False, backend=compile_backend,
+                                     options=compile_options if compile_backend == "inductor" else None)
 
             self._unet_fn = compiled(self.den.unet)
             self._capface_fn = compiled(self.den.capface)
@@ -211,21 +219,24 @@ class TorchDenoiserEngine(Engine):
         that read the static buffers, so the casts, CFG concatenations and the update fuse into
         the networks' kernels."""
         side = self._side_stream
+        if s.kv.mode == "fill":
+            capface_fn, enc_fn, dec_fn = self._eager_step_fns
+        else:
+            capface_fn, enc_fn, dec_fn = self._capface_res_fn, self._unet_enc_fn, self._unet_dec_fn
         if side is not None:
             main = torch.cuda.current_stream(self.device)
             side.wait_stream(main)
             with torch.cuda.stream(side):
-                scaled = self._capface_res_fn(s.x, s.t, s.guided, s.ctx, s.strength, s.hard)
+                scaled = capface_fn(s.x, s.t, s.guided, s.ctx, s.strength, s.hard)
             # made on the side stream, read on main: keep the allocator from reusing them early
             for r in scaled:
                 r.record_stream(main)
         else:
-            scaled = self._capface_res_fn(s.x, s.t, s.guided, s.ctx, s.strength, s.hard)
-        enc = self._unet_enc_fn(s.x, s.t, s.text, branches)
+            scaled = capface_fn(s.x, s.t, s.guided, s.ctx, s.strength, s.hard)
+        enc = enc_fn(s.x, s.t, s.text, branches)
         if side is not None:
             main.wait_stream(side)
-        x_prev = self._unet_dec_fn(enc, scaled, s.x, s.guidance, s.a_t, s.a_prev, s.sigma, s.sqrt_1m, s.noise,
-                                   branches)
+        x_prev = dec_fn(enc, scaled, s.x, s.guidance, s.a_t, s.a_prev, s.sigma, s.sqrt_1m, s.noise, branches)
         s.x.copy_(x_prev)
 
     def _capface_residuals(self, x: torch.Tensor, t: torch.Tensor, guided: torch.Tensor, ctx: torch.Tensor,
@@ -264,7 +275,8 @@ class TorchDenoiserEngine(Engine):
         def scalar(dtype=torch.float32):
             return torch.zeros((), device=dev, dtype=dtype)
 
-        guided = torch.zeros(n, cfg.capface.model_channels, h // 8, w // 8, device=dev, dtype=dt)
+        width = cfg.capface.model_channels * cfg.capface.channel_mult[0]  # conv_in's width, as the guided hint's
+        guided = torch.zeros(n, width, h // 8, w // 8, device=dev, dtype=dt)
         if self.channels_last:
             guided = guided.to(memory_format=torch.channels_last)  # as conv_in's output, which it is added to
         hard, rh, rw = {}, h // 8, w // 8
@@ -281,7 +293,6 @@ class TorchDenoiserEngine(Engine):
                        gate=scalar(dt) if tau_on else None)
         s.kv.sources = {"text": s.text, "identity": s.ctx}
         s.kv.gate = s.gate
-        self._states[key] = s
         return s
 
     def _fill_hint(self, s: _StepState, hint: torch.Tensor) -> None:
@@ -329,9 +340,10 @@ class TorchDenoiserEngine(Engine):
                 s.x.copy_(x0)
                 s.kv.mode = "use"
         torch.cuda.current_stream(self.device).wait_stream(side)
-        s.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(s.graph):
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
             self._step(s, branches)
+        s.graph = graph  # only a completed capture is ever replayed
         s.x.copy_(x0)
 
     @torch.no_grad()
@@ -350,9 +362,13 @@ class TorchDenoiserEngine(Engine):
         n, h, w = noise.shape[0], noise.shape[-2] * 8, noise.shape[-1] * 8
         if tuple(hint.shape[-2:]) != (h, w):
             raise ValueError(f"hint is {tuple(hint.shape[-2:])}, expected 8x the latent size {tuple(noise.shape[-2:])}")
+        hint_channels = self.den.config.capface.hint_channels
+        if hint.ndim != 4 or hint.shape[1] != hint_channels:
+            raise ValueError(f"hint must be [N, {hint_channels}, H, W], got shape {tuple(hint.shape)}")
         branches = 1 if guidance == 1.0 else 2
         key = (n, h, w, branches, eta > 0, bool(tau))
         first = key not in self._states
+        # a new key's state is kept only once its warm-up and capture succeeded (_prepare below)
         s = self._states[key] if not first else self._state(key, n, h, w, branches, eta > 0, bool(tau))
         dt = self.dtype
         cond = text_cond.to(self.device, dt).expand(n, -1, -1)
@@ -363,6 +379,8 @@ class TorchDenoiserEngine(Engine):
         s.guidance.fill_(float(guidance))
         s.x.copy_(noise.to(self.device, torch.float32))
         self._prepare(s, branches, first)
+        if first:
+            self._states[key] = s
 
         sched = ddim_schedule(self.den.alphas_cumprod, steps, eta)
         total = len(sched.timesteps)

@@ -11,8 +11,8 @@ What the processor does per call:
    (also on CPU tensors under ``TRITON_INTERPRET=1``), "sdpa" forces SDPA. The choice is recorded
    in ``processor.last_backend`` so tests can see it.
 2. Feeds q/k/v as [B, N, H, D] stride views of the projections: no transpose or copy. Where
-   the module's self-attention projections are fused (diffusers' ``Attention.fuse_projections``,
-   which the torch engine calls), q/k/v come from one GEMM.
+   the self-attention projections are fused (``FastAttnProcessor.fuse_qkv``, which the torch
+   engine calls, or diffusers' ``Attention.fuse_projections``), q/k/v come from one GEMM.
 3. For cross-attention, reuses K/V projected from the same context tensor (see ``CrossKVCache``):
    the text (77 tokens) and identity (258 tokens) contexts are constant for a whole request, so
    ``to_k``/``to_v`` run once per request instead of once per denoising step.
@@ -233,6 +233,23 @@ class FastAttnProcessor:
         # branches of the UNet's first self-attention, before any text has entered): self-attention
         # then runs on the first half only and its output is tiled.
         self.identical_batch_halves = False
+        self._qkv: tuple[torch.Tensor, torch.Tensor | None] | None = None  # see fuse_qkv
+
+    def fuse_qkv(self, attn: Attention) -> bool:
+        """Compute this self-attention's q/k/v with one GEMM over a copy of the concatenated
+        to_q/to_k/to_v weights, held here (the module, its state dict and checkpoints stay as they
+        are). Call once the weights are final; the copy follows the input's device and dtype.
+        Returns False (nothing fused) for cross-attention."""
+        if attn.is_cross_attention:
+            return False
+        with torch.no_grad():
+            weight = torch.cat([attn.to_q.weight, attn.to_k.weight, attn.to_v.weight]).detach().clone()
+            biases = [m.bias for m in (attn.to_q, attn.to_k, attn.to_v)]
+            bias = None if all(b is None for b in biases) else torch.cat(
+                [b if b is not None else torch.zeros_like(m.weight[:, 0])
+                 for b, m in zip(biases, (attn.to_q, attn.to_k, attn.to_v))]).detach().clone()
+        self._qkv = (weight, bias)
+        return True
 
     def __call__(
         self,
@@ -268,9 +285,15 @@ class FastAttnProcessor:
         if attn.group_norm is not None:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
 
-        if not is_cross and getattr(attn, "fused_projections", False) and hasattr(attn, "to_qkv"):
-            # one GEMM instead of three (``Attention.fuse_projections``); the chunks are strided
-            # views, which both the kernel and SDPA take as they are
+        if not is_cross and self._qkv is not None:
+            # one GEMM instead of three (``fuse_qkv``); the chunks are strided views, which both
+            # the kernel and SDPA take as they are
+            weight, bias = self._qkv
+            if weight.device != hidden_states.device or weight.dtype != hidden_states.dtype:
+                weight, bias = weight.to(hidden_states), (bias.to(hidden_states) if bias is not None else None)
+            query, key, value = F.linear(hidden_states, weight, bias).chunk(3, dim=-1)
+        elif not is_cross and getattr(attn, "fused_projections", False) and hasattr(attn, "to_qkv"):
+            # the same with diffusers' own ``Attention.fuse_projections``
             query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
         elif not is_cross:
             query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)

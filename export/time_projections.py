@@ -8,8 +8,8 @@ computes that one product when the network's ``time_embedding`` runs (a forward 
 each block's ``time_emb_proj`` into a slice of it. Same values: the rows of the fused weight are
 the blocks' own rows, and each output element is the same dot product.
 
-The fused weight is a copy: call it on a network whose weights are final (the torch engine owns
-its networks). Only blocks whose input is ``silu(emb)`` of the network's own time embedding are
+The fused weight is a copy: call it on a network whose weights are final (the torch engine fuses
+its networks once they are loaded); it follows the network's device and dtype lazily. Only blocks whose input is ``silu(emb)`` of the network's own time embedding are
 fused; a network that adds class or augmented embeddings to ``emb`` is left as it is.
 """
 from __future__ import annotations
@@ -22,10 +22,12 @@ __all__ = ["TimeProjections", "fuse_time_projections"]
 
 
 class TimeProjections:
-    """The fused projection of one network: weight/bias copies and the last computed product.
+    """The fused projection of one network: weight/bias copies and the last computed product. It
+    is also the forward hook on the network's ``time_embedding`` that computes that product.
 
-    Not an nn.Module on purpose: it is referenced from several blocks, and registering it there
-    would put the fused copy into their state dicts.
+    Not an nn.Module, and the blocks' own ``time_emb_proj`` Linear modules stay registered (only
+    their forward is redirected): the network's state dict, parameters and checkpoints are
+    unchanged. A deep copy of the network copies this object once (hook and slices together).
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor):
@@ -33,24 +35,23 @@ class TimeProjections:
         self.bias = bias
         self.value: torch.Tensor | None = None  # [B, sum of block channels], set by the hook
 
-    def compute(self, emb: torch.Tensor) -> None:
+    def __call__(self, module: nn.Module, args, emb: torch.Tensor) -> None:
+        """Forward hook on ``time_embedding``: returns None, so the embedding itself is unchanged."""
         w, b = self.weight, self.bias
         if w.device != emb.device or w.dtype != emb.dtype:  # the network was moved after fusing
             w, b = w.to(emb), b.to(emb)
         self.value = F.linear(F.silu(emb), w, b)
 
 
-class _ProjectionSlice(nn.Module):
-    """Stands in for one block's ``time_emb_proj``: its columns of the fused product. The block's
+class _ProjectionSlice:
+    """Replaces one block's ``time_emb_proj.forward``: its columns of the fused product. The block's
     own ``silu(temb)`` input is not needed (compiled, it is dropped as dead code)."""
 
-    def __init__(self, fused: TimeProjections, start: int, stop: int, out_features: int):
-        super().__init__()
-        object.__setattr__(self, "_fused", fused)  # unregistered, see TimeProjections
-        self.start, self.stop, self.out_features = start, stop, out_features
+    def __init__(self, fused: TimeProjections, start: int, stop: int):
+        self.fused, self.start, self.stop = fused, start, stop
 
-    def forward(self, temb: torch.Tensor) -> torch.Tensor:
-        value = self._fused.value
+    def __call__(self, temb: torch.Tensor) -> torch.Tensor:
+        value = self.fused.value
         if value is None or value.shape[0] != temb.shape[0]:
             raise RuntimeError("fused time projections used before the network's time_embedding ran "
                                "for this batch")
@@ -73,9 +74,9 @@ def fuse_time_projections(net: nn.Module) -> TimeProjections | None:
     """
     from diffusers.models.resnet import ResnetBlock2D
 
-    existing = getattr(net, "_caphuman_time_projections", None)
-    if existing is not None:
-        return existing
+    for hook in net.time_embedding._forward_hooks.values() if _fusable(net) else ():
+        if isinstance(hook, TimeProjections):
+            return hook
     if not _fusable(net):
         return None
     blocks = [m for m in net.modules() if isinstance(m, ResnetBlock2D) and isinstance(m.time_emb_proj, nn.Linear)
@@ -89,12 +90,7 @@ def fuse_time_projections(net: nn.Module) -> TimeProjections | None:
     start = 0
     for b in blocks:
         n = b.time_emb_proj.out_features
-        b.time_emb_proj = _ProjectionSlice(fused, start, start + n, n)
+        b.time_emb_proj.forward = _ProjectionSlice(fused, start, start + n)
         start += n
-
-    def hook(module, args, emb):  # returns None: the time embedding itself is unchanged
-        fused.compute(emb)
-
-    net.time_embedding.register_forward_hook(hook)
-    object.__setattr__(net, "_caphuman_time_projections", fused)
+    net.time_embedding.register_forward_hook(fused)
     return fused

@@ -132,12 +132,12 @@ def test_cuda_graph_engine_matches_eager(tiny_config_path, official_checkpoint, 
 
 def test_first_self_attention_runs_one_cfg_branch(dens, tiny_config):
     """With guidance the UNet's first self-attention sees both CFG branches equal (no text yet): the
-    engine runs it on one branch (fused q/k/v GEMM of batch n, not 2n); results stay those of
+    engine runs it on one branch (its output projection sees batch n, not 2n); results stay those of
     ddim_sample (test_engine_equals_ddim_sample), and a guidance-1 request runs it on the full batch."""
     ref_den, engine = dens
     attn = engine.den.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1
     seen = []
-    hook = attn.to_qkv.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[0]))
+    hook = attn.to_out[0].register_forward_hook(lambda m, args, out: seen.append(args[0].shape[0]))
     try:
         inp = _inputs(tiny_config, n=1)
         engine.sample(**inp, steps=2)
@@ -175,3 +175,62 @@ def test_channels_last_engine_keeps_transformer_outputs_channels_last(tiny_confi
     assert layouts and all(layouts)
     with torch.no_grad():
         assert rel_err(got, ddim_sample(ref_den, **inp, steps=4)) <= 1e-6
+
+
+def test_failed_first_request_leaves_no_half_built_state(tiny_config_path, official_checkpoint, tiny_config,
+                                                         monkeypatch):
+    """A request that fails while a new key is set up must not leave that key's state behind: the
+    next request on the key builds it again (here: with tau, whose gate a half-built state lost)."""
+    ref_den = load_denoiser(tiny_config_path, official_checkpoint)
+    engine = TorchDenoiserEngine(copy.deepcopy(ref_den), device="cpu", dtype=torch.float32)
+    inp = _inputs(tiny_config)
+    with pytest.raises(ValueError, match="hint must be"):
+        engine.sample(**{**inp, "hint": inp["hint"][:, :3]}, steps=2, tau=500)
+    calls = {"n": 0}
+    real_prepare = engine._prepare
+
+    def failing_once(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("injected failure during warm-up")
+        return real_prepare(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "_prepare", failing_once)
+    with pytest.raises(RuntimeError, match="injected"):
+        engine.sample(**inp, steps=2, tau=500)
+    assert not engine._states
+    got = engine.sample(**inp, steps=2, tau=500)
+    with torch.no_grad():
+        assert rel_err(got, ddim_sample(ref_den, **inp, steps=2, tau=500)) <= 1e-6
+
+
+def test_engine_keeps_the_networks_checkpoint_layout(dens):
+    """The same-value rewrites (fused q/k/v, fused time projections) hold their fused copies outside
+    the modules: the denoiser's state dict has the same keys, so it still saves and loads."""
+    ref_den, engine = dens
+    assert list(engine.den.state_dict()) == list(ref_den.state_dict())
+
+
+def test_compiled_engine_equals_ddim_sample(tiny_config_path, official_checkpoint, tiny_config):
+    """compile=True traces the step's three functions with dynamo (a counting eager backend here, so
+    CI needs no C++ toolchain; the GPU uses inductor): same results as ddim_sample; the K/V fill
+    step runs eagerly, so a key is compiled once, and a repeated request compiles nothing."""
+    ref_den = load_denoiser(tiny_config_path, official_checkpoint)
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    engine = TorchDenoiserEngine(copy.deepcopy(ref_den), device="cpu", dtype=torch.float32, compile=True,
+                                 compile_backend=counting_backend)
+    per_key = []
+    for kw in (dict(tau=500), dict(tau=500), dict(guidance=1.0)):
+        before = len(graphs)
+        inp = _inputs(tiny_config, n=1)
+        got = engine.sample(**inp, steps=4, **kw)
+        per_key.append(len(graphs) - before)
+        with torch.no_grad():
+            assert rel_err(got, ddim_sample(ref_den, **inp, steps=4, **kw)) <= 1e-5
+    assert per_key[0] == 3 and per_key[1] == 0 and per_key[2] == 3, per_key  # three functions, no graph breaks

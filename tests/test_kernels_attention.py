@@ -223,24 +223,33 @@ def test_enable_fast_attention_same_output_cpu_fallback() -> None:
     torch.testing.assert_close(back, ref, rtol=0, atol=0)
 
 
-def test_fused_self_attention_projections() -> None:
-    """With diffusers' fuse_projections (what the torch engine does), self-attention q/k/v come
-    from one to_qkv GEMM as strided views, and the network computes the same."""
+@pytest.mark.parametrize("how", ["processor", "diffusers"])
+def test_fused_self_attention_projections(how: str) -> None:
+    """With FastAttnProcessor.fuse_qkv (what the torch engine does) or diffusers' fuse_projections,
+    self-attention q/k/v come from one GEMM as strided views, and the network computes the same;
+    the processor's way leaves the module's state dict as it was."""
     _, Attention, _, ap = _diffusers()
     unet = _tiny_unet()
+    keys = list(unet.state_dict())
     x, t, ctx = torch.randn(2, 4, 8, 8), torch.tensor([10, 10]), torch.randn(2, 7, 24)
-    calls = {"q": 0, "qkv": 0}
+    calls = {"q": 0}
     with torch.no_grad():
         ref = unet(x, t, ctx).sample
         ap.enable_fast_attention(unet)
         selfs = [m for m in unet.modules() if isinstance(m, Attention) and not m.is_cross_attention]
         assert selfs
         for m in selfs:
-            m.fuse_projections()
+            if how == "processor":
+                assert m.processor.fuse_qkv(m)
+            else:
+                m.fuse_projections()
             m.to_q.register_forward_hook(lambda *_: calls.__setitem__("q", calls["q"] + 1))
-            m.to_qkv.register_forward_hook(lambda *_: calls.__setitem__("qkv", calls["qkv"] + 1))
         out = unet(x, t, ctx).sample
-    assert calls == {"q": 0, "qkv": len(selfs)}
+    assert calls == {"q": 0}
+    if how == "processor":
+        assert list(unet.state_dict()) == keys
+        cross = next(m for m in unet.modules() if isinstance(m, Attention) and m.is_cross_attention)
+        assert not cross.processor.fuse_qkv(cross)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
 
 
@@ -352,8 +361,8 @@ _UNET_TRITON_SCRIPT = textwrap.dedent(
         tri = unet(x.bfloat16(), t, ctx.bfloat16()).sample.double()
         used = {m.processor.last_backend.value for m in unet.modules() if hasattr(m, "processor")}
         for m in unet.modules():  # fused q/k/v: the kernel takes the strided chunks of one GEMM
-            if hasattr(m, "processor") and not m.is_cross_attention:
-                m.fuse_projections()
+            if hasattr(m, "processor"):
+                m.processor.fuse_qkv(m)
         fused = unet(x.bfloat16(), t, ctx.bfloat16()).sample.double()
     print("RESULT", (tri - sdpa).abs().max().item(), (sdpa - ref).abs().max().item(), sorted(used),
           (fused - tri).abs().max().item())

@@ -7,7 +7,7 @@ import copy
 
 import pytest
 import torch
-from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from export.models import load_denoiser
 from export.networks import run_unet, unet_decode, unet_encode
@@ -26,35 +26,57 @@ def _inputs(cfg, seed=0):
             torch.randn(1, 258, cfg.context_dim, generator=g))
 
 
-def _linear_calls(net):
-    calls = []
-    for m in net.modules():
-        if isinstance(m, nn.Linear):
-            m.register_forward_hook(lambda mod, a, o: calls.append(mod))
-    return calls
+class _CountMatmuls(TorchDispatchMode):
+    """Counts the matrix products (addmm/mm) dispatched inside the block."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket in (torch.ops.aten.addmm, torch.ops.aten.mm):
+            self.count += 1
+        return func(*args, **(kwargs or {}))
 
 
 def test_fused_unet_and_capface_compute_the_same(den, tiny_config):
     x, t, text, hint, ctx = _inputs(tiny_config)
     fused = copy.deepcopy(den)
     n_blocks = sum(1 for m in den.unet.modules() if type(m).__name__ == "ResnetBlock2D")
-    before = _linear_calls(den.unet)
-    with torch.no_grad():
+    keys = list(den.state_dict())
+    with torch.no_grad(), _CountMatmuls() as before:
         want = run_unet(den.unet, x, t, text, None)
+    with torch.no_grad():
         res_want, mask_want = den.capface(x[:1], t[:1], hint, ctx)
     fp = fuse_time_projections(fused.unet)
     assert fp is not None and fuse_time_projections(fused.unet) is fp  # idempotent
     assert fuse_time_projections(fused.capface.net) is not None
-    after = _linear_calls(fused.unet)
-    with torch.no_grad():
+    assert list(fused.state_dict()) == keys  # checkpoints of a fused network are unchanged
+    with torch.no_grad(), _CountMatmuls() as after:
         got = run_unet(fused.unet, x, t, text, None)
+    with torch.no_grad():
         res_got, mask_got = fused.capface(x[:1], t[:1], hint, ctx)
-    # n_blocks projections fewer (the fused one is a functional call, not a module)
-    assert len(before) - len(after) == n_blocks
+    assert before.count - after.count == n_blocks - 1  # n_blocks products became one
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
     for a, b in zip(res_got, res_want):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(mask_got, mask_want, rtol=0, atol=0)
+
+
+def test_deep_copy_and_dtype_change_of_a_fused_network(den, tiny_config):
+    """A deep copy owns its own hook and slices (a copy run at another timestep must not read the
+    original's product), and the fused weight follows the network's dtype."""
+    x, t, text, *_ = _inputs(tiny_config, seed=2)
+    fused = copy.deepcopy(den.unet)
+    fuse_time_projections(fused)
+    with torch.no_grad():
+        run_unet(fused, x, t, text, None)
+        twin = copy.deepcopy(fused)
+        torch.testing.assert_close(run_unet(twin, x, t - 500, text, None), run_unet(den.unet, x, t - 500, text, None),
+                                   rtol=1e-6, atol=1e-6)
+        want64 = run_unet(copy.deepcopy(den.unet).double(), x.double(), t, text.double(), None)
+        got64 = run_unet(twin.double(), x.double(), t, text.double(), None)
+    torch.testing.assert_close(got64, want64, rtol=1e-12, atol=1e-12)
 
 
 def test_fused_halves_under_torch_compile(den, tiny_config):
