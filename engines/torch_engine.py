@@ -134,9 +134,10 @@ class TorchDenoiserEngine(Engine):
         if self.channels_last:
             self.den.unet.to(memory_format=torch.channels_last)
             self.den.capface.to(memory_format=torch.channels_last)
-        # Same-value rewrites of the networks (the engine owns them, so the fused weight copies
-        # cannot go stale): the blocks' time projections as one GEMM, transformer outputs left in
-        # channels-last, and (below, with our attention) self-attention q/k/v as one GEMM.
+        # Same-math rewrites of the networks, with fused weight copies made from the weights as
+        # they are now (held outside the modules: the state dict keeps its keys): the blocks' time
+        # projections as one GEMM, transformer outputs left in channels-last, and (below, with our
+        # attention) self-attention q/k/v as one GEMM. Load weights before building the engine.
         self.rewrite_networks = rewrite_networks
         if rewrite_networks:
             for net in (self.den.unet, self.den.capface.net):
