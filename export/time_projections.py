@@ -9,8 +9,9 @@ each block's ``time_emb_proj`` into a slice of it. Same values: the rows of the 
 the blocks' own rows, and each output element is the same dot product.
 
 The fused weight is a copy: call it on a network whose weights are final (the torch engine fuses
-its networks once they are loaded); it follows the network's device and dtype lazily. Only blocks whose input is ``silu(emb)`` of the network's own time embedding are
-fused; a network that adds class or augmented embeddings to ``emb`` is left as it is.
+its networks once they are loaded); it follows the network's device and dtype lazily. Only blocks
+whose input is ``silu(emb)`` of the network's own time embedding are fused; a network that adds
+class or augmented embeddings to ``emb`` is left as it is.
 """
 from __future__ import annotations
 
@@ -74,11 +75,11 @@ def fuse_time_projections(net: nn.Module) -> TimeProjections | None:
     """
     from diffusers.models.resnet import ResnetBlock2D
 
-    for hook in net.time_embedding._forward_hooks.values() if _fusable(net) else ():
-        if isinstance(hook, TimeProjections):
-            return hook
     if not _fusable(net):
         return None
+    for hook in net.time_embedding._forward_hooks.values():
+        if isinstance(hook, TimeProjections):  # already fused
+            return hook
     blocks = [m for m in net.modules() if isinstance(m, ResnetBlock2D) and isinstance(m.time_emb_proj, nn.Linear)
               and not m.skip_time_act and isinstance(m.nonlinearity, nn.SiLU)]
     if not blocks or any(b.time_emb_proj.bias is None for b in blocks):
