@@ -248,8 +248,11 @@ class TorchDenoiserEngine(Engine):
         return [(r * strength[i]) * hard[tuple(r.shape[-2:])] for i, r in enumerate(res)]
 
     def _unet_first_half(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, branches: int):
-        """The UNet's down and mid blocks on the fp32 latents, both CFG branches in one batch."""
+        """The UNet's down and mid blocks on the fp32 latents, both CFG branches in one batch (with
+        the network rewrites, the text-free prefix runs once for both: `unet_encode`'s branches)."""
         xi = x.to(self.dtype)
+        if branches == 2 and self.rewrite_networks:
+            return unet_encode(self.den.unet, xi, t, text, branches=2)
         if branches == 2:
             xi, t = torch.cat([xi, xi]), torch.cat([t, t])
         return unet_encode(self.den.unet, xi, t, text)

@@ -146,10 +146,18 @@ class UNetEncoding(NamedTuple):
 
 
 def unet_encode(unet: UNet2DConditionModel, x: torch.Tensor, t: torch.Tensor,
-                text_context: torch.Tensor) -> UNetEncoding:
+                text_context: torch.Tensor, branches: int = 1) -> UNetEncoding:
     """Time embedding, conv_in, down blocks and the mid block: the part of `run_unet` that does not
     read the side network's residuals, so it can run concurrently with CapFace. With `unet_decode`
-    it computes exactly `run_unet` (same modules, same order; tests check equality)."""
+    it computes exactly `run_unet` (same modules, same order; tests check equality).
+
+    ``branches=k``: ``x`` and ``t`` hold ONE copy (batch n) of latents that the UNet runs as k
+    classifier-free-guidance branches (``text_context`` has batch k*n), i.e. the same as passing
+    ``torch.cat([x] * k)``. Until the first cross-attention the branches are identical (the side
+    network's residuals only enter in `unet_decode`), so the time embedding, conv_in and the first
+    ResNet block run at batch n and their outputs are tiled."""
+    if branches > 1:
+        return _unet_encode_shared_prefix(unet, x, t, text_context, branches)
     t = t.reshape(-1).expand(x.shape[0])
     emb = unet.time_embedding(unet.get_time_embed(sample=x, timestep=t), None)
     sample = unet.conv_in(x)
@@ -164,24 +172,72 @@ def unet_encode(unet: UNet2DConditionModel, x: torch.Tensor, t: torch.Tensor,
     return UNetEncoding(sample, skips, emb, text_context)
 
 
-def _add_tiled(feature: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-    """feature + residual, where a residual of batch n serves a feature of batch k*n (the k CFG
+def _unet_encode_shared_prefix(unet: UNet2DConditionModel, x: torch.Tensor, t: torch.Tensor,
+                               text_context: torch.Tensor, branches: int) -> UNetEncoding:
+    """`unet_encode` with ``branches`` > 1: the text-free prefix at the batch of ``x``. The first
+    down block is run here as diffusers' (CrossAttn)DownBlock2D.forward runs it, with a tiling
+    after its first ResNet block. conv_in's output stays at batch n (`unet_decode` tiles it)."""
+    if text_context.shape[0] != branches * x.shape[0]:
+        raise ValueError(f"text_context has batch {text_context.shape[0]}, expected {branches} x {x.shape[0]}")
+    t = t.reshape(-1).expand(x.shape[0])
+    emb = unet.time_embedding(unet.get_time_embed(sample=x, timestep=t), None)
+    sample = unet.conv_in(x)
+    skips = (sample,)
+    first, rest = unet.down_blocks[0], unet.down_blocks[1:]
+    sample = first.resnets[0](sample, emb)
+    # from here on every branch's copy is computed: tile the features, the embedding and (where
+    # the blocks' time projections are fused) its projections
+    sample = sample.repeat(branches, 1, 1, 1)
+    emb = emb.repeat(branches, 1)
+    fused = getattr(unet, "_fused_time_projections", None)
+    if fused is not None:
+        fused.repeat_batch(branches)
+    attentions = getattr(first, "attentions", None)
+    for i, resnet in enumerate(first.resnets):
+        if i > 0:
+            sample = resnet(sample, emb)
+        if attentions is not None:
+            sample = attentions[i](sample, encoder_hidden_states=text_context, return_dict=False)[0]
+        skips += (sample,)
+    if first.downsamplers is not None:
+        for down in first.downsamplers:
+            sample = down(sample)
+        skips += (sample,)
+    for block in rest:
+        if getattr(block, "has_cross_attention", False):
+            sample, res = block(hidden_states=sample, temb=emb, encoder_hidden_states=text_context)
+        else:
+            sample, res = block(hidden_states=sample, temb=emb)
+        skips += res
+    sample = unet.mid_block(sample, emb, encoder_hidden_states=text_context)
+    return UNetEncoding(sample, skips, emb, text_context)
+
+
+def _add_tiled(feature: torch.Tensor, residual: torch.Tensor, batch: int) -> torch.Tensor:
+    """feature + residual at ``batch``, where a feature or residual of batch n serves k*n (the k CFG
     branches of the same samples, as ``torch.cat([r] * k)``); compiled, the tiling is fused into the
     add instead of materialised."""
-    if residual.shape[0] != feature.shape[0]:
-        residual = residual.repeat(feature.shape[0] // residual.shape[0], 1, 1, 1)
-    return feature + residual
+    if residual is not None:
+        if residual.shape[0] != feature.shape[0] and feature.shape[0] == batch:
+            residual = residual.repeat(batch // residual.shape[0], 1, 1, 1)
+        feature = feature + residual
+    if feature.shape[0] != batch:
+        feature = feature.repeat(batch // feature.shape[0], 1, 1, 1)
+    return feature
 
 
 def unet_decode(unet: UNet2DConditionModel, enc: UNetEncoding, residuals: list[torch.Tensor] | None) -> torch.Tensor:
     """The up blocks and the output head, after adding the side network's residuals (the
     ControlNet convention of `run_unet`: one per skip connection, the last one to the mid output).
     Residuals may have the batch of the samples when the UNet runs k CFG branches of them
-    (batch k*n): they are tiled, as `run_unet` with `torch.cat([r] * k)` does."""
+    (batch k*n): they are tiled, as `run_unet` with `torch.cat([r] * k)` does; so are skips that
+    `unet_encode(..., branches=k)` left at batch n."""
     skips, sample = enc.skips, enc.sample
-    if residuals is not None:
-        skips = tuple(_add_tiled(s, r) for s, r in zip(skips, residuals[:-1]))
-        sample = _add_tiled(sample, residuals[-1])
+    batch = sample.shape[0]
+    if residuals is None:
+        residuals = [None] * (len(skips) + 1)
+    skips = tuple(_add_tiled(s, r, batch) for s, r in zip(skips, residuals[:-1]))
+    sample = _add_tiled(sample, residuals[-1], batch)
     n_up = len(unet.up_blocks) - 1
     forward_upsample_size = any(d % (2 ** n_up) for d in skips[0].shape[-2:])
     upsample_size = None

@@ -43,6 +43,13 @@ class TimeProjections:
             w, b = w.to(emb), b.to(emb)
         self.value = F.linear(F.silu(emb), w, b)
 
+    def repeat_batch(self, k: int) -> None:
+        """The network goes on with k copies of the batch it embedded (`unet_encode` with CFG
+        branches: its time-embedding prefix runs on one copy): tile the product to match."""
+        if self.value is None:
+            raise RuntimeError("fused time projections tiled before the network's time_embedding ran")
+        self.value = self.value.repeat(k, 1)
+
 
 class _ProjectionSlice:
     """Replaces one block's ``time_emb_proj.forward``: its columns of the fused product. The block's
@@ -94,4 +101,5 @@ def fuse_time_projections(net: nn.Module) -> TimeProjections | None:
         b.time_emb_proj.forward = _ProjectionSlice(fused, start, start + n)
         start += n
     net.time_embedding.register_forward_hook(fused)
+    net._fused_time_projections = fused  # a plain attribute: not in the state dict
     return fused

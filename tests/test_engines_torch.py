@@ -98,6 +98,42 @@ def test_split_unet_equals_run_unet(dens, tiny_config):
         assert torch.equal(unet_decode(ref_den.unet, unet_encode(ref_den.unet, x, t, text), res1), want)
 
 
+def test_unet_encode_shared_prefix(dens, tiny_config):
+    """unet_encode(branches=2) on ONE copy of the latents computes run_unet on both CFG branches
+    (text differs between them), running the text-free prefix once: with and without the fused
+    time projections, with batch-1 residuals and none."""
+    from export.networks import run_unet, unet_decode, unet_encode
+    from export.time_projections import fuse_time_projections
+
+    ref_den, _ = dens
+    g = torch.Generator().manual_seed(6)
+    x1 = torch.randn(1, 4, 16, 16, generator=g)
+    t1 = torch.tensor([601])
+    text = torch.randn(2, 77, tiny_config.context_dim, generator=g)
+    hint = torch.rand(1, tiny_config.capface.hint_channels, 128, 128, generator=g)
+    ctx = torch.randn(1, 258, tiny_config.context_dim, generator=g)
+    fused = copy.deepcopy(ref_den.unet)
+    assert fuse_time_projections(fused) is not None
+    with torch.no_grad():
+        res1, _ = ref_den.capface(x1, t1, hint, ctx)
+        wants = [run_unet(ref_den.unet, torch.cat([x1, x1]), torch.cat([t1, t1]), text,
+                          None if r is None else [torch.cat([r_, r_]) for r_ in r]) for r in (res1, None)]
+        for unet in (ref_den.unet, fused):
+            seen = []
+            handle = unet.down_blocks[0].resnets[0].register_forward_hook(
+                lambda m, args, out: seen.append(out.shape[0]))
+            try:
+                for residuals, want in zip((res1, None), wants):
+                    got = unet_decode(unet, unet_encode(unet, x1, t1, text, branches=2), residuals)
+                    assert got.shape == want.shape
+                    assert rel_err(got, want) <= 1e-6
+            finally:
+                handle.remove()
+            assert seen == [1, 1]  # the first ResNet block ran on one branch
+        with pytest.raises(ValueError, match="text_context"):
+            unet_encode(ref_den.unet, x1, t1, text[:1], branches=2)
+
+
 def test_parallel_side_network_needs_cuda(dens):
     ref_den, _ = dens
     with pytest.raises(EngineError, match="CUDA"):
