@@ -125,16 +125,21 @@ def bench_step(cfg, device, size: int, repeat: int, modes: list[str]) -> dict:
                                               parallel_side_network=False, rewrite_networks=False),
         # torch.compile of the same networks (inductor, default mode), inside our CUDA graph
         "graph_torch_compile": dict(fast_attention=False, channels_last=True, cuda_graph=True, compile=True,
-                                    parallel_side_network=False, rewrite_networks=False),
+                                    parallel_side_network=False, rewrite_networks=False, compile_options={}),
+        # ... with inductor's 1x1 convolutions as matrix products (the option our compiled engine uses)
+        "graph_torch_compile_1x1": dict(fast_attention=False, channels_last=True, cuda_graph=True, compile=True,
+                                        parallel_side_network=False, rewrite_networks=False,
+                                        compile_options={"conv_1x1_as_mm": True}),
         # ours: Triton attention + static cross-attention K/V, channels-last, CapFace on a second
         # stream concurrent with the UNet's down/mid blocks, one CUDA graph per step
         "optimized": dict(fast_attention=True, channels_last=True, cuda_graph=True),
         "optimized_one_stream": dict(fast_attention=True, channels_last=True, cuda_graph=True,
                                      parallel_side_network=False),
+        # the engine's compile defaults (DEFAULT_INDUCTOR_OPTIONS: 1x1 convolutions as matrix products)
         "optimized_compiled": dict(fast_attention=True, channels_last=True, cuda_graph=True, compile=True),
-        # + inductor's 1x1 convolutions as matrix products (proj_in/out, zero convs, shortcuts)
-        "optimized_compiled_1x1": dict(fast_attention=True, channels_last=True, cuda_graph=True, compile=True,
-                                       compile_options={"conv_1x1_as_mm": True}),
+        # ... with inductor's defaults (1x1 convolutions through cuDNN)
+        "optimized_compiled_inductor_defaults": dict(fast_attention=True, channels_last=True, cuda_graph=True,
+                                                     compile=True, compile_options={}),
         # + the inductor settings diffusers recommends for UNets (coordinate-descent tuning: over
         # 9 minutes to compile on the H100, so not in the default modes)
         "optimized_compiled_tuned": dict(fast_attention=True, channels_last=True, cuda_graph=True, compile=True,
@@ -438,9 +443,14 @@ def main() -> int:
 
 def goals(r: dict) -> None:
     s = r.get("step", {})
-    best = min((v for k, v in s.items() if k.startswith("optimized") and k.endswith("_ms")), default=None)
+    # the goals are judged on what users get: the compiled engine with its defaults where it was
+    # measured, otherwise the fastest optimized mode measured
+    ours = {k[:-3]: v for k, v in s.items() if k.startswith("optimized") and k.endswith("_ms")}
+    mode = "optimized_compiled" if "optimized_compiled" in ours else min(ours, key=ours.get, default=None)
+    best = ours.get(mode)
     g = {}
     if best is not None:
+        g["step_mode"] = mode
         g["step_ms"] = best
         g["step_goal_7ms"] = best <= 7.0
         if "graph_eager_kernels_ms" in s:
@@ -448,8 +458,11 @@ def goals(r: dict) -> None:
             g["step_goal_2x_vs_graph_eager"] = g["step_vs_graph_eager_kernels"] >= 2.0
         if "graph_eager_kernels_autotuned_ms" in s:  # reported too: the baseline with cudnn.benchmark
             g["step_vs_graph_eager_kernels_autotuned"] = s["graph_eager_kernels_autotuned_ms"] / best
-        if "graph_torch_compile_ms" in s:
-            g["step_goal_faster_than_compile"] = best < s["graph_torch_compile_ms"]
+        compiled = {k[:-3]: v for k, v in s.items() if k.startswith("graph_torch_compile") and k.endswith("_ms")}
+        if compiled:  # the best torch.compile configuration measured
+            g["best_torch_compile_mode"] = min(compiled, key=compiled.get)
+            g["step_vs_best_torch_compile"] = min(compiled.values()) / best
+            g["step_goal_faster_than_compile"] = best < min(compiled.values())
         if "reference_fp32_serial_ms" in s:
             g["step_vs_reference"] = s["reference_fp32_serial_ms"] / best
     e = r.get("e2e", {})
