@@ -57,24 +57,45 @@ def category(name: str) -> str:
     return "other elementwise"
 
 
-def profile(fn, replays: int = 10) -> tuple[dict, dict]:
-    """GPU microseconds per category and per kernel name, per replay."""
+def profile(fn, replays: int = 10) -> tuple[dict, dict, dict, list]:
+    """GPU microseconds per category and per kernel name, per replay; kernel launches per replay by
+    name; and the timeline of the last replay (stream, start and duration in microseconds, name),
+    which shows how the two streams overlap and where the GPU idles."""
     from torch.profiler import ProfilerActivity, profile as tprofile
 
     torch.cuda.synchronize()
     with tprofile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(replays):
             fn()
-        torch.cuda.synchronize()
+            torch.cuda.synchronize()  # separates the replays in the timeline
     per_kernel: dict[str, float] = defaultdict(float)
+    calls: dict[str, float] = defaultdict(float)
     for evt in prof.events():
         if evt.device_type == torch.autograd.DeviceType.CUDA:
             per_kernel[evt.name] += evt.device_time / replays
+            calls[evt.name] += 1 / replays
     per_cat: dict[str, float] = defaultdict(float)
     for name, us in per_kernel.items():
         per_cat[category(name)] += us
     top = dict(sorted(per_kernel.items(), key=lambda kv: -kv[1])[:80])
-    return dict(sorted(per_cat.items(), key=lambda kv: -kv[1])), top
+    return (dict(sorted(per_cat.items(), key=lambda kv: -kv[1])), top,
+            {k: round(calls[k], 1) for k in top}, last_replay_timeline(prof))
+
+
+def last_replay_timeline(prof) -> list:
+    """[stream, start_us, duration_us, name] of the GPU work of the last replay (after the largest
+    gap between kernels, the synchronisation between replays); [] where kineto gives no streams."""
+    try:
+        evs = sorted((e.start_ns(), e.duration_ns(), e.device_resource_id(), e.name())
+                     for e in prof.profiler.kineto_results.events() if e.device_type() == torch.autograd.DeviceType.CUDA)
+    except Exception:  # noqa: BLE001 - an optional view; profiler internals differ between versions
+        return []
+    if len(evs) < 2:
+        return []
+    gaps = [(evs[i + 1][0] - (evs[i][0] + evs[i][1]), i + 1) for i in range(len(evs) - 1)]
+    start = max(gaps)[1]
+    t0 = evs[start][0]
+    return [[stream, round((s - t0) / 1e3, 2), round(d / 1e3, 2), name[:120]] for s, d, stream, name in evs[start:]]
 
 
 def run_variant(name: str, cfg, device, size: int, repeat: int) -> dict:
@@ -95,10 +116,13 @@ def run_variant(name: str, cfg, device, size: int, repeat: int) -> dict:
     out = dict(setup_s=round(time.perf_counter() - t0, 1))
     state = next(iter(eng._states.values()))
     out["step_ms"] = timed(state.graph.replay, device, repeat=repeat)
-    cats, top = profile(state.graph.replay)
+    cats, top, calls, timeline = profile(state.graph.replay)
     out["gpu_us_by_category"] = cats
     out["gpu_us_total"] = sum(cats.values())
     out["top_kernels_us"] = top
+    out["top_kernels_launches_per_step"] = calls
+    out["kernels_per_step"] = len(timeline)
+    out["timeline_one_step"] = timeline
     eng.close()
     del eng, den
     torch.cuda.empty_cache()
