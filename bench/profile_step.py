@@ -67,7 +67,10 @@ def profile(fn, replays: int = 10) -> tuple[dict, dict, dict, list]:
     with tprofile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(replays):
             fn()
-            torch.cuda.synchronize()  # separates the replays in the timeline
+        torch.cuda.synchronize()
+    with tprofile(activities=[ProfilerActivity.CUDA]) as one:  # the timeline: one replay alone
+        fn()
+        torch.cuda.synchronize()
     per_kernel: dict[str, float] = defaultdict(float)
     calls: dict[str, float] = defaultdict(float)
     for evt in prof.events():
@@ -79,23 +82,21 @@ def profile(fn, replays: int = 10) -> tuple[dict, dict, dict, list]:
         per_cat[category(name)] += us
     top = dict(sorted(per_kernel.items(), key=lambda kv: -kv[1])[:80])
     return (dict(sorted(per_cat.items(), key=lambda kv: -kv[1])), top,
-            {k: round(calls[k], 1) for k in top}, last_replay_timeline(prof))
+            {k: round(calls[k], 1) for k in top}, timeline(one))
 
 
-def last_replay_timeline(prof) -> list:
-    """[stream, start_us, duration_us, name] of the GPU work of the last replay (after the largest
-    gap between kernels, the synchronisation between replays); [] where kineto gives no streams."""
+def timeline(prof) -> list:
+    """[stream, start_us, duration_us, name] of the profiled GPU work; [] where kineto gives no
+    streams."""
     try:
         evs = sorted((e.start_ns(), e.duration_ns(), e.device_resource_id(), e.name())
                      for e in prof.profiler.kineto_results.events() if e.device_type() == torch.autograd.DeviceType.CUDA)
     except Exception:  # noqa: BLE001 - an optional view; profiler internals differ between versions
         return []
-    if len(evs) < 2:
+    if not evs:
         return []
-    gaps = [(evs[i + 1][0] - (evs[i][0] + evs[i][1]), i + 1) for i in range(len(evs) - 1)]
-    start = max(gaps)[1]
-    t0 = evs[start][0]
-    return [[stream, round((s - t0) / 1e3, 2), round(d / 1e3, 2), name[:120]] for s, d, stream, name in evs[start:]]
+    t0 = evs[0][0]
+    return [[stream, round((s - t0) / 1e3, 2), round(d / 1e3, 2), name[:120]] for s, d, stream, name in evs]
 
 
 def run_variant(name: str, cfg, device, size: int, repeat: int) -> dict:

@@ -197,6 +197,8 @@ class TorchDenoiserEngine(Engine):
         if parallel and not on_gpu:
             raise EngineError("parallel_side_network needs a CUDA device (it uses a second CUDA stream)")
         self._side_stream = torch.cuda.Stream(self.device) if parallel else None
+        self._serial_warm_up_step = False  # experimental: the fill step of the warm-up on one stream
+        self.serial_autotune = False
         self._states: dict[tuple, _StepState] = {}
 
     # -- the Engine interface: one fused denoiser call ------------------------------------------
@@ -228,7 +230,7 @@ class TorchDenoiserEngine(Engine):
         blocks), the UNet's two halves, guidance and the DDIM update: three (compiled) functions
         that read the static buffers, so the casts, CFG concatenations and the update fuse into
         the networks' kernels."""
-        side = self._side_stream
+        side = None if self._serial_warm_up_step else self._side_stream
         if s.kv.mode == "fill":
             capface_fn, enc_fn, dec_fn = self._eager_step_fns
         else:
@@ -348,8 +350,12 @@ class TorchDenoiserEngine(Engine):
         side.wait_stream(torch.cuda.current_stream(self.device))
         warm = self._attn.graph_warmup() if self._attn is not None else contextlib.nullcontext()
         with torch.cuda.stream(side), warm:
-            for _ in range(2):
-                self._step(s, branches)
+            for i in range(2):
+                self._serial_warm_up_step = self.serial_autotune and i == 0
+                try:
+                    self._step(s, branches)
+                finally:
+                    self._serial_warm_up_step = False
                 s.x.copy_(x0)
                 s.kv.mode = "use"
         torch.cuda.current_stream(self.device).wait_stream(side)
