@@ -5,6 +5,9 @@ the order given and times every captured step round-robin (CUDA events, 3 rounds
     python bench/results/step_probe_h100.py default,default   # second engine reuses the first's choices
     python bench/results/step_probe_h100.py serial,default    # warm-up fill step on one stream first
     python bench/results/step_probe_h100.py heuristic         # cuDNN heuristics (no algorithm search)
+
+Run 20: the GEMMs' algorithms chosen by timing (torch.cuda.tunable, cuBLAS/cuBLASLt candidates)
+instead of cuBLAS heuristics: `eager`/`eager_tunable` (uncompiled engine), `tunable` (compiled).
 """
 import json
 import sys
@@ -24,8 +27,12 @@ device = torch.device("cuda")
 inp = inputs(cfg, device, torch.float16, 512)
 engines, out = [], {"order": sys.argv[1]}
 for i, variant in enumerate(sys.argv[1].split(",")):
+    if "tunable" in variant:  # GEMM algorithms timed during the warm-up (never inside the capture)
+        torch.cuda.tunable.enable(True)
+        torch.cuda.tunable.tuning_enable(True)
+        torch.cuda.tunable.set_filename("/tmp/tunableop_results.csv")
     den = make_denoiser(cfg, device, torch.float16)
-    eng = TorchDenoiserEngine(den, device=device, dtype=torch.float16, compile=True,
+    eng = TorchDenoiserEngine(den, device=device, dtype=torch.float16, compile=not variant.startswith("eager"),
                               conv_autotune=variant != "heuristic")
     eng.serial_autotune = variant == "serial"
     t0 = time.perf_counter()
@@ -33,6 +40,9 @@ for i, variant in enumerate(sys.argv[1].split(",")):
         eng.sample(inp["x"], inp["text_c"], inp["text_u"], inp["hint"], inp["ctx"], steps=2)
     torch.cuda.synchronize()
     out[f"{i}_{variant}_setup_s"] = round(time.perf_counter() - t0, 1)
+    if "tunable" in variant:
+        torch.cuda.tunable.tuning_enable(False)
+        out[f"{i}_{variant}_tuned_gemms"] = len(torch.cuda.tunable.get_results())
     engines.append((f"{i}_{variant}", next(iter(eng._states.values())).graph))
     out[f"{i}_{variant}_first_ms"] = timed(engines[-1][1].replay, device, repeat=50)
     print(json.dumps(out), flush=True)
