@@ -50,3 +50,5 @@ for r in range(3):
     for name, g in engines:
         out.setdefault(f"{name}_rounds_ms", []).append(round(timed(g.replay, device, repeat=50), 4))
 print(json.dumps(out), flush=True)
+if torch.cuda.tunable.is_enabled():
+    torch.cuda.tunable.write_file()
