@@ -197,8 +197,8 @@ class TorchDenoiserEngine(Engine):
         if parallel and not on_gpu:
             raise EngineError("parallel_side_network needs a CUDA device (it uses a second CUDA stream)")
         self._side_stream = torch.cuda.Stream(self.device) if parallel else None
-        self._serial_warm_up_step = False  # experimental: the fill step of the warm-up on one stream
-        self.serial_autotune = False
+        # the order in which the two branches are captured (the graph's node order); probed on the H100
+        self.encoder_first = False
         self._states: dict[tuple, _StepState] = {}
 
     # -- the Engine interface: one fused denoiser call ------------------------------------------
@@ -230,14 +230,17 @@ class TorchDenoiserEngine(Engine):
         blocks), the UNet's two halves, guidance and the DDIM update: three (compiled) functions
         that read the static buffers, so the casts, CFG concatenations and the update fuse into
         the networks' kernels."""
-        side = None if self._serial_warm_up_step else self._side_stream
+        side = self._side_stream
         if s.kv.mode == "fill":
             capface_fn, enc_fn, dec_fn = self._eager_step_fns
         else:
             capface_fn, enc_fn, dec_fn = self._capface_res_fn, self._unet_enc_fn, self._unet_dec_fn
+        enc = None
         if side is not None:
             main = torch.cuda.current_stream(self.device)
-            side.wait_stream(main)
+            side.wait_stream(main)  # the fork: before any work of this step on main
+            if self.encoder_first:
+                enc = enc_fn(s.x, s.t, s.text, branches)
             with torch.cuda.stream(side):
                 scaled = capface_fn(s.x, s.t, s.guided, s.ctx, s.strength, s.hard)
             # made on the side stream, read on main: keep the allocator from reusing them early
@@ -245,7 +248,8 @@ class TorchDenoiserEngine(Engine):
                 r.record_stream(main)
         else:
             scaled = capface_fn(s.x, s.t, s.guided, s.ctx, s.strength, s.hard)
-        enc = enc_fn(s.x, s.t, s.text, branches)
+        if enc is None:
+            enc = enc_fn(s.x, s.t, s.text, branches)
         if side is not None:
             main.wait_stream(side)
         x_prev = dec_fn(enc, scaled, s.x, s.guidance, s.a_t, s.a_prev, s.sigma, s.sqrt_1m, s.noise, branches)
@@ -350,12 +354,8 @@ class TorchDenoiserEngine(Engine):
         side.wait_stream(torch.cuda.current_stream(self.device))
         warm = self._attn.graph_warmup() if self._attn is not None else contextlib.nullcontext()
         with torch.cuda.stream(side), warm:
-            for i in range(2):
-                self._serial_warm_up_step = self.serial_autotune and i == 0
-                try:
-                    self._step(s, branches)
-                finally:
-                    self._serial_warm_up_step = False
+            for _ in range(2):
+                self._step(s, branches)
                 s.x.copy_(x0)
                 s.kv.mode = "use"
         torch.cuda.current_stream(self.device).wait_stream(side)
