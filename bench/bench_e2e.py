@@ -137,6 +137,9 @@ def bench_step(cfg, device, size: int, repeat: int, modes: list[str]) -> dict:
                                      parallel_side_network=False),
         # the engine's compile defaults (DEFAULT_INDUCTOR_OPTIONS: 1x1 convolutions as matrix products)
         "optimized_compiled": dict(fast_attention=True, channels_last=True, cuda_graph=True, compile=True),
+        # ... with both streams' work in ONE CUDA graph (before run 22) instead of three
+        "optimized_compiled_one_graph": dict(fast_attention=True, channels_last=True, cuda_graph=True, compile=True,
+                                             branch_graphs=False),
         # ... with inductor's defaults (1x1 convolutions through cuDNN)
         "optimized_compiled_inductor_defaults": dict(fast_attention=True, channels_last=True, cuda_graph=True,
                                                      compile=True, compile_options={}),
@@ -159,7 +162,11 @@ def bench_step(cfg, device, size: int, repeat: int, modes: list[str]) -> dict:
             state = next(iter(eng._states.values()))
             step = state.graph.replay if state.graph is not None else (lambda: eng._step(state, 2))
             out[f"{name}_ms"] = timed(step, device, repeat=repeat)
-            log(f"  {name}: {out[f'{name}_ms']:.2f} ms (setup {out[f'{name}_setup_s']} s)")
+            # as the sampler runs them: 20 steps back to back (the CPU launches ahead of the GPU)
+            out[f"{name}_loop20_ms"] = timed(lambda: [step() for _ in range(20)], device,
+                                             repeat=max(3, repeat // 4)) / 20
+            log(f"  {name}: {out[f'{name}_ms']:.2f} ms, {out[f'{name}_loop20_ms']:.2f} ms per step in a loop "
+                f"of 20 (setup {out[f'{name}_setup_s']} s)")
             if SAVE_DIR is not None:  # after every mode: a run cut short keeps what it measured
                 RESULTS.setdefault("step", {}).update(out)
                 goals(RESULTS)
@@ -445,7 +452,8 @@ def goals(r: dict) -> None:
     s = r.get("step", {})
     # the goals are judged on what users get: the compiled engine with its defaults where it was
     # measured, otherwise the fastest optimized mode measured
-    ours = {k[:-3]: v for k, v in s.items() if k.startswith("optimized") and k.endswith("_ms")}
+    ours = {k[:-3]: v for k, v in s.items() if k.startswith("optimized") and k.endswith("_ms")
+            and not k.endswith("_loop20_ms")}
     mode = "optimized_compiled" if "optimized_compiled" in ours else min(ours, key=ours.get, default=None)
     best = ours.get(mode)
     g = {}
@@ -458,7 +466,8 @@ def goals(r: dict) -> None:
             g["step_goal_2x_vs_graph_eager"] = g["step_vs_graph_eager_kernels"] >= 2.0
         if "graph_eager_kernels_autotuned_ms" in s:  # reported too: the baseline with cudnn.benchmark
             g["step_vs_graph_eager_kernels_autotuned"] = s["graph_eager_kernels_autotuned_ms"] / best
-        compiled = {k[:-3]: v for k, v in s.items() if k.startswith("graph_torch_compile") and k.endswith("_ms")}
+        compiled = {k[:-3]: v for k, v in s.items() if k.startswith("graph_torch_compile") and k.endswith("_ms")
+                    and not k.endswith("_loop20_ms")}
         if compiled:  # the best torch.compile configuration measured
             g["best_torch_compile_mode"] = min(compiled, key=compiled.get)
             g["step_vs_best_torch_compile"] = min(compiled.values()) / best
