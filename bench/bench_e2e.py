@@ -137,9 +137,6 @@ def bench_step(cfg, device, size: int, repeat: int, modes: list[str]) -> dict:
                                      parallel_side_network=False),
         # the engine's compile defaults (DEFAULT_INDUCTOR_OPTIONS: 1x1 convolutions as matrix products)
         "optimized_compiled": dict(fast_attention=True, channels_last=True, cuda_graph=True, compile=True),
-        # ... with both streams' work in ONE CUDA graph (before run 22) instead of three
-        "optimized_compiled_one_graph": dict(fast_attention=True, channels_last=True, cuda_graph=True, compile=True,
-                                             branch_graphs=False),
         # ... with inductor's defaults (1x1 convolutions through cuDNN)
         "optimized_compiled_inductor_defaults": dict(fast_attention=True, channels_last=True, cuda_graph=True,
                                                      compile=True, compile_options={}),

@@ -106,33 +106,13 @@ class _StepState:
     noise: torch.Tensor | None
     gate: torch.Tensor | None
     kv: StaticCrossKV = field(default_factory=StaticCrossKV)
-    graph: "torch.cuda.CUDAGraph | _BranchGraphs | None" = None
+    graph: torch.cuda.CUDAGraph | None = None
 
 
 # inductor options of `compile=True` unless `compile_options` is given: 1x1 convolutions (proj_in,
 # proj_out, zero convs, shortcuts) as matrix products, which inductor fuses with their neighbours;
 # measured 6.91 against 7.01 ms per step on the H100 (bench/results/e2e_h100_run16_*.json)
 DEFAULT_INDUCTOR_OPTIONS = {"conv_1x1_as_mm": True}
-
-
-class _BranchGraphs:
-    """One step as three CUDA graphs: CapFace on the side stream and the UNet's first half on the
-    current one, launched separately so both start at once, then the second half once both are
-    done. `replay` has the CUDAGraph signature, so a state holds either."""
-
-    def __init__(self, side_graph, enc_graph, dec_graph, side_stream, outputs):
-        self.side_graph, self.enc_graph, self.dec_graph = side_graph, enc_graph, dec_graph
-        self.side_stream = side_stream
-        self.outputs = outputs  # the tensors the graphs hand each other (their memory stays theirs)
-
-    def replay(self) -> None:
-        main = torch.cuda.current_stream(self.side_stream.device)
-        self.side_stream.wait_stream(main)  # the previous step's update of the latents
-        with torch.cuda.stream(self.side_stream):
-            self.side_graph.replay()
-        self.enc_graph.replay()
-        main.wait_stream(self.side_stream)
-        self.dec_graph.replay()
 
 
 class TorchDenoiserEngine(Engine):
@@ -144,8 +124,7 @@ class TorchDenoiserEngine(Engine):
     def __init__(self, den: CapHumanDenoiser, *, device: str | torch.device = "cuda", dtype=torch.float16,
                  channels_last: bool | None = None, fast_attention: bool = True, cuda_graph: bool | None = None,
                  compile: bool = False, parallel_side_network: bool | None = None, rewrite_networks: bool = True,
-                 compile_options: dict | None = None, compile_backend="inductor", conv_autotune: bool = True,
-                 branch_graphs: bool | None = None):
+                 compile_options: dict | None = None, compile_backend="inductor", conv_autotune: bool = True):
         self.device = torch.device(device)
         self.dtype = dtype
         on_gpu = self.device.type == "cuda"
@@ -218,13 +197,6 @@ class TorchDenoiserEngine(Engine):
         if parallel and not on_gpu:
             raise EngineError("parallel_side_network needs a CUDA device (it uses a second CUDA stream)")
         self._side_stream = torch.cuda.Stream(self.device) if parallel else None
-        # With the second stream, the step is captured as three CUDA graphs (CapFace, the UNet's
-        # first half, then its second half and the update) launched on the two streams, instead of
-        # one graph holding both branches: within one graph the H100 started the second branch
-        # 580-900 us after the first (bench/results/stream_probe_h100_run21.json).
-        self.branch_graphs = self._side_stream is not None if branch_graphs is None else branch_graphs
-        if self.branch_graphs and self._side_stream is None:
-            raise EngineError("branch_graphs needs the parallel side network (a second CUDA stream)")
         self._states: dict[tuple, _StepState] = {}
 
     # -- the Engine interface: one fused denoiser call ------------------------------------------
@@ -241,19 +213,13 @@ class TorchDenoiserEngine(Engine):
     # -- whole DDIM loops ---------------------------------------------------------------------------
     def _step(self, s: _StepState, branches: int) -> None:
         """One denoising step on the static buffers (captured as a CUDA graph)."""
-        with self._identical_first_self_attention(branches):
-            self._step_body(s, branches)
-
-    @contextlib.contextmanager
-    def _identical_first_self_attention(self, branches: int):
-        """A Python flag on the UNet's first self-attention, set while running/tracing/capturing a
-        step only (`run` takes any input): its CFG branches are identical there."""
         if self._first_self_attn is None:
-            yield
+            self._step_body(s, branches)
             return
+        # a Python flag, read while running/tracing/capturing this step only (`run` takes any input)
         self._first_self_attn.identical_batch_halves = branches == 2
         try:
-            yield
+            self._step_body(s, branches)
         finally:
             self._first_self_attn.identical_batch_halves = False
 
@@ -387,30 +353,11 @@ class TorchDenoiserEngine(Engine):
                 s.x.copy_(x0)
                 s.kv.mode = "use"
         torch.cuda.current_stream(self.device).wait_stream(side)
-        if self.branch_graphs:
-            graph = self._capture_branch_graphs(s, branches)
-        else:
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                self._step(s, branches)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self._step(s, branches)
         s.graph = graph  # only a completed capture is ever replayed
         s.x.copy_(x0)
-
-    def _capture_branch_graphs(self, s: _StepState, branches: int) -> "_BranchGraphs":
-        """The step as three graphs: CapFace's residuals and the UNet's first half (each with its own
-        memory pool: they run concurrently), then the second half and the DDIM update (sharing the
-        first half's pool: it runs after it on the same stream). Their outputs stay referenced by
-        the returned object, so no later capture reuses that memory."""
-        side_graph, enc_graph, dec_graph = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
-        with torch.cuda.graph(side_graph):
-            scaled = self._capface_res_fn(s.x, s.t, s.guided, s.ctx, s.strength, s.hard)
-        with self._identical_first_self_attention(branches), torch.cuda.graph(enc_graph):
-            enc = self._unet_enc_fn(s.x, s.t, s.text, branches)
-        with torch.cuda.graph(dec_graph, pool=enc_graph.pool()):
-            x_prev = self._unet_dec_fn(enc, scaled, s.x, s.guidance, s.a_t, s.a_prev, s.sigma, s.sqrt_1m,
-                                       s.noise, branches)
-            s.x.copy_(x_prev)
-        return _BranchGraphs(side_graph, enc_graph, dec_graph, self._side_stream, (scaled, enc, x_prev))
 
     @torch.no_grad()
     def sample(self, noise: torch.Tensor, text_cond: torch.Tensor, text_uncond: torch.Tensor, hint: torch.Tensor,

@@ -8,6 +8,12 @@ the order given and times every captured step round-robin (CUDA events, 3 rounds
 
 Run 20: the GEMMs' algorithms chosen by timing (torch.cuda.tunable, cuBLAS/cuBLASLt candidates)
 instead of cuBLAS heuristics: `eager`/`eager_tunable` (uncompiled engine), `tunable` (compiled).
+
+Results: step_probe_h100_run19.jsonl (default 7.05, after a serial warm-up 7.07, cuDNN heuristics
+7.00-7.03 ms: no effect; the engine's `serial_autotune` knob was removed afterwards, so `serial` now
+runs the default) and step_probe_h100_run20_tunableop.jsonl (TunableOp 7.08 against 7.04 ms
+compiled, 11.47 against 11.44 uncompiled: slower). The write_file call at the end does not exist in
+torch 2.11 (the error in run 20's log); results were not needed.
 """
 import json
 import sys

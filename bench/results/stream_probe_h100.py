@@ -6,6 +6,12 @@ encoder. Does the capture order of the two branches, or a stream priority, chang
 
 One process; every engine compiled (inductor's cache makes the later ones quick); each step timed
 round-robin (3 x 50 replays), plus one profiled replay: each stream's first and last kernel.
+
+Result (stream_probe_h100_run21.json): in every variant the second branch started 580-900 us after
+the first; neither order nor priority made the step faster, so the `encoder_first` knob this
+probe set was removed from the engine (setting it now does nothing). Run 22 then captured the
+branches as three separate graphs: 7.29 against 7.03 ms for one graph (e2e_h100_run22_*), also
+removed.
 """
 import json
 import sys
