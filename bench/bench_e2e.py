@@ -394,7 +394,7 @@ def main() -> int:
     ap.add_argument("--parts", default="step,vae,e2e,sampler,compile",
                     help="in run order; 'compile' (torch.compile variants of the step) takes minutes")
     ap.add_argument("--modes", default="reference,eager,graph_eager_kernels,graph_eager_kernels_autotuned,optimized")
-    ap.add_argument("--compile-modes", default="graph_torch_compile,optimized_compiled")
+    ap.add_argument("--compile-modes", default="graph_torch_compile,graph_torch_compile_1x1,optimized_compiled")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     shared = ROOT.parent / "shared" / "testdata" / "faces"
     ap.add_argument("--reference", default=str(shared / "reference_196251.png"), help="reference photo (e2e)")

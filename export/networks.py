@@ -155,21 +155,30 @@ def unet_encode(unet: UNet2DConditionModel, x: torch.Tensor, t: torch.Tensor,
     classifier-free-guidance branches (``text_context`` has batch k*n), i.e. the same as passing
     ``torch.cat([x] * k)``. Until the first cross-attention the branches are identical (the side
     network's residuals only enter in `unet_decode`), so the time embedding, conv_in and the first
-    ResNet block run at batch n and their outputs are tiled."""
+    ResNet block run at batch n and their outputs are tiled. Same math, not bit-identical: kernels
+    at batch n may round differently from those at batch k*n (tests: relative error <= 1e-6 fp32).
+    A first down block of another type than (CrossAttn)DownBlock2D takes the concatenated batch."""
     if branches > 1:
-        return _unet_encode_shared_prefix(unet, x, t, text_context, branches)
+        from diffusers.models.unets.unet_2d_blocks import CrossAttnDownBlock2D, DownBlock2D
+
+        if type(unet.down_blocks[0]) in (CrossAttnDownBlock2D, DownBlock2D):
+            return _unet_encode_shared_prefix(unet, x, t, text_context, branches)
+        x, t = x.repeat(branches, 1, 1, 1), t.reshape(-1).expand(x.shape[0]).repeat(branches)
     t = t.reshape(-1).expand(x.shape[0])
     emb = unet.time_embedding(unet.get_time_embed(sample=x, timestep=t), None)
     sample = unet.conv_in(x)
-    skips = (sample,)
-    for block in unet.down_blocks:
+    sample, skips = _down_blocks_and_mid(unet, unet.down_blocks, sample, (sample,), emb, text_context)
+    return UNetEncoding(sample, skips, emb, text_context)
+
+
+def _down_blocks_and_mid(unet, blocks, sample, skips, emb, text_context):
+    for block in blocks:
         if getattr(block, "has_cross_attention", False):
             sample, res = block(hidden_states=sample, temb=emb, encoder_hidden_states=text_context)
         else:
             sample, res = block(hidden_states=sample, temb=emb)
         skips += res
-    sample = unet.mid_block(sample, emb, encoder_hidden_states=text_context)
-    return UNetEncoding(sample, skips, emb, text_context)
+    return unet.mid_block(sample, emb, encoder_hidden_states=text_context), skips
 
 
 def _unet_encode_shared_prefix(unet: UNet2DConditionModel, x: torch.Tensor, t: torch.Tensor,
@@ -203,13 +212,7 @@ def _unet_encode_shared_prefix(unet: UNet2DConditionModel, x: torch.Tensor, t: t
         for down in first.downsamplers:
             sample = down(sample)
         skips += (sample,)
-    for block in rest:
-        if getattr(block, "has_cross_attention", False):
-            sample, res = block(hidden_states=sample, temb=emb, encoder_hidden_states=text_context)
-        else:
-            sample, res = block(hidden_states=sample, temb=emb)
-        skips += res
-    sample = unet.mid_block(sample, emb, encoder_hidden_states=text_context)
+    sample, skips = _down_blocks_and_mid(unet, rest, sample, skips, emb, text_context)
     return UNetEncoding(sample, skips, emb, text_context)
 
 
@@ -218,8 +221,10 @@ def _add_tiled(feature: torch.Tensor, residual: torch.Tensor, batch: int) -> tor
     branches of the same samples, as ``torch.cat([r] * k)``); compiled, the tiling is fused into the
     add instead of materialised."""
     if residual is not None:
-        if residual.shape[0] != feature.shape[0] and feature.shape[0] == batch:
-            residual = residual.repeat(batch // residual.shape[0], 1, 1, 1)
+        if residual.shape[0] < feature.shape[0]:
+            residual = residual.repeat(feature.shape[0] // residual.shape[0], 1, 1, 1)
+        elif feature.shape[0] < residual.shape[0]:
+            feature = feature.repeat(residual.shape[0] // feature.shape[0], 1, 1, 1)
         feature = feature + residual
     if feature.shape[0] != batch:
         feature = feature.repeat(batch // feature.shape[0], 1, 1, 1)

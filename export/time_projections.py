@@ -86,6 +86,7 @@ def fuse_time_projections(net: nn.Module) -> TimeProjections | None:
         return None
     for hook in net.time_embedding._forward_hooks.values():
         if isinstance(hook, TimeProjections):  # already fused
+            net._fused_time_projections = hook
             return hook
     blocks = [m for m in net.modules() if isinstance(m, ResnetBlock2D) and isinstance(m.time_emb_proj, nn.Linear)
               and not m.skip_time_act and isinstance(m.nonlinearity, nn.SiLU)]

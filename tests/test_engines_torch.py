@@ -1,5 +1,6 @@
 """The torch engine computes what `ddim_sample` computes. On the CPU (CI) its step runs eagerly over
-the same static buffers and K/V cache the CUDA graph replays, so fp32 results are bit-identical;
+the same static buffers and K/V cache the CUDA graph replays, so fp32 results agree to 1e-6 (the
+shared CFG prefix runs some kernels at batch 1, which may round differently from batch 2);
 on a GPU (marker `gpu`) the CUDA-graph path is compared with eager PyTorch."""
 from __future__ import annotations
 
@@ -132,6 +133,22 @@ def test_unet_encode_shared_prefix(dens, tiny_config):
             assert seen == [1, 1]  # the first ResNet block ran on one branch
         with pytest.raises(ValueError, match="text_context"):
             unet_encode(ref_den.unet, x1, t1, text[:1], branches=2)
+
+
+def test_add_tiled_every_batch_combination():
+    """_add_tiled(feature, residual, batch) equals tiling both to `batch` (torch.cat of k copies) and adding."""
+    from export.networks import _add_tiled
+
+    g = torch.Generator().manual_seed(7)
+    n, k = 2, 2
+    for fb in (n, k * n):
+        for rb in (n, k * n, None):
+            f = torch.randn(fb, 3, 4, 4, generator=g)
+            r = None if rb is None else torch.randn(rb, 3, 4, 4, generator=g)
+            want = torch.cat([f] * (k * n // fb))
+            if r is not None:
+                want = want + torch.cat([r] * (k * n // rb))
+            assert torch.equal(_add_tiled(f, r, k * n), want), (fb, rb)
 
 
 def test_parallel_side_network_needs_cuda(dens):
