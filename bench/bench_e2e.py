@@ -137,10 +137,6 @@ def bench_step(cfg, device, size: int, repeat: int, modes: list[str]) -> dict:
                                      parallel_side_network=False),
         # the engine's compile defaults (DEFAULT_INDUCTOR_OPTIONS: 1x1 convolutions as matrix products)
         "optimized_compiled": dict(fast_attention=True, channels_last=True, cuda_graph=True, compile=True),
-        # ... with CapFace and the UNet's first half each captured whole, one after the other (before
-        # run 24), instead of interleaved down block by down block
-        "optimized_compiled_not_interleaved": dict(fast_attention=True, channels_last=True, cuda_graph=True,
-                                                   compile=True, interleave_branches=False),
         # ... with inductor's defaults (1x1 convolutions through cuDNN)
         "optimized_compiled_inductor_defaults": dict(fast_attention=True, channels_last=True, cuda_graph=True,
                                                      compile=True, compile_options={}),

@@ -25,7 +25,7 @@ from typing import Callable, Sequence
 import torch
 
 from export.models import CapHumanDenoiser
-from export.networks import hard_mask_like, run_unet, unet_decode, unet_encode, unet_encode_part
+from export.networks import hard_mask_like, run_unet, unet_decode, unet_encode
 from export.onnx_specs import graph_specs
 from export.time_projections import fuse_time_projections
 from .ddim import ddim_schedule, ddim_update, step_noise, validate_sampling_args
@@ -124,8 +124,7 @@ class TorchDenoiserEngine(Engine):
     def __init__(self, den: CapHumanDenoiser, *, device: str | torch.device = "cuda", dtype=torch.float16,
                  channels_last: bool | None = None, fast_attention: bool = True, cuda_graph: bool | None = None,
                  compile: bool = False, parallel_side_network: bool | None = None, rewrite_networks: bool = True,
-                 compile_options: dict | None = None, compile_backend="inductor", conv_autotune: bool = True,
-                 interleave_branches: bool | None = None):
+                 compile_options: dict | None = None, compile_backend="inductor", conv_autotune: bool = True):
         self.device = torch.device(device)
         self.dtype = dtype
         on_gpu = self.device.type == "cuda"
@@ -168,17 +167,13 @@ class TorchDenoiserEngine(Engine):
         self._capface_res_fn = self._capface_residuals
         self._unet_enc_fn = self._unet_first_half
         self._unet_dec_fn = self._unet_second_half_and_update
-        self._capface_part_fn = self._capface_part_residuals
-        self._unet_part_fn = self._unet_first_half_part
         # The per-request K/V "fill" step runs these eagerly; each key compiles them once ("use").
         self._eager_step_fns = (self._capface_res_fn, self._unet_enc_fn, self._unet_dec_fn)
-        self._eager_part_fns = (self._capface_part_fn, self._unet_part_fn)
         if compile:
             # one compiled graph per (batch, size, flags) key and function: a server's buckets and
             # request variants pass dynamo's default limit of 8, after which it runs them eagerly
             limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
-            # (the interleaved parts below compile once per part and key)
-            setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), 256))
+            setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), 64))
 
             options = None
             if compile_backend == "inductor":
@@ -192,8 +187,6 @@ class TorchDenoiserEngine(Engine):
             self._capface_res_fn = compiled(self._capface_residuals)
             self._unet_enc_fn = compiled(self._unet_enc_fn)
             self._unet_dec_fn = compiled(self._unet_dec_fn)
-            self._capface_part_fn = compiled(self._capface_part_fn)
-            self._unet_part_fn = compiled(self._unet_part_fn)
         # cuDNN picks each convolution's algorithm by timing them (cudnn.benchmark) during the
         # warm-up before a CUDA-graph capture; the capture replays those choices
         self.conv_autotune = conv_autotune
@@ -204,16 +197,6 @@ class TorchDenoiserEngine(Engine):
         if parallel and not on_gpu:
             raise EngineError("parallel_side_network needs a CUDA device (it uses a second CUDA stream)")
         self._side_stream = torch.cuda.Stream(self.device) if parallel else None
-        # CapFace and the UNet's first half are launched down block by down block, alternating,
-        # instead of one after the other: in a captured graph the GPU starts the kernels of its
-        # branches in the order they were captured, so a whole first branch captured first delayed
-        # the second one by 0.6-0.9 ms on the H100 (bench/results/profile_step_h100_run18_compiled.json)
-        parts = len(self.den.unet.down_blocks)
-        same_depth = len(self.den.capface.net.down_blocks) == parts
-        self.interleave_branches = (parallel and same_depth) if interleave_branches is None else interleave_branches
-        if self.interleave_branches and not same_depth:
-            raise EngineError("interleave_branches needs CapFace and the UNet to have the same number of down blocks")
-        self._parts = parts
         self._states: dict[tuple, _StepState] = {}
 
     # -- the Engine interface: one fused denoiser call ------------------------------------------
@@ -248,29 +231,20 @@ class TorchDenoiserEngine(Engine):
         side = self._side_stream
         if s.kv.mode == "fill":
             capface_fn, enc_fn, dec_fn = self._eager_step_fns
-            capface_part, unet_part = self._eager_part_fns
         else:
             capface_fn, enc_fn, dec_fn = self._capface_res_fn, self._unet_enc_fn, self._unet_dec_fn
-            capface_part, unet_part = self._capface_part_fn, self._unet_part_fn
-        on_side = torch.cuda.stream(side) if side is not None else contextlib.nullcontext()
         if side is not None:
             main = torch.cuda.current_stream(self.device)
             side.wait_stream(main)
-        if self.interleave_branches:
-            scaled, carry, enc = [], None, None
-            for part in range(self._parts):
-                enc = unet_part(part, enc, s.x, s.t, s.text, branches)
-                with on_side:
-                    carry, res = capface_part(part, carry, s.x, s.t, s.guided, s.ctx, s.strength, s.hard)
-                scaled += res
-        else:
-            with on_side:
+            with torch.cuda.stream(side):
                 scaled = capface_fn(s.x, s.t, s.guided, s.ctx, s.strength, s.hard)
-            enc = enc_fn(s.x, s.t, s.text, branches)
-        if side is not None:
             # made on the side stream, read on main: keep the allocator from reusing them early
             for r in scaled:
                 r.record_stream(main)
+        else:
+            scaled = capface_fn(s.x, s.t, s.guided, s.ctx, s.strength, s.hard)
+        enc = enc_fn(s.x, s.t, s.text, branches)
+        if side is not None:
             main.wait_stream(side)
         x_prev = dec_fn(enc, scaled, s.x, s.guidance, s.a_t, s.a_prev, s.sigma, s.sqrt_1m, s.noise, branches)
         s.x.copy_(x_prev)
@@ -281,26 +255,6 @@ class TorchDenoiserEngine(Engine):
         function with the network, so the scaling fuses into its last kernels)."""
         res = self.den.capface.encode(x.to(self.dtype), t, guided, ctx)
         return [(r * strength[i]) * hard[tuple(r.shape[-2:])] for i, r in enumerate(res)]
-
-    def _capface_part_residuals(self, part: int, carry, x: torch.Tensor, t: torch.Tensor, guided: torch.Tensor,
-                                ctx: torch.Tensor, strength: torch.Tensor, hard: dict):
-        """`_capface_residuals` for down block ``part`` (SideNetwork.encode_part): (carry, its residuals)."""
-        capface = self.den.capface
-        carry, res = capface.encode_part(part, carry, x.to(self.dtype) if part == 0 else None, t, guided, ctx)
-        start = capface.residual_start(part)
-        return carry, [(r * strength[start + i]) * hard[tuple(r.shape[-2:])] for i, r in enumerate(res)]
-
-    def _unet_first_half_part(self, part: int, carry, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor,
-                              branches: int):
-        """`_unet_first_half` for down block ``part`` (`unet_encode_part`)."""
-        if part > 0:
-            return unet_encode_part(self.den.unet, part, carry, None, None, text)
-        xi = x.to(self.dtype)
-        if branches == 2 and self.rewrite_networks:
-            return unet_encode_part(self.den.unet, 0, None, xi, t, text, branches=2)
-        if branches == 2:
-            xi, t = torch.cat([xi, xi]), torch.cat([t, t])
-        return unet_encode_part(self.den.unet, 0, None, xi, t, text)
 
     def _unet_first_half(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, branches: int):
         """The UNet's down and mid blocks on the fp32 latents, both CFG branches in one batch (with

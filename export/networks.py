@@ -87,47 +87,22 @@ class SideNetwork(nn.Module):
 
     def encode(self, x: torch.Tensor, t: torch.Tensor, guided_hint: torch.Tensor, context: torch.Tensor
                ) -> list[torch.Tensor]:
-        """The residuals [1 + blocks + middle] given the guided hint of ``embed_hint``: `encode_part`
-        over every down block (a caller may interleave the parts with other work)."""
-        carry, residuals = None, []
-        for part in range(len(self.net.down_blocks)):
-            carry, res = self.encode_part(part, carry, x, t, guided_hint, context)
-            residuals += res
-        return residuals
-
-    def encode_part(self, part: int, carry, x: torch.Tensor, t: torch.Tensor, guided_hint: torch.Tensor,
-                    context: torch.Tensor) -> tuple[tuple, list[torch.Tensor]]:
-        """Down block ``part`` and its residuals (zero convolutions); part 0 also the time embedding
-        and conv_in plus the guided hint (``x``, ``t`` and the hint are only read there), the last
-        part also the mid block. Returns ((h, emb) for the next part, this part's residuals, which
-        start at index `residual_start(part)`)."""
+        """The residuals [1 + blocks + middle] given the guided hint of ``embed_hint``."""
         net = self.net
-        if part == 0:
-            t = t.reshape(-1).expand(x.shape[0])
-            emb = net.time_embedding(net.time_proj(t).to(x.dtype))
-            h = net.conv_in(x) + guided_hint
-            features = [h]
-        else:
-            h, emb = carry
-            features = []
-        block = net.down_blocks[part]
-        if getattr(block, "has_cross_attention", False):
-            h, skips = block(hidden_states=h, temb=emb, encoder_hidden_states=context)
-        else:
-            h, skips = block(hidden_states=h, temb=emb)
-        features.extend(skips)
-        start = self.residual_start(part)
-        residuals = [net.controlnet_down_blocks[start + i](f) for i, f in enumerate(features)]
-        if part == len(net.down_blocks) - 1:
-            h = net.mid_block(h, emb, encoder_hidden_states=context)
-            residuals.append(net.controlnet_mid_block(h))
-        return (h, emb), residuals
-
-    def residual_start(self, part: int) -> int:
-        """Index of the first residual that `encode_part(part)` returns."""
-        if part == 0:
-            return 0
-        return 1 + sum(len(b.resnets) + (b.downsamplers is not None) for b in self.net.down_blocks[:part])
+        t = t.reshape(-1).expand(x.shape[0])
+        emb = net.time_embedding(net.time_proj(t).to(x.dtype))
+        h = net.conv_in(x) + guided_hint
+        features = [h]
+        for block in net.down_blocks:
+            if getattr(block, "has_cross_attention", False):
+                h, skips = block(hidden_states=h, temb=emb, encoder_hidden_states=context)
+            else:
+                h, skips = block(hidden_states=h, temb=emb)
+            features.extend(skips)
+        residuals = [zero_conv(f) for zero_conv, f in zip(net.controlnet_down_blocks, features)]
+        h = net.mid_block(h, emb, encoder_hidden_states=context)
+        residuals.append(net.controlnet_mid_block(h))
+        return residuals
 
 
 def hard_mask_like(mask: torch.Tensor, feature: torch.Tensor) -> torch.Tensor:
@@ -182,61 +157,42 @@ def unet_encode(unet: UNet2DConditionModel, x: torch.Tensor, t: torch.Tensor,
     network's residuals only enter in `unet_decode`), so the time embedding, conv_in and the first
     ResNet block run at batch n and their outputs are tiled. Same math, not bit-identical: kernels
     at batch n may round differently from those at batch k*n (tests: relative error <= 1e-6 fp32).
-    A first down block of another type than (CrossAttn)DownBlock2D takes the concatenated batch.
+    A first down block of another type than (CrossAttn)DownBlock2D takes the concatenated batch."""
+    if branches > 1:
+        from diffusers.models.unets.unet_2d_blocks import CrossAttnDownBlock2D, DownBlock2D
 
-    It is `unet_encode_part` over every down block (a caller may interleave the parts with other work)."""
-    carry = None
-    for part in range(len(unet.down_blocks)):
-        carry = unet_encode_part(unet, part, carry, x, t, text_context, branches)
-    return carry
+        if type(unet.down_blocks[0]) in (CrossAttnDownBlock2D, DownBlock2D):
+            return _unet_encode_shared_prefix(unet, x, t, text_context, branches)
+        x, t = x.repeat(branches, 1, 1, 1), t.reshape(-1).expand(x.shape[0]).repeat(branches)
+    t = t.reshape(-1).expand(x.shape[0])
+    emb = unet.time_embedding(unet.get_time_embed(sample=x, timestep=t), None)
+    sample = unet.conv_in(x)
+    sample, skips = _down_blocks_and_mid(unet, unet.down_blocks, sample, (sample,), emb, text_context)
+    return UNetEncoding(sample, skips, emb, text_context)
 
 
-def unet_encode_part(unet: UNet2DConditionModel, part: int, carry, x: torch.Tensor, t: torch.Tensor,
-                     text_context: torch.Tensor, branches: int = 1):
-    """Down block ``part`` of `unet_encode`; part 0 also runs the time embedding and conv_in (``x``
-    and ``t`` are only read there), the last part also the mid block and returns the UNetEncoding.
-    ``carry``: what the previous part returned (sample, skips, emb)."""
-    if part == 0:
-        sample, skips, emb = _unet_encode_input(unet, x, t, text_context, branches)
-    else:
-        sample, skips, emb = carry
-        block = unet.down_blocks[part]
+def _down_blocks_and_mid(unet, blocks, sample, skips, emb, text_context):
+    for block in blocks:
         if getattr(block, "has_cross_attention", False):
             sample, res = block(hidden_states=sample, temb=emb, encoder_hidden_states=text_context)
         else:
             sample, res = block(hidden_states=sample, temb=emb)
         skips += res
-    if part == len(unet.down_blocks) - 1:
-        sample = unet.mid_block(sample, emb, encoder_hidden_states=text_context)
-        return UNetEncoding(sample, skips, emb, text_context)
-    return sample, skips, emb
+    return unet.mid_block(sample, emb, encoder_hidden_states=text_context), skips
 
 
-def _unet_encode_input(unet: UNet2DConditionModel, x: torch.Tensor, t: torch.Tensor, text_context: torch.Tensor,
-                       branches: int):
-    """Time embedding, conv_in and the first down block: (sample, skips, emb). With ``branches`` > 1
-    the text-free prefix runs at the batch of ``x``: the first down block is run here as diffusers'
-    (CrossAttn)DownBlock2D.forward runs it, with a tiling after its first ResNet block; conv_in's
-    output stays at batch n (`unet_decode` tiles it)."""
-    first = unet.down_blocks[0]
-    if branches > 1:
-        from diffusers.models.unets.unet_2d_blocks import CrossAttnDownBlock2D, DownBlock2D
-
-        if text_context.shape[0] != branches * x.shape[0]:
-            raise ValueError(f"text_context has batch {text_context.shape[0]}, expected {branches} x {x.shape[0]}")
-        if type(first) not in (CrossAttnDownBlock2D, DownBlock2D):
-            x, t = x.repeat(branches, 1, 1, 1), t.reshape(-1).expand(x.shape[0]).repeat(branches)
-            branches = 1
+def _unet_encode_shared_prefix(unet: UNet2DConditionModel, x: torch.Tensor, t: torch.Tensor,
+                               text_context: torch.Tensor, branches: int) -> UNetEncoding:
+    """`unet_encode` with ``branches`` > 1: the text-free prefix at the batch of ``x``. The first
+    down block is run here as diffusers' (CrossAttn)DownBlock2D.forward runs it, with a tiling
+    after its first ResNet block. conv_in's output stays at batch n (`unet_decode` tiles it)."""
+    if text_context.shape[0] != branches * x.shape[0]:
+        raise ValueError(f"text_context has batch {text_context.shape[0]}, expected {branches} x {x.shape[0]}")
     t = t.reshape(-1).expand(x.shape[0])
     emb = unet.time_embedding(unet.get_time_embed(sample=x, timestep=t), None)
     sample = unet.conv_in(x)
     skips = (sample,)
-    if branches == 1:
-        if getattr(first, "has_cross_attention", False):
-            sample, res = first(hidden_states=sample, temb=emb, encoder_hidden_states=text_context)
-        else:
-            sample, res = first(hidden_states=sample, temb=emb)
-        return sample, skips + res, emb
+    first, rest = unet.down_blocks[0], unet.down_blocks[1:]
     sample = first.resnets[0](sample, emb)
     # from here on every branch's copy is computed: tile the features, the embedding and (where
     # the blocks' time projections are fused) its projections
@@ -256,7 +212,8 @@ def _unet_encode_input(unet: UNet2DConditionModel, x: torch.Tensor, t: torch.Ten
         for down in first.downsamplers:
             sample = down(sample)
         skips += (sample,)
-    return sample, skips, emb
+    sample, skips = _down_blocks_and_mid(unet, rest, sample, skips, emb, text_context)
+    return UNetEncoding(sample, skips, emb, text_context)
 
 
 def _add_tiled(feature: torch.Tensor, residual: torch.Tensor, batch: int) -> torch.Tensor:

@@ -151,27 +151,6 @@ def test_add_tiled_every_batch_combination():
             assert torch.equal(_add_tiled(f, r, k * n), want), (fb, rb)
 
 
-@pytest.mark.parametrize("kw", [dict(), dict(guidance=1.0), dict(tau=500, strength=0.8), dict(eta=0.5, steps=5)],
-                         ids=["cfg7", "guidance1", "tau", "eta"])
-def test_interleaved_parts_equal_ddim_sample(dens, tiny_config, kw):
-    """interleave_branches: CapFace and the UNet's first half run down block by down block
-    (SideNetwork.encode_part, unet_encode_part), alternating; same results as ddim_sample."""
-    ref_den, _ = dens
-    engine = TorchDenoiserEngine(copy.deepcopy(ref_den), device="cpu", dtype=torch.float32, interleave_branches=True)
-    assert engine.interleave_branches and engine._parts == len(ref_den.unet.down_blocks)
-    inp, kw = _inputs(tiny_config), {"steps": 4, **kw}
-
-    def gens():
-        return [torch.Generator().manual_seed(5), torch.Generator().manual_seed(6)] if kw.get("eta") else None
-
-    with torch.no_grad():
-        want = ddim_sample(ref_den, **inp, generators=gens(), **kw)
-    assert rel_err(engine.sample(**inp, generators=gens(), **kw), want) <= 1e-6
-    capface = ref_den.capface
-    starts = [capface.residual_start(p) for p in range(engine._parts)]
-    assert starts[0] == 0 and starts == sorted(starts) and starts[-1] < ref_den.num_residuals
-
-
 def test_parallel_side_network_needs_cuda(dens):
     ref_den, _ = dens
     with pytest.raises(EngineError, match="CUDA"):
@@ -285,13 +264,10 @@ def test_engine_keeps_the_networks_checkpoint_layout(dens):
     assert list(engine.den.state_dict()) == list(ref_den.state_dict())
 
 
-@pytest.mark.parametrize("interleave", [False, True], ids=["three-functions", "interleaved-parts"])
-def test_compiled_engine_equals_ddim_sample(tiny_config_path, official_checkpoint, tiny_config, interleave):
+def test_compiled_engine_equals_ddim_sample(tiny_config_path, official_checkpoint, tiny_config):
     """compile=True traces the step's three functions with dynamo (a counting eager backend here, so
     CI needs no C++ toolchain; the GPU uses inductor): same results as ddim_sample; the K/V fill
-    step runs eagerly, so a key is compiled once, and a repeated request compiles nothing. With
-    interleave_branches (the GPU default, with two streams) CapFace and the UNet's first half are
-    compiled part by part: one graph per down block and function, plus the second half."""
+    step runs eagerly, so a key is compiled once, and a repeated request compiles nothing."""
     ref_den = load_denoiser(tiny_config_path, official_checkpoint)
     graphs = []
 
@@ -301,7 +277,7 @@ def test_compiled_engine_equals_ddim_sample(tiny_config_path, official_checkpoin
 
     torch._dynamo.reset()
     engine = TorchDenoiserEngine(copy.deepcopy(ref_den), device="cpu", dtype=torch.float32, compile=True,
-                                 compile_backend=counting_backend, interleave_branches=interleave)
+                                 compile_backend=counting_backend)
     per_key = []
     for kw in (dict(tau=500), dict(tau=500), dict(guidance=1.0)):
         before = len(graphs)
@@ -310,5 +286,4 @@ def test_compiled_engine_equals_ddim_sample(tiny_config_path, official_checkpoin
         per_key.append(len(graphs) - before)
         with torch.no_grad():
             assert rel_err(got, ddim_sample(ref_den, **inp, steps=4, **kw)) <= 1e-5
-    n = 2 * len(ref_den.unet.down_blocks) + 1 if interleave else 3
-    assert per_key[0] == n and per_key[1] == 0 and per_key[2] == n, per_key  # one graph each, no graph breaks
+    assert per_key[0] == 3 and per_key[1] == 0 and per_key[2] == 3, per_key  # three functions, no graph breaks
