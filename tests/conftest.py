@@ -15,6 +15,17 @@ torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 
 
+def load_bench(name: str):
+    """A benchmark script under bench/ (not a package) as a module, for tests of its pure parts."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """||a - b|| / ||b||, in float64."""
     a, b = a.double(), b.double()

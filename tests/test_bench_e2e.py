@@ -1,17 +1,11 @@
 """bench/bench_e2e.py's goal checks (the benchmark itself needs the GPU for its figures)."""
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[1]
+from .conftest import load_bench
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("bench_e2e", ROOT / "bench" / "bench_e2e.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_bench("bench_e2e")
 
 
 def test_step_goals_use_the_engine_default_and_the_best_compile():

@@ -2,17 +2,15 @@
 docs/serving.md): the repository parameters it sets, the goal checks and the table."""
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
+
+from .conftest import load_bench
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("bench_serving", ROOT / "bench" / "bench_serving.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_bench("bench_serving")
 
 
 def test_set_parameters_replaces_and_adds(tmp_path):
