@@ -216,7 +216,7 @@ def _unet_encode_shared_prefix(unet: UNet2DConditionModel, x: torch.Tensor, t: t
     return UNetEncoding(sample, skips, emb, text_context)
 
 
-def _add_tiled(feature: torch.Tensor, residual: torch.Tensor, batch: int) -> torch.Tensor:
+def _add_tiled(feature: torch.Tensor, residual: torch.Tensor | None, batch: int) -> torch.Tensor:
     """feature + residual at ``batch``, where a feature or residual of batch n serves k*n (the k CFG
     branches of the same samples, as ``torch.cat([r] * k)``); compiled, the tiling is fused into the
     add instead of materialised."""
