@@ -28,6 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 from export.config import load_config, packaged_config  # noqa: E402
 from export.models import VAE, CapHumanDenoiser  # noqa: E402
+from kernels import attention_triton  # noqa: E402
 from runtime.sampling import ddim_sample, dpmpp_2m_sample, guided_eps  # noqa: E402
 
 RESULTS: dict = {}
@@ -137,6 +138,10 @@ def bench_step(cfg, device, size: int, repeat: int, modes: list[str]) -> dict:
                                      parallel_side_network=False),
         # the engine's compile defaults (DEFAULT_INDUCTOR_OPTIONS: 1x1 convolutions as matrix products)
         "optimized_compiled": dict(fast_attention=True, channels_last=True, cuda_graph=True, compile=True),
+        # ... with the attention kernel's launches autotuned (pointer loads) and AUTO's key-count rule
+        # alone, as before the measured per-shape table (attention_triton.TUNED_LAUNCHES) existed
+        "optimized_compiled_untuned_attention": dict(fast_attention=True, channels_last=True, cuda_graph=True,
+                                                     compile=True, tuned_attention=False),
         # ... with inductor's defaults (1x1 convolutions through cuDNN)
         "optimized_compiled_inductor_defaults": dict(fast_attention=True, channels_last=True, cuda_graph=True,
                                                      compile=True, compile_options={}),
@@ -148,6 +153,10 @@ def bench_step(cfg, device, size: int, repeat: int, modes: list[str]) -> dict:
     for name, kw in engine_modes.items():
         if name not in modes or device.type != "cuda":
             continue
+        kw = dict(kw)
+        tuned_launches = dict(attention_triton.TUNED_LAUNCHES)
+        if not kw.pop("tuned_attention", True):
+            attention_triton.TUNED_LAUNCHES.clear()  # read while capturing: the graph keeps the choice
         try:
             den = make_denoiser(cfg, device, fp16)
             eng = TorchDenoiserEngine(den, device=device, dtype=fp16, **kw)
@@ -173,6 +182,8 @@ def bench_step(cfg, device, size: int, repeat: int, modes: list[str]) -> dict:
             torch.cuda.empty_cache()
         except Exception as e:  # a failing mode is reported, not fatal
             out[f"{name}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        finally:
+            attention_triton.TUNED_LAUNCHES.update(tuned_launches)
             log(f"  {name}: FAILED {out[f'{name}_error']}")
     return out
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import platform
 import sys
 import time
@@ -103,13 +102,23 @@ CANDIDATE_CONFIGS = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (128, 3
                      (64, 32, 4, 2), (64, 128, 4, 2), (128, 128, 4, 2), (128, 64, 8, 2), (128, 64, 4, 1),
                      (64, 64, 4, 1), (128, 128, 8, 3), (128, 128, 4, 3), (128, 64, 4, 4), (64, 128, 4, 3),
                      (128, 32, 4, 4)]
-# split16 (16-wide second slab) crashed 10 of 12 configs with illegal memory accesses on Triton 3.6
-# (kernels_h100.json of 2026-11-24, first session); it is screened only when asked for.
-SPLIT_MODES = ("padded", "split32") + (("split16",) if os.environ.get("BENCH_SPLIT16") else ())
+# A candidate layout is "<loads>/<split mode>" (at.LOAD_MODES x at.SPLIT_MODES). split16 with pointer
+# loads (16-wide second slab) crashed 10 of 12 configs with illegal memory accesses on Triton 3.6
+# (kernels_h100.json of 2026-11-24, first session); it is screened only when asked for (--layouts).
+DEFAULT_LAYOUTS = ("pointer/padded", "pointer/split32", "tma2d/split32", "tma4d/split32")
+LAYOUTS = DEFAULT_LAYOUTS  # replaced by --layouts
 
 
 def _cfg(c) -> dict:
     return {"BLOCK_M": c[0], "BLOCK_N": c[1], "num_warps": c[2], "num_stages": c[3]}
+
+
+def _layout(layout: str) -> tuple[str, str]:
+    """'tma2d/split16' -> (loads, split_mode), validated against the kernel module's choices."""
+    loads, _, split = layout.partition("/")
+    if loads not in at.LOAD_MODES or split not in at.SPLIT_MODES:
+        raise SystemExit(f"layout {layout!r} must be <{'|'.join(at.LOAD_MODES)}>/<{'|'.join(at.SPLIT_MODES)}>")
+    return loads, split
 
 
 def worker(mode: str, configs: list, result_file: Path, timing: bool) -> None:
@@ -125,7 +134,8 @@ def worker(mode: str, configs: list, result_file: Path, timing: bool) -> None:
                 fh.write(json.dumps(dict(rec, status="started")) + "\n")
                 fh.flush()
                 scale = 1.0 / math.sqrt(case["head_dim"])
-                fn = lambda: at.attention_bnhd(q, k, v, scale, config=cfg, split_mode=mode)  # noqa: E731
+                loads, split = _layout(mode)
+                fn = lambda: at.attention_bnhd(q, k, v, scale, config=cfg, split_mode=split, loads=loads)  # noqa: E731
                 try:
                     o = fn()
                     torch.cuda.synchronize()
@@ -174,13 +184,13 @@ def _read(path: Path) -> list[dict]:
 def screen_candidates(workdir: Path) -> dict:
     """Phase 1 (parallel, one process per layout x config): correctness and crashes."""
     workdir.mkdir(parents=True, exist_ok=True)
-    jobs = [(m, c) for m in SPLIT_MODES for c in CANDIDATE_CONFIGS]
+    jobs = [(m, c) for m in LAYOUTS for c in CANDIDATE_CONFIGS]
     running, verdict = [], {}
     t0 = time.time()
     while jobs or running:
         while jobs and len(running) < 8:
             m, c = jobs.pop(0)
-            f = workdir / f"screen_{m}_{'_'.join(map(str, c))}.jsonl"
+            f = workdir / f"screen_{m.replace('/', '_')}_{'_'.join(map(str, c))}.jsonl"
             f.unlink(missing_ok=True)
             running.append((m, c, f, _child(m, [c], f, False)))
         time.sleep(0.5)
@@ -210,11 +220,11 @@ def screen_candidates(workdir: Path) -> dict:
 def time_candidates(workdir: Path, verdict: dict) -> list[dict]:
     """Phase 2 (sequential: timings must not overlap): every safe config on every shape."""
     out = []
-    for m in SPLIT_MODES:
+    for m in LAYOUTS:
         cfgs = [v["config"] for v in verdict.values() if v["mode"] == m and v["safe"]]
         if not cfgs:
             continue
-        f = workdir / f"time_{m}.jsonl"
+        f = workdir / f"time_{m.replace('/', '_')}.jsonl"
         f.unlink(missing_ok=True)
         proc = _child(m, cfgs, f, True)
         proc.wait()
@@ -229,7 +239,7 @@ def choose_policy(timings: list[dict], verdict: dict) -> dict:
     """Per layout: the step time with the best safe config per shape; the best layout wins."""
     cases = attention_cases()
     best = {}
-    for m in SPLIT_MODES:
+    for m in LAYOUTS:
         per_shape = {}
         for r in timings:
             if r["mode"] != m:
@@ -244,18 +254,33 @@ def choose_policy(timings: list[dict], verdict: dict) -> dict:
                        per_shape={f"{k[0]} B{k[1]}": dict(us=v["us"], config=v["config"]) for k, v in per_shape.items()})
     if not best:
         return {}
+    # For the record: the best (layout, config) per shape over all layouts, and the step it adds up to.
+    mixed = {}
+    for r in timings:
+        key = f"{r['name']} B{r['batch']}"
+        if key not in mixed or r["us"] < mixed[key]["us"]:
+            mixed[key] = dict(us=r["us"], layout=r["mode"], config=r["config"])
+    calls = {f"{c['name']} B{c['batch']}": c["unet_calls"] + c["capface_calls"] for c in cases}
+    if len(mixed) == len(calls):
+        best_any = dict(step_us=sum(calls[k] * v["us"] for k, v in mixed.items()), per_shape=mixed)
+    else:
+        best_any = dict(per_shape=mixed)
     mode = min(best, key=lambda m: best[m]["step_us"])
     safe = [v["config"] for v in verdict.values() if v["mode"] == mode and v["safe"]]
-    return dict(mode=mode, by_mode=best, autotune_configs=[c for c in safe if tuple(c) in best[mode]["configs"]])
+    return dict(mode=mode, by_mode=best, best_any_layout=best_any,
+                autotune_configs=[c for c in safe if tuple(c) in best[mode]["configs"]])
 
 
 def bench_attention(policy: dict) -> list[dict]:
     """Phase 3 (this process): SDPA vs Triton with the chosen layout and autotune list."""
     import triton
 
-    at.DEFAULT_SPLIT_MODE = policy["mode"]
-    at._attn_fwd_tuned.configs = [triton.Config({"BLOCK_M": c[0], "BLOCK_N": c[1]}, num_warps=c[2],
-                                                num_stages=c[3]) for c in policy["autotune_configs"]]
+    loads, split = _layout(policy["mode"])
+    at.DEFAULT_LOADS, at.DEFAULT_SPLIT_MODE = loads, split
+    tuned = at._attn_fwd_tuned if loads == "pointer" else at._attn_fwd_tma_tuned
+    hook = None if loads == "pointer" else at._tma_block_shapes
+    tuned.configs = [triton.Config({"BLOCK_M": c[0], "BLOCK_N": c[1]}, num_warps=c[2], num_stages=c[3],
+                                   pre_hook=hook) for c in policy["autotune_configs"]]
     gen = torch.Generator(device="cuda").manual_seed(0)
     rows = []
     for row in attention_cases():
@@ -274,7 +299,10 @@ def bench_attention(policy: dict) -> list[dict]:
         tri = run_triton().transpose(1, 2)  # autotunes on first call
         torch.cuda.synchronize()
         row["autotune_s"] = round(time.time() - t0, 2)
-        row["triton_config"] = str(getattr(at._attn_fwd_tuned, "best_config", None))
+        fixed = at.tuned_launch(row["n_q"], row["n_kv"], row["head_dim"], b * HEADS,
+                                at.device_capability(torch.device("cuda")))
+        row["triton_config"] = (f"measured table: {fixed}" if fixed is not None
+                                else str(getattr(tuned, "best_config", None)))
         ref = at.attention_reference(qt, kt, vt, scale)
         row["err_triton"] = (tri.double() - ref).abs().max().item()
         row["err_sdpa"] = (run_sdpa().double() - ref).abs().max().item()
@@ -323,7 +351,9 @@ def step_totals(rows: list[dict], kv: dict) -> dict:
         from export.attention_processors import triton_preferred
 
         auto = sum((r["unet_calls"] + r["capface_calls"]) *
-                   (r["triton_us_graph"] if triton_preferred(r["n_q"], r["n_kv"], True) else r["sdpa_us_graph"])
+                   (r["triton_us_graph"] if triton_preferred(r["n_q"], r["n_kv"], True, r["head_dim"], r["batch"] * HEADS,
+                                                             at.device_capability(torch.device("cuda")))
+                    else r["sdpa_us_graph"])
                    for r in rows)
         before = out["graph"]["sdpa_plus_kv_projection_us"]
         out["auto_graph"] = dict(us=auto, speedup_vs_sdpa=out["graph"]["sdpa_us"] / auto,
@@ -493,11 +523,23 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true",
                     help="skip the per-config crash screening and candidate timing: bench the kernel's own "
                          "layout and autotune list (minutes faster; an illegal memory access ends the run)")
+    ap.add_argument("--layouts", default=",".join(DEFAULT_LAYOUTS),
+                    help="comma-separated <loads>/<split mode> candidates to screen and time, e.g. "
+                         "pointer/split32,tma2d/split16 (default: %(default)s)")
+    ap.add_argument("--candidate-configs", default=None,
+                    help="JSON list of [BLOCK_M, BLOCK_N, num_warps, num_stages] to screen instead of the "
+                         "built-in list")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--configs", help=argparse.SUPPRESS)
     ap.add_argument("--worker-out", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--timing", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    global LAYOUTS, CANDIDATE_CONFIGS
+    LAYOUTS = tuple(x.strip() for x in args.layouts.split(",") if x.strip())
+    for layout in LAYOUTS:
+        _layout(layout)
+    if args.candidate_configs:
+        CANDIDATE_CONFIGS = [tuple(c) for c in json.loads(args.candidate_configs)]
     if args.worker:
         worker(args.worker, [tuple(c) for c in json.loads(args.configs)], args.worker_out, args.timing)
         return
@@ -531,8 +573,9 @@ def main() -> None:
         log("attention (fp16, 8 heads):")
         try:
             if args.quick:
-                policy = dict(mode=at.DEFAULT_SPLIT_MODE, quick=True, autotune_configs=[
-                    [c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages] for c in at._ATTN_CONFIGS])
+                configs = at._ATTN_CONFIGS if at.DEFAULT_LOADS == "pointer" else at._TMA_CONFIGS
+                policy = dict(mode=f"{at.DEFAULT_LOADS}/{at.DEFAULT_SPLIT_MODE}", quick=True, autotune_configs=[
+                    [c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages] for c in configs])
                 result["policy"] = policy
                 rows = bench_attention(policy)
                 kv = bench_kv_projection()
@@ -578,6 +621,10 @@ def print_table(result: dict) -> None:
     for m, b in result.get("policy", {}).get("by_mode", {}).items():
         log(f"layout {m}: step {b['step_us']:.0f} us; " + ", ".join(
             f"{k} {v['us']:.1f}" for k, v in b["per_shape"].items()))
+    mixed = result.get("policy", {}).get("best_any_layout")
+    if mixed:
+        log(f"best layout per shape: step {mixed.get('step_us', float('nan')):.0f} us; " + ", ".join(
+            f"{k} {v['us']:.1f} ({v['layout']} {v['config']})" for k, v in mixed["per_shape"].items()))
     if "step" in result:
         s = result["step"]
         for tag in ("graph", "eager"):

@@ -53,13 +53,15 @@ class AttnBackend(str, enum.Enum):
     SDPA = "sdpa"  # always torch.nn.functional.scaled_dot_product_attention
 
 
-# Where the Triton kernel measured faster than torch SDPA (cuDNN flash attention here; H100, torch
-# 2.11, Triton 3.6, fp16, 8 heads; bench/results/attn_probe2_h100.json, kernels_h100_run4.json): GPU
-# time inside a CUDA graph. Faster on every problem with at most a few hundred keys -- all the
-# cross-attention (4096x77 1.2x, 4096x258 1.2x, 1024x77/258 1.4-1.5x, 256/64 x 77/258 1.5-1.7x) and
-# self-attention over 256 and 64 tokens (1.4x, 2.1x) -- and slower on self-attention over 1024 and
-# 4096 tokens (0.92x each). Outside graph capture Triton's Python launch cost (tens of microseconds)
-# outweighs the kernel time on every CapHuman shape, so AUTO leaves eager calls to SDPA.
+# AUTO's rule inside CUDA-graph capture. On a GPU architecture with measured entries
+# (attention_triton.TUNED_LAUNCHES: H100, torch 2.11, Triton 3.6, fp16, 8 heads, GPU time in a CUDA
+# graph, bench/results/kernels_h100_run26_tma.json) a listed problem takes whichever measured faster:
+# Triton on every cross-attention (1.2-1.6x), on self-attention over 256 and 64 tokens (1.5x, 2.1x),
+# over 4096 tokens (1.02x at batch 2, 1.06x at batch 1, through TMA) and over 1024 tokens at batch 1
+# (1.35x); SDPA (cuDNN) on self-attention over 1024 tokens at batch 2 (0.98x). Any other problem takes
+# Triton only for at most TRITON_MAX_KV_TOKENS keys, where the kernel was faster on every measured
+# shape. Outside graph capture Triton's Python launch cost (tens of microseconds) outweighs the
+# kernel time on every CapHuman shape, so AUTO leaves eager calls to SDPA.
 TRITON_MAX_KV_TOKENS = 512
 
 
@@ -91,9 +93,18 @@ def graph_warmup() -> Iterator[None]:
         _GRAPH_WARMUP.on = prev
 
 
-def triton_preferred(n_q: int, n_kv: int, capturing: bool) -> bool:
-    """AUTO's measured rule: Triton only inside CUDA-graph capture and for at most 512 keys."""
-    return capturing and n_kv <= TRITON_MAX_KV_TOKENS
+def triton_preferred(n_q: int, n_kv: int, capturing: bool, head_dim: int | None = None,
+                     batch_heads: int | None = None, capability: tuple[int, int] | None = None) -> bool:
+    """AUTO's measured rule (see TRITON_MAX_KV_TOKENS): never outside CUDA-graph capture; the measured
+    winner for a problem in ``attention_triton.TUNED_LAUNCHES`` of this ``capability``; otherwise
+    Triton for at most TRITON_MAX_KV_TOKENS keys."""
+    if not capturing:
+        return False
+    if head_dim is not None and batch_heads is not None:
+        tuned = attention_triton.tuned_launch(n_q, n_kv, head_dim, batch_heads, capability)
+        if tuned is not None:
+            return tuned.beats_sdpa
+    return n_kv <= TRITON_MAX_KV_TOKENS
 
 
 def select_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_mask: torch.Tensor | None,
@@ -122,7 +133,10 @@ def select_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_
         # if capturing (is_compiling short-circuits, so dynamo never traces the stream query).
         capturing = (torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing()
                      or getattr(_GRAPH_WARMUP, "on", False))
-    return AttnBackend.TRITON if triton_preferred(q.shape[1], k.shape[1], capturing) else AttnBackend.SDPA
+    preferred = triton_preferred(q.shape[1], k.shape[1], capturing, head_dim=q.shape[3],
+                                 batch_heads=q.shape[0] * q.shape[2],
+                                 capability=attention_triton.device_capability(q.device))
+    return AttnBackend.TRITON if preferred else AttnBackend.SDPA
 
 
 @dataclass

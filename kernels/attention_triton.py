@@ -26,12 +26,14 @@ from __future__ import annotations
 import functools
 import math
 import os
+from dataclasses import dataclass
 
 import torch
 
 try:  # Triton is optional: the module imports (and the reference works) without it.
     import triton
     import triton.language as tl
+    from triton.tools.tensor_descriptor import TensorDescriptor
 
     HAS_TRITON = True
 except ImportError:  # pragma: no cover - exercised only where triton is absent
@@ -41,13 +43,19 @@ except ImportError:  # pragma: no cover - exercised only where triton is absent
 
 __all__ = [
     "HAS_TRITON",
+    "LOAD_MODES",
     "SUPPORTED_DTYPES",
+    "TUNED_LAUNCHES",
+    "TunedLaunch",
     "attention",
     "attention_bnhd",
     "attention_reference",
+    "device_capability",
     "interpreter_enabled",
     "split_head_dim",
+    "tma_layout_reason",
     "triton_supports",
+    "tuned_launch",
 ]
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
@@ -95,6 +103,85 @@ def split_head_dim(head_dim: int, min_slab: int = 16) -> tuple[int, int]:
 SPLIT_MODES = {"padded": 0, "split16": 16, "split32": 32}
 DEFAULT_SPLIT_MODE = "split32"
 
+# How Q/K/V tiles reach shared memory: "pointer" (masked tl.load, cp.async pipelining) or the Hopper
+# TMA engine through host tensor descriptors, either "tma4d" ([B, H, N, D] descriptors: exact
+# zero-fill) or "tma2d" ([B*N, H*D] row descriptors, as the Triton tutorial does; needs packed heads
+# and batches). A layout TMA cannot describe (16-byte alignment) falls back to "pointer".
+LOAD_MODES = ("pointer", "tma2d", "tma4d")
+DEFAULT_LOADS = "pointer"
+
+
+@dataclass(frozen=True)
+class TunedLaunch:
+    """The measured-fastest launch of one attention problem on one GPU architecture."""
+
+    loads: str  # one of LOAD_MODES
+    split_mode: str  # one of SPLIT_MODES
+    config: tuple[int, int, int, int]  # (BLOCK_M, BLOCK_N, num_warps, num_stages)
+    triton_us: float  # GPU time inside a CUDA graph ...
+    sdpa_us: float  # ... and torch SDPA's on the same inputs, in the same run
+
+    @property
+    def beats_sdpa(self) -> bool:
+        return self.triton_us < self.sdpa_us
+
+
+# Per compute capability, keyed (N_Q, N_KV, HEAD_DIM, B*H): CapHuman's 512x512 problems (UNet at
+# batch 2, CapFace at batch 1, 8 heads). H100, Triton 3.6, torch 2.11 (cuDNN SDPA), fp16, [B, N, H, D]
+# views; the best of 4 layouts x 10 configs, every one screened clean on all 17 shapes
+# (bench/results/kernels_h100_run26_tma.json; run27 repeated them within ~3%). A fixed choice per
+# shape instead of autotune: deterministic, no tuning on a fresh server, and autotune's own timing
+# (launch overhead included) picked configs up to 1.45x slower on the small problems.
+TUNED_LAUNCHES: dict[tuple[int, int], dict[tuple[int, int, int, int], TunedLaunch]] = {
+    (9, 0): {
+        (4096, 4096, 40, 16): TunedLaunch("tma2d", "split32", (128, 128, 8, 3), 158.4, 161.7),
+        (4096, 4096, 40, 8): TunedLaunch("tma2d", "split32", (128, 128, 8, 3), 78.2, 82.6),
+        (4096, 77, 40, 16): TunedLaunch("tma2d", "split32", (128, 32, 4, 3), 10.9, 13.8),
+        (4096, 258, 40, 16): TunedLaunch("pointer", "split32", (128, 64, 8, 3), 19.7, 24.0),
+        (4096, 258, 40, 8): TunedLaunch("pointer", "split32", (128, 64, 8, 3), 11.4, 14.8),
+        (1024, 1024, 80, 16): TunedLaunch("tma4d", "split16", (128, 128, 8, 2), 18.4, 18.0),
+        (1024, 1024, 80, 8): TunedLaunch("tma4d", "split16", (64, 128, 4, 3), 12.7, 17.1),
+        (1024, 77, 80, 16): TunedLaunch("pointer", "split32", (64, 32, 4, 2), 5.5, 8.5),
+        (1024, 258, 80, 8): TunedLaunch("pointer", "split32", (64, 64, 4, 3), 7.0, 10.6),
+        (256, 256, 160, 16): TunedLaunch("pointer", "split32", (64, 64, 4, 3), 6.9, 10.6),
+        (256, 256, 160, 8): TunedLaunch("pointer", "split32", (64, 64, 4, 3), 6.8, 10.0),
+        (256, 77, 160, 16): TunedLaunch("pointer", "split32", (64, 64, 4, 3), 4.9, 8.9),
+        (256, 258, 160, 8): TunedLaunch("pointer", "split32", (64, 64, 4, 3), 8.0, 12.9),
+        (64, 64, 160, 16): TunedLaunch("pointer", "split32", (64, 64, 4, 3), 3.9, 8.4),
+        (64, 64, 160, 8): TunedLaunch("pointer", "split32", (64, 64, 4, 3), 3.8, 8.1),
+        (64, 77, 160, 16): TunedLaunch("pointer", "split32", (64, 64, 4, 3), 4.9, 8.6),
+        (64, 258, 160, 8): TunedLaunch("pointer", "split32", (64, 64, 4, 3), 8.0, 12.9),
+    },
+}
+
+_CAPABILITY: dict[int, tuple[int, int]] = {}
+
+
+@torch.compiler.assume_constant_result  # torch.compile folds it at trace time instead of tracing the query
+def device_capability(device: torch.device) -> tuple[int, int] | None:
+    """Compute capability of a CUDA device (cached: looked up once per device), None off CUDA."""
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    index = torch.cuda.current_device() if device.index is None else device.index
+    if index not in _CAPABILITY:
+        _CAPABILITY[index] = tuple(torch.cuda.get_device_capability(index))
+    return _CAPABILITY[index]
+
+
+def tuned_launch(n_q: int, n_kv: int, head_dim: int, batch_heads: int,
+                 capability: tuple[int, int] | None) -> TunedLaunch | None:
+    """The measured launch for this problem on this architecture, or None (then: autotune)."""
+    if capability is None:
+        return None
+    return TUNED_LAUNCHES.get(tuple(capability), {}).get((n_q, n_kv, head_dim, batch_heads))
+
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) autotuned for the TMA kernel: the per-shape winners of
+# bench/results/kernels_h100_run26_tma.json, each screened clean on all 17 CapHuman shapes there.
+TMA_CONFIG_TUPLES = [(128, 128, 8, 3), (128, 64, 8, 3), (128, 32, 4, 3), (64, 128, 4, 3), (64, 64, 4, 3),
+                     (64, 32, 4, 2)]
+
 
 def attention_reference(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None
@@ -126,6 +213,17 @@ def triton_supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | 
 # Kernel
 # --------------------------------------------------------------------------------------------
 if HAS_TRITON:
+
+    @triton.jit
+    def _online_softmax_block(s, m_i, l_i, qk_scale):
+        """One key block of the base-2 online softmax: returns (p, alpha, m_new, l_new).
+
+        Every block holds >= 1 valid key, so m_new is finite."""
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s * qk_scale - m_new[:, None])
+        l_new = l_i * alpha + tl.sum(p, 1)
+        return p, alpha, m_new, l_new
 
     @triton.jit
     def _attn_fwd(
@@ -204,11 +302,7 @@ if HAS_TRITON:
                 s = tl.dot(q_b, k_b, s)
             if not EVEN_N:
                 s = tl.where(n_mask[None, :], s, float("-inf"))
-            # online softmax in base 2; every block holds >= 1 valid key, so m_new is finite
-            m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s * qk_scale - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
+            p, alpha, m_new, l_i = _online_softmax_block(s, m_i, l_i, qk_scale)
             # P is rounded to the input dtype (as FlashAttention does) before the second product
             p = p.to(Q.dtype.element_ty)
             p = p.to(dot_ty)
@@ -229,6 +323,124 @@ if HAS_TRITON:
             out_b = (acc_b * inv_l[:, None]).to(Out.dtype.element_ty)
             tl.store(o_base + rows_o[:, None] + offs_b[None, :], out_b,
                      mask=m_mask[:, None] & b_mask[None, :])
+
+    @triton.jit
+    def _tma_tile(desc, b, h, row, col, BLOCK: tl.constexpr, WIDTH: tl.constexpr, DESC_4D: tl.constexpr):
+        """One [BLOCK, WIDTH] tile through a TMA descriptor.
+
+        4-D descriptors index [B, H, N, D] (row = token, col = offset in the head dim); 2-D ones index
+        [B*N, H*D] rows (row and col already include the batch and head offsets)."""
+        if DESC_4D:
+            tile = tl.reshape(desc.load([b, h, row, col]), [BLOCK, WIDTH])
+        else:
+            tile = desc.load([row, col])
+        return tile
+
+    @triton.jit
+    def _scores(q_a, q_b, k_a_desc, k_b_desc, b, h, row, col_a, col_b, BLOCK_N: tl.constexpr,
+                HEAD_A: tl.constexpr, HEAD_B: tl.constexpr, DESC_4D: tl.constexpr, dot_ty: tl.constexpr):
+        """S = Q K^T for one key block (both head-dim slabs)."""
+        k_a = _tma_tile(k_a_desc, b, h, row, col_a, BLOCK_N, HEAD_A, DESC_4D).to(dot_ty)
+        s = tl.dot(q_a, tl.trans(k_a))
+        if HEAD_B > 0:
+            k_b = _tma_tile(k_b_desc, b, h, row, col_b, BLOCK_N, HEAD_B, DESC_4D).to(dot_ty)
+            s = tl.dot(q_b, tl.trans(k_b), s)
+        return s
+
+    @triton.jit
+    def _attend(s, m_i, l_i, acc_a, acc_b, qk_scale, v_a_desc, v_b_desc, b, h, row, col_a, col_b,
+                BLOCK_N: tl.constexpr, HEAD_A: tl.constexpr, HEAD_B: tl.constexpr, DESC_4D: tl.constexpr,
+                dot_ty: tl.constexpr, io_ty: tl.constexpr):
+        """Online softmax of one (already masked) score block, then acc = acc * alpha + P V."""
+        p, alpha, m_new, l_new = _online_softmax_block(s, m_i, l_i, qk_scale)
+        p = p.to(io_ty).to(dot_ty)  # P rounded to the input dtype, as FlashAttention does
+        v_a = _tma_tile(v_a_desc, b, h, row, col_a, BLOCK_N, HEAD_A, DESC_4D).to(dot_ty)
+        acc_a = tl.dot(p, v_a, acc_a * alpha[:, None])
+        if HEAD_B > 0:
+            v_b = _tma_tile(v_b_desc, b, h, row, col_b, BLOCK_N, HEAD_B, DESC_4D).to(dot_ty)
+            acc_b = tl.dot(p, v_b, acc_b * alpha[:, None])
+        return acc_a, acc_b, m_new, l_new
+
+    @triton.jit
+    def _attn_fwd_tma(
+        q_a_desc, q_b_desc, k_a_desc, k_b_desc, v_a_desc, v_b_desc,  # slab A/B of Q, K, V
+        Out, stride_ob, stride_oh, stride_on,  #
+        N_HEADS, N_Q, N_KV,  #
+        qk_scale,  # scale * log2(e)
+        HEAD_DIM: tl.constexpr,  #
+        ALIGN: tl.constexpr,  # of the output offsets (the output is written with masked stores)
+        HEAD_A: tl.constexpr,  #
+        HEAD_B: tl.constexpr,  #
+        EVEN_N: tl.constexpr,  #
+        BLOCK_M: tl.constexpr,  #
+        BLOCK_N: tl.constexpr,  #
+        DESC_4D: tl.constexpr,  # True: [B, H, N, D] descriptors; False: [B*N, H*D] row descriptors
+        DOT_F32: tl.constexpr,  #
+    ):
+        """Same math as ``_attn_fwd``, with Q/K/V tiles fetched by the Hopper TMA engine.
+
+        TMA zero-fills whatever lies outside the described tensor. With 4-D descriptors that covers
+        the padded head-dim columns and the rows past N. With 2-D row descriptors a slab wider than
+        the head reads the next head's (finite) columns and a partial block reads the next batch's
+        rows: Q's extra columns are zeroed here, so K's extra columns add nothing to S, V's extra
+        columns only reach accumulator columns that are never stored, extra keys get -inf scores,
+        and extra query rows are never stored."""
+        pid_m = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = pid_bh // N_HEADS
+        h = pid_bh % N_HEADS
+        m0 = pid_m * BLOCK_M
+        if DESC_4D:
+            q_row = m0
+            kv_row = 0
+            col_a = 0
+        else:
+            q_row = b * N_Q + m0
+            kv_row = b * N_KV
+            col_a = h * HEAD_DIM
+        col_b = col_a + HEAD_A
+        dot_ty = tl.float32 if DOT_F32 else Out.dtype.element_ty
+
+        q_a = _tma_tile(q_a_desc, b, h, q_row, col_a, BLOCK_M, HEAD_A, DESC_4D)
+        if HEAD_A > HEAD_DIM and not DESC_4D:
+            q_a = tl.where((tl.arange(0, HEAD_A) < HEAD_DIM)[None, :], q_a, 0.0)
+        q_a = q_a.to(dot_ty)
+        if HEAD_B > 0:
+            q_b = _tma_tile(q_b_desc, b, h, q_row, col_b, BLOCK_M, HEAD_B, DESC_4D)
+            if HEAD_A + HEAD_B > HEAD_DIM and not DESC_4D:
+                q_b = tl.where((HEAD_A + tl.arange(0, HEAD_B) < HEAD_DIM)[None, :], q_b, 0.0)
+            q_b = q_b.to(dot_ty)
+            acc_b = tl.zeros([BLOCK_M, HEAD_B], dtype=tl.float32)
+        else:  # placeholders: the helpers take both slabs and ignore B when HEAD_B == 0
+            q_b = q_a
+            acc_b = tl.zeros([BLOCK_M, 16], dtype=tl.float32)
+
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc_a = tl.zeros([BLOCK_M, HEAD_A], dtype=tl.float32)
+        offs_n = tl.arange(0, BLOCK_N)
+
+        for start_n in range(0, N_KV, BLOCK_N):
+            s = _scores(q_a, q_b, k_a_desc, k_b_desc, b, h, kv_row + start_n, col_a, col_b, BLOCK_N, HEAD_A,
+                        HEAD_B, DESC_4D, dot_ty)
+            if not EVEN_N:
+                s = tl.where((start_n + offs_n < N_KV)[None, :], s, float("-inf"))
+            acc_a, acc_b, m_i, l_i = _attend(s, m_i, l_i, acc_a, acc_b, qk_scale, v_a_desc, v_b_desc, b, h,
+                                             kv_row + start_n, col_a, col_b, BLOCK_N, HEAD_A, HEAD_B, DESC_4D,
+                                             dot_ty, Out.dtype.element_ty)
+
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        m_mask = offs_m < N_Q
+        o_base = Out + tl.multiple_of(b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh, ALIGN)
+        rows_o = tl.multiple_of(offs_m * stride_on, ALIGN)
+        inv_l = 1.0 / l_i
+        offs_a = tl.arange(0, HEAD_A)
+        tl.store(o_base + rows_o[:, None] + offs_a[None, :], (acc_a * inv_l[:, None]).to(Out.dtype.element_ty),
+                 mask=m_mask[:, None] & (offs_a < HEAD_DIM)[None, :])
+        if HEAD_B > 0:
+            offs_b = HEAD_A + tl.arange(0, HEAD_B)
+            tl.store(o_base + rows_o[:, None] + offs_b[None, :], (acc_b * inv_l[:, None]).to(Out.dtype.element_ty),
+                     mask=m_mask[:, None] & (offs_b < HEAD_DIM)[None, :])
 
     # Autotune list kept small on purpose: every config is compiled and timed on the first call of
     # each (N_Q, N_KV, HEAD_DIM) key (CapHuman has ~12), so a handful keeps a fresh server's warm-up
@@ -262,6 +474,25 @@ if HAS_TRITON:
         prune_configs_by={"early_config_prune": _attn_keep},
     )(_attn_fwd_fixed)
 
+    def _tma_block_shapes(nargs):
+        """Pre-hook: give the host descriptors the tile shapes of the config about to run."""
+        bm, bn, ha, hb = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["HEAD_A"], nargs["HEAD_B"]
+        lead = [1, 1] if nargs["DESC_4D"] else []
+        for name, rows in (("q", bm), ("k", bn), ("v", bn)):
+            nargs[f"{name}_a_desc"].block_shape = lead + [rows, ha]
+            nargs[f"{name}_b_desc"].block_shape = lead + [rows, hb or ha]  # unused when HEAD_B == 0
+
+    _TMA_CONFIGS = [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st, pre_hook=_tma_block_shapes)
+        for (bm, bn, w, st) in TMA_CONFIG_TUPLES
+    ]
+    _attn_fwd_tma_fixed = triton.heuristics({"EVEN_N": lambda a: a["N_KV"] % a["BLOCK_N"] == 0})(_attn_fwd_tma)
+    _attn_fwd_tma_tuned = triton.autotune(
+        _TMA_CONFIGS,
+        key=["N_Q", "N_KV", "HEAD_DIM", "HEAD_A", "HEAD_B", "DESC_4D"],
+        prune_configs_by={"early_config_prune": _attn_keep},
+    )(_attn_fwd_tma_fixed)
+
 
 # --------------------------------------------------------------------------------------------
 # Launchers
@@ -290,34 +521,98 @@ def _alignment(*tensors: torch.Tensor) -> int:
     return align
 
 
-def _launch(q, k, v, out, b, h, n_q, n_kv, d, scale, config, split_mode):
+def tma_layout_reason(tensors, head_dim: int, loads: str) -> str | None:
+    """None when TMA descriptors of kind ``loads`` can describe every [B, H, N, D]-indexed tensor,
+    else why not (TMA needs 16-byte aligned bases and strides; row descriptors need packed heads
+    and batches)."""
+    if tensors[0].is_cuda and (device_capability(tensors[0].device) or (0, 0)) < (9, 0):
+        return "TMA needs compute capability 9.0 or newer (Hopper)"
+    for t in tensors:
+        size = t.element_size()
+        if t.data_ptr() % 16:
+            return "a base address is not 16-byte aligned"
+        if any(t.stride(i) * size % 16 for i in range(3)):
+            return f"strides {t.stride()} are not all multiples of 16 bytes"
+        if loads == "tma2d":
+            if t.shape[1] > 1 and t.stride(1) != head_dim:
+                return "heads are not packed side by side in each token row"
+            if t.shape[0] > 1 and t.stride(0) != t.shape[2] * t.stride(2):
+                return "batches are not packed one after another"
+    return None
+
+
+def _tma_descriptors(t, four_d: bool):
+    """Two host descriptors of ``t`` (one per head-dim slab; tile shapes are set per config)."""
+    if four_d:
+        shape, strides = list(t.shape), list(t.stride())
+    else:
+        shape, strides = [t.shape[0] * t.shape[2], t.shape[1] * t.shape[3]], [t.stride(2), 1]
+    placeholder = [1] * (len(shape) - 2) + [16, 16]
+    return (TensorDescriptor(t, shape, strides, list(placeholder)),
+            TensorDescriptor(t, shape, strides, list(placeholder)))
+
+
+def _resolve_loads(requested: str, explicit: bool, q, k, v, d) -> str:
+    """``requested`` if TMA can serve it here; a default (not ``explicit``) falls back to "pointer"."""
+    if requested not in LOAD_MODES:
+        raise ValueError(f"loads={requested!r} must be one of {LOAD_MODES}")
+    if requested == "pointer":
+        return requested
+    reason = tma_layout_reason((q, k, v), d, requested)
+    if reason is None:
+        return requested
+    if explicit:
+        raise ValueError(f"loads={requested!r} cannot describe these tensors: {reason}")
+    return "pointer"  # the pointer kernel takes any layout
+
+
+def _launch(q, k, v, out, b, h, n_q, n_kv, d, scale, config, split_mode, loads):
     """Launch on [B, H, N, D]-indexed tensors (their strides go to the kernel)."""
+    tuned = None
+    if config is None and split_mode is None and loads is None and not interpreter_enabled():
+        # All defaults: the measured choice for this shape on this GPU, where there is one.
+        tuned = tuned_launch(n_q, n_kv, d, b * h, device_capability(q.device))
+    if tuned is not None and _resolve_loads(tuned.loads, False, q, k, v, d) == tuned.loads:
+        loads, split_mode = tuned.loads, tuned.split_mode
+        config = dict(zip(("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"), tuned.config))
+    else:  # (a tuned TMA choice that TMA cannot describe here falls back to the plain defaults)
+        loads = _resolve_loads(DEFAULT_LOADS if loads is None else loads, loads is not None, q, k, v, d)
     mode = DEFAULT_SPLIT_MODE if split_mode is None else split_mode
     if mode not in SPLIT_MODES:
         raise ValueError(f"split_mode={mode!r} must be one of {sorted(SPLIT_MODES)}")
     head_a, head_b = split_head_dim(d, SPLIT_MODES[mode])
     qk_scale = float(scale) * _LOG2E
-    args = (
-        q, k, v, out,  #
-        q.stride(0), q.stride(1), q.stride(2),  #
-        k.stride(0), k.stride(1), k.stride(2),  #
-        v.stride(0), v.stride(1), v.stride(2),  #
-        out.stride(0), out.stride(1), out.stride(2),  #
-        h, n_q, n_kv, qk_scale,
-    )
-    align = _alignment(q, k, v, out)
     dot_f32 = interpreter_enabled() and q.dtype == torch.bfloat16
     if config is None and interpreter_enabled():
         config = {"BLOCK_M": 32, "BLOCK_N": 32}  # the interpreter is slow; autotuning there is pointless
+    extra = {k_: config[k_] for k_ in ("num_warps", "num_stages") if k_ in config} if config else {}
+    if loads == "pointer":
+        args = (
+            q, k, v, out,  #
+            q.stride(0), q.stride(1), q.stride(2),  #
+            k.stride(0), k.stride(1), k.stride(2),  #
+            v.stride(0), v.stride(1), v.stride(2),  #
+            out.stride(0), out.stride(1), out.stride(2),  #
+            h, n_q, n_kv, qk_scale,
+        )
+        meta = dict(HEAD_DIM=d, ALIGN=_alignment(q, k, v, out), HEAD_A=head_a, HEAD_B=head_b, DOT_F32=dot_f32)
+        fixed, tuned = _attn_fwd_fixed, _attn_fwd_tuned
+    else:
+        four_d = loads == "tma4d"
+        descs = (*_tma_descriptors(q, four_d), *_tma_descriptors(k, four_d), *_tma_descriptors(v, four_d))
+        args = (*descs, out, out.stride(0), out.stride(1), out.stride(2), h, n_q, n_kv, qk_scale)
+        meta = dict(HEAD_DIM=d, ALIGN=_alignment(out), HEAD_A=head_a, HEAD_B=head_b, DESC_4D=four_d,
+                    DOT_F32=dot_f32)
+        fixed, tuned = _attn_fwd_tma_fixed, _attn_fwd_tma_tuned
     if config is not None:
         bm, bn = int(config["BLOCK_M"]), int(config["BLOCK_N"])
-        grid = (triton.cdiv(n_q, bm), b * h)
-        extra = {k_: config[k_] for k_ in ("num_warps", "num_stages") if k_ in config}
-        _attn_fwd_fixed[grid](*args, HEAD_DIM=d, ALIGN=align, HEAD_A=head_a, HEAD_B=head_b, BLOCK_M=bm, BLOCK_N=bn,
-                              DOT_F32=dot_f32, **extra)
+        if loads != "pointer":
+            names = ("q_a_desc", "q_b_desc", "k_a_desc", "k_b_desc", "v_a_desc", "v_b_desc")
+            _tma_block_shapes({**dict(zip(names, descs)), **meta, "BLOCK_M": bm, "BLOCK_N": bn})
+        fixed[(triton.cdiv(n_q, bm), b * h)](*args, **meta, BLOCK_M=bm, BLOCK_N=bn, **extra)
     else:
-        grid = lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]), b * h)  # noqa: E731
-        _attn_fwd_tuned[grid](*args, HEAD_DIM=d, ALIGN=align, HEAD_A=head_a, HEAD_B=head_b, DOT_F32=dot_f32)
+        grid = lambda cfg: (triton.cdiv(n_q, cfg["BLOCK_M"]), b * h)  # noqa: E731
+        tuned[grid](*args, **meta)
     return out
 
 
@@ -330,6 +625,7 @@ def attention(
     out: torch.Tensor | None = None,
     config: dict | None = None,
     split_mode: str | None = None,
+    loads: str | None = None,
 ) -> torch.Tensor:
     """softmax(q k^T * scale) v with the fused Triton kernel.
 
@@ -342,6 +638,10 @@ def attention(
             buffer).
         config: optional fixed {"BLOCK_M", "BLOCK_N"[, "num_warps", "num_stages"]} instead of autotune.
         split_mode: layout of a non-power-of-two head dim, one of SPLIT_MODES; None: DEFAULT_SPLIT_MODE.
+        loads: how tiles are fetched, one of LOAD_MODES; None: DEFAULT_LOADS, or "pointer" where TMA
+            cannot describe the tensors (an explicit TMA request raises ValueError there).
+        With config, split_mode and loads all None, a shape measured on this GPU architecture runs
+        its entry of TUNED_LAUNCHES; any other shape autotunes.
     Returns:
         [B, H, Nq, D] in q's dtype; by default a [B, H, Nq, D] view of a contiguous [B, Nq, H, D]
         buffer, so ``.transpose(1, 2).reshape(B, Nq, H * D)`` is free.
@@ -370,7 +670,7 @@ def attention(
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     if n_q == 0 or b * h == 0:
         return out
-    return _launch(q, k, v, out, b, h, n_q, n_kv, d, scale, config, split_mode)
+    return _launch(q, k, v, out, b, h, n_q, n_kv, d, scale, config, split_mode, loads)
 
 
 def attention_bnhd(
@@ -381,6 +681,7 @@ def attention_bnhd(
     *,
     config: dict | None = None,
     split_mode: str | None = None,
+    loads: str | None = None,
 ) -> torch.Tensor:
     """Same as ``attention`` on [B, N, H, D] tensors (e.g. ``to_q(x).view(B, N, H, D)``).
 
@@ -390,5 +691,5 @@ def attention_bnhd(
         if not isinstance(t, torch.Tensor) or t.ndim != 4:
             raise ValueError(f"{name} must be a 4-D [B, N, H, D] tensor")
     o = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale, config=config,
-                  split_mode=split_mode)
+                  split_mode=split_mode, loads=loads)
     return o.transpose(1, 2)

@@ -24,9 +24,10 @@ from kernels import attention_triton as at
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(not at.HAS_TRITON, reason="triton is not installed")
 
-# name: (B, H, Nq, Nk, D, dtype, layout, config[, split_mode])
+# name: (B, H, Nq, Nk, D, dtype, layout, config[, split_mode[, loads]])
 #   layout "bhnd": contiguous [B,H,N,D]; "bnhd": [B,N,H,D] views via attention_bnhd;
-#   "sliced": q/k/v are column slices of one fused [B,N,3*H*D] projection (non-contiguous).
+#   "sliced": q/k/v are column slices of one fused [B,N,3*H*D] projection (non-contiguous);
+#   "packed": [B,N,H*D] projections viewed as [B,H,N,D] (what diffusers' processors pass).
 _KERNEL_CASES = {
     "fp16_d40_irregular": (1, 2, 37, 29, 40, "float16", "bhnd", None),
     "fp16_d80_cross77": (2, 1, 50, 77, 80, "float16", "bnhd", None),
@@ -44,6 +45,16 @@ _KERNEL_CASES = {
     "bf16_d160_split16": (1, 1, 20, 21, 160, "bfloat16", "bhnd", None, "split16"),
     # head dim not contiguous (a [B, H, D, N] buffer viewed as [B, H, N, D]): the launcher copies it
     "fp16_d40_strided_head_dim": (1, 2, 19, 23, 40, "float16", "dstrided", None),
+    # TMA descriptor kernel (the interpreter models TMA's zero fill): 2-D row descriptors read the
+    # neighbouring head's columns and the next batch's rows, which the kernel must neutralise
+    "tma2d_fp16_d40_partial_blocks": (2, 3, 37, 29, 40, "float16", "packed", {"BLOCK_M": 16, "BLOCK_N": 16},
+                                      "split32", "tma2d"),
+    "tma2d_fp16_d40_split16": (2, 2, 37, 50, 40, "float16", "packed", None, "split16", "tma2d"),
+    "tma2d_fp16_d80_fused_qkv_slices": (2, 2, 21, 21, 80, "float16", "sliced", None, "split32", "tma2d"),
+    "tma2d_bf16_d160": (2, 2, 20, 33, 160, "bfloat16", "packed", None, "split32", "tma2d"),
+    "tma4d_fp16_d80_split16_bhnd": (1, 2, 33, 50, 80, "float16", "bhnd", None, "split16", "tma4d"),
+    "tma4d_fp16_d40_partial_blocks": (2, 2, 45, 70, 40, "float16", "packed", {"BLOCK_M": 16, "BLOCK_N": 16},
+                                      "padded", "tma4d"),
 }
 _TOL = {"float16": 4e-3, "bfloat16": 3e-2}  # outputs are O(1): a few ulps of the output dtype
 
@@ -54,14 +65,17 @@ _KERNEL_SCRIPT = textwrap.dedent(
     from kernels.attention_triton import attention, attention_bnhd, attention_reference
     cases = json.loads(sys.argv[1])
     res = {}
-    for name, (b, h, nq, nk, d, dt, layout, cfg, *mode) in cases.items():
-        mode = mode[0] if mode else None
+    for name, (b, h, nq, nk, d, dt, layout, cfg, *rest) in cases.items():
+        mode, loads = (rest + [None, None])[:2]
         g = torch.Generator().manual_seed(len(name))
         dt = getattr(torch, dt)
         scale = 0.7 / math.sqrt(d)  # not the default: the scale argument must be honoured
         if layout == "sliced":
             qkv = torch.randn(b, nq, 3 * h * d, generator=g).to(dt)
             q, k, v = (qkv[..., i * h * d:(i + 1) * h * d].view(b, nq, h, d).transpose(1, 2) for i in range(3))
+        elif layout == "packed":  # [B, N, H*D] projections viewed as [B, H, N, D], as diffusers makes them
+            q, k, v = (torch.randn(b, n, h * d, generator=g).to(dt).view(b, n, h, d).transpose(1, 2)
+                       for n in (nq, nk, nk))
         elif layout == "dstrided":
             q = torch.randn(b, h, d, nq, generator=g).to(dt).transpose(2, 3)
             k = torch.randn(b, h, d, nk, generator=g).to(dt).transpose(2, 3)
@@ -73,10 +87,10 @@ _KERNEL_SCRIPT = textwrap.dedent(
             v = torch.randn(b, h, nk, d, generator=g).to(dt)
         if layout == "bnhd":
             o = attention_bnhd(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale, config=cfg,
-                               split_mode=mode)
+                               split_mode=mode, loads=loads)
             o = o.transpose(1, 2)
         else:
-            o = attention(q, k, v, scale, config=cfg, split_mode=mode)
+            o = attention(q, k, v, scale, config=cfg, split_mode=mode, loads=loads)
         if layout == "dstrided":
             try:
                 attention(q, k, v, scale, out=torch.empty(b, h, d, nq, dtype=dt).transpose(2, 3))
@@ -273,9 +287,95 @@ def test_select_backend_is_explicit() -> None:
     (1024, 77, True, True), (1024, 258, True, True), (256, 256, True, True), (64, 258, True, True),
     (256, 256, False, False), (64, 64, False, False),
 ])
-def test_auto_rule_follows_h100_measurements(n_q: int, n_kv: int, capturing: bool, expected: bool) -> None:
+def test_auto_rule_without_measurements(n_q: int, n_kv: int, capturing: bool, expected: bool) -> None:
+    """Shapes or GPUs with no entry in TUNED_LAUNCHES: Triton for at most 512 keys, in graphs only."""
     ap = _diffusers()[3]
     assert ap.triton_preferred(n_q, n_kv, capturing) is expected
+    assert ap.triton_preferred(n_q, n_kv, capturing, head_dim=40, batch_heads=16, capability=(8, 0)) is expected
+
+
+@pytest.mark.parametrize("n_q, n_kv, d, bh, expected", [
+    (4096, 4096, 40, 16, True), (4096, 4096, 40, 8, True),    # TMA kernel: 1.02x, 1.06x over cuDNN
+    (1024, 1024, 80, 8, True), (1024, 1024, 80, 16, False),   # 1.35x at batch 1; 0.98x at batch 2
+    (4096, 77, 40, 16, True), (256, 256, 160, 16, True),
+    (1024, 1024, 64, 16, False),                               # not measured: the key-count rule
+])
+def test_auto_rule_follows_h100_measurements(n_q: int, n_kv: int, d: int, bh: int, expected: bool) -> None:
+    ap = _diffusers()[3]
+    assert ap.triton_preferred(n_q, n_kv, True, head_dim=d, batch_heads=bh, capability=(9, 0)) is expected
+    assert ap.triton_preferred(n_q, n_kv, False, head_dim=d, batch_heads=bh, capability=(9, 0)) is False
+
+
+def test_tuned_launches_are_valid_choices() -> None:
+    """Every measured entry names a real layout, a config the kernel accepts, and both timings."""
+    assert at.TUNED_LAUNCHES[(9, 0)]
+    for (n_q, n_kv, d, bh), t in at.TUNED_LAUNCHES[(9, 0)].items():
+        assert t.loads in at.LOAD_MODES and t.split_mode in at.SPLIT_MODES
+        bm, bn, warps, stages = t.config
+        assert bm & (bm - 1) == 0 and bn & (bn - 1) == 0 and warps in (4, 8) and stages >= 2
+        assert t.triton_us > 0 and t.sdpa_us > 0
+        assert t.beats_sdpa is (t.triton_us < t.sdpa_us)
+        # pointer loads with a 16-wide slab crashed Triton 3.6 on sm_90 (docs/kernels.md): never tuned in
+        assert not (t.loads == "pointer" and t.split_mode == "split16")
+    assert at.tuned_launch(4096, 4096, 40, 16, (9, 0)).loads == "tma2d"
+    assert at.tuned_launch(4096, 4096, 40, 16, (8, 0)) is None
+    assert at.tuned_launch(4096, 4096, 40, 16, None) is None
+    assert at.tuned_launch(4096, 4096, 40, 32, (9, 0)) is None
+
+
+def test_tma_layout_reasons() -> None:
+    """TMA needs 16-byte aligned bases and strides; row descriptors need packed heads and batches."""
+    bnhd = torch.zeros(2, 64, 8 * 40, dtype=torch.float16).view(2, 64, 8, 40).transpose(1, 2)
+    assert at.tma_layout_reason((bnhd,), 40, "tma2d") is None
+    assert at.tma_layout_reason((bnhd,), 40, "tma4d") is None
+    bhnd = torch.zeros(2, 8, 64, 40, dtype=torch.float16)
+    assert "heads are not packed" in at.tma_layout_reason((bhnd,), 40, "tma2d")
+    assert at.tma_layout_reason((bhnd,), 40, "tma4d") is None
+    odd = torch.zeros(2, 64, 8 * 36, dtype=torch.float16).view(2, 64, 8, 36).transpose(1, 2)  # 72-byte heads
+    assert "16 bytes" in at.tma_layout_reason((odd,), 36, "tma4d")
+    shifted = torch.zeros(2 * 64 * 320 + 4, dtype=torch.float16)[4:].view(2, 64, 8, 40).transpose(1, 2)
+    assert "16-byte aligned" in at.tma_layout_reason((shifted,), 40, "tma4d")
+    every_other_batch = torch.zeros(4, 64, 320, dtype=torch.float16)[::2].view(2, 64, 8, 40).transpose(1, 2)
+    assert "batches are not packed" in at.tma_layout_reason((every_other_batch,), 40, "tma2d")
+
+
+def test_explicit_tma_request_that_cannot_run_raises() -> None:
+    script = textwrap.dedent(
+        """
+        import torch
+        from kernels.attention_triton import attention
+        bhnd = torch.zeros(1, 2, 16, 40, dtype=torch.float16)
+        for loads, match in (("tma2d", "heads are not packed"), ("cp.async", "must be one of")):
+            try:
+                attention(bhnd, bhnd, bhnd, loads=loads)
+            except ValueError as e:
+                assert match in str(e), e
+            else:
+                raise AssertionError(f"loads={loads} was accepted")
+        print("OK")
+        """
+    )
+    assert _run_interpreted(script).strip().endswith("OK")
+
+
+@pytest.mark.gpu
+def test_tuned_launches_match_sdpa_at_full_size() -> None:
+    """Every measured (layout, config) of this GPU, at its CapHuman shape, through the default path."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    table = at.TUNED_LAUNCHES.get(at.device_capability(torch.device("cuda")))
+    if not table:
+        pytest.skip("no measured launches for this GPU architecture")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for (n_q, n_kv, d, bh), tuned in table.items():
+        b, h = bh // 8, 8
+        q = torch.randn(b, n_q, h * d, device="cuda", dtype=torch.float16, generator=g).view(b, n_q, h, d)
+        k, v = (torch.randn(b, n_kv, h * d, device="cuda", dtype=torch.float16, generator=g).view(b, n_kv, h, d)
+                for _ in range(2))
+        o = at.attention_bnhd(q, k, v)
+        ref = torch.nn.functional.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)))
+        err = (o.transpose(1, 2).float() - ref.float()).abs().max().item()
+        assert err < 5e-3, f"{(n_q, n_kv, d, bh)} {tuned}: max error {err}"
 
 
 def test_cross_kv_cache_projects_once_and_invalidates() -> None:
