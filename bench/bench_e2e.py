@@ -182,9 +182,9 @@ def bench_step(cfg, device, size: int, repeat: int, modes: list[str]) -> dict:
             torch.cuda.empty_cache()
         except Exception as e:  # a failing mode is reported, not fatal
             out[f"{name}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+            log(f"  {name}: FAILED {out[f'{name}_error']}")
         finally:
             attention_triton.TUNED_LAUNCHES.update(tuned_launches)
-            log(f"  {name}: FAILED {out[f'{name}_error']}")
     return out
 
 

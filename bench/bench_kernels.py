@@ -82,6 +82,9 @@ def _time(fn, graphs: bool, rep: int = 100) -> float:
     return tt.do_bench(fn, warmup=25, rep=rep) * 1e3
 
 
+ONLY: tuple[str, ...] = ()  # --only: restrict the attention problems to names containing one of these
+
+
 def attention_cases() -> list[dict]:
     cases = {}
     for name, nq, nk, d, n in UNET_SHAPES:
@@ -91,7 +94,7 @@ def attention_cases() -> list[dict]:
                                          capface_calls=0))["capface_calls"] = n
     cases.setdefault(("cross 4096x258 d40", 2), dict(name="cross 4096x258 d40", batch=2, n_q=4096, n_kv=258,
                                                      head_dim=40, unet_calls=0, capface_calls=0))
-    return list(cases.values())
+    return [c for c in cases.values() if not ONLY or any(o in f"{c['name']} B{c['batch']}" for o in ONLY)]
 
 
 # ---- Triton 3.6 on sm_90 has known illegal-memory-access bugs in some multi-dot kernels with small
@@ -167,7 +170,7 @@ def _child(mode: str, configs: list, result_file: Path, timing: bool):
     import subprocess
 
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", mode, "--configs", json.dumps(configs),
-           "--worker-out", str(result_file)] + (["--timing"] if timing else [])
+           "--worker-out", str(result_file), "--only", ",".join(ONLY)] + (["--timing"] if timing else [])
     log_fh = result_file.with_suffix(".log").open("w")  # a file, not a pipe: a full pipe would block the child
     return subprocess.Popen(cmd, stdout=log_fh, stderr=subprocess.STDOUT, text=True)
 
@@ -529,13 +532,17 @@ def main() -> None:
     ap.add_argument("--candidate-configs", default=None,
                     help="JSON list of [BLOCK_M, BLOCK_N, num_warps, num_stages] to screen instead of the "
                          "built-in list")
+    ap.add_argument("--only", default="",
+                    help="comma-separated substrings of '<shape name> B<batch>' (e.g. 'self 4096,d80 B2'): "
+                         "screen, time and bench only those attention problems")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--configs", help=argparse.SUPPRESS)
     ap.add_argument("--worker-out", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--timing", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    global LAYOUTS, CANDIDATE_CONFIGS
+    global LAYOUTS, CANDIDATE_CONFIGS, ONLY
     LAYOUTS = tuple(x.strip() for x in args.layouts.split(",") if x.strip())
+    ONLY = tuple(x.strip() for x in args.only.split(",") if x.strip())
     for layout in LAYOUTS:
         _layout(layout)
     if args.candidate_configs:
