@@ -138,6 +138,9 @@ def bench_step(cfg, device, size: int, repeat: int, modes: list[str]) -> dict:
                                      parallel_side_network=False),
         # the engine's compile defaults (DEFAULT_INDUCTOR_OPTIONS: 1x1 convolutions as matrix products)
         "optimized_compiled": dict(fast_attention=True, channels_last=True, cuda_graph=True, compile=True),
+        # ... without the fused GEGLU kernel (cuBLAS GEMM + inductor's gelu*mul, as before it existed)
+        "optimized_compiled_no_geglu": dict(fast_attention=True, channels_last=True, cuda_graph=True, compile=True,
+                                            fused_geglu=False),
         # ... with the attention kernel's launches autotuned (pointer loads) and AUTO's key-count rule
         # alone, as before the measured per-shape table (attention_triton.TUNED_LAUNCHES) existed
         "optimized_compiled_untuned_attention": dict(fast_attention=True, channels_last=True, cuda_graph=True,

@@ -367,6 +367,70 @@ def step_totals(rows: list[dict], kv: dict) -> dict:
 
 
 # ------------------------------------------------------------------------------------------
+# GEGLU (feed-forward input projection + gated GELU)
+# ------------------------------------------------------------------------------------------
+# (name, M = batch x tokens, K = channels, N = GEGLU width) of every feed-forward at 512x512:
+# UNet at batch 2 and CapFace at batch 1, per level; calls per step in the last two fields.
+GEGLU_SHAPES = [
+    ("64x64 B2", 8192, 320, 1280, 5, 0), ("32x32 B2", 2048, 640, 2560, 5, 0), ("16x16 B2", 512, 1280, 5120, 5, 0),
+    ("8x8 B2", 128, 1280, 5120, 1, 0),
+    ("64x64 B1", 4096, 320, 1280, 0, 2), ("32x32 B1", 1024, 640, 2560, 0, 2), ("16x16 B1", 256, 1280, 5120, 0, 2),
+    ("8x8 B1", 64, 1280, 5120, 0, 1),
+]
+GEGLU_CANDIDATES = [(128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (128, 128, 64, 8, 4), (64, 128, 64, 4, 4),
+                    (128, 64, 64, 8, 3), (64, 64, 64, 4, 4), (128, 128, 32, 8, 4), (64, 128, 32, 4, 5)]
+
+
+def bench_geglu() -> dict:
+    """Fused GEGLU kernel vs what the engine runs without it: torch.compile of Linear -> chunk ->
+    value * gelu(gate) (cuBLAS GEMM + one fused inductor kernel), both timed in CUDA graphs."""
+    from kernels import geglu_triton as gg
+
+    def unfused(x, w, b):
+        value, gate = F.linear(x, w, b).chunk(2, dim=-1)
+        return value * F.gelu(gate)
+
+    compiled = torch.compile(unfused, dynamic=False)
+    rows, total = [], {"compiled_us": 0.0, "fused_us": 0.0}
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    for name, m, k, n, unet_calls, capface_calls in GEGLU_SHAPES:
+        x = torch.randn(m, k, device="cuda", generator=gen, dtype=torch.float16)
+        w = (torch.randn(2 * n, k, device="cuda", generator=gen) / math.sqrt(k)).half()
+        b = (torch.randn(2 * n, device="cuda", generator=gen) * 0.1).half()
+        row = dict(name=name, m=m, k=k, n=n, calls=unet_calls + capface_calls)
+        ref = gg.geglu_reference(x, w, b)
+        row["err_compiled"] = (compiled(x, w, b).double() - ref).abs().max().item()
+        row["err_fused"] = (gg.geglu_linear(x, w, b).double() - ref).abs().max().item()
+        row["ref_absmax"] = ref.abs().max().item()
+        del ref
+        row["eager_us"] = _time(lambda: unfused(x, w, b), True)
+        row["compiled_us"] = _time(lambda: compiled(x, w, b), True)
+        row["fused_autotuned_us"] = _time(lambda: gg.geglu_linear(x, w, b), True)
+        row["fused_config"] = str(getattr(gg._geglu_tuned, "best_config", None))
+        per_config = {}
+        for c in GEGLU_CANDIDATES:
+            cfg = dict(BLOCK_M=c[0], BLOCK_N=c[1], BLOCK_K=c[2], num_warps=c[3], num_stages=c[4])
+            try:
+                per_config[str(list(c))] = _time(lambda: gg.geglu_linear(x, w, b, config=cfg), True, rep=50)
+            except Exception as exc:  # noqa: BLE001 - out of resources etc.: recorded
+                per_config[str(list(c))] = repr(exc)[:120]
+        row["fused_per_config_us"] = per_config
+        timed = {c: t for c, t in per_config.items() if isinstance(t, float)}
+        row["fused_best_config"] = min(timed, key=timed.get) if timed else None
+        row["fused_us"] = min([row["fused_autotuned_us"], *timed.values()])
+        row["speedup"] = row["compiled_us"] / row["fused_us"]
+        total["compiled_us"] += row["calls"] * row["compiled_us"]
+        total["fused_us"] += row["calls"] * row["fused_us"]
+        rows.append(row)
+        log(f"  geglu {name:9s} M={m:5d} K={k:5d} N={n:5d}: eager {row['eager_us']:6.1f} us, compiled "
+            f"{row['compiled_us']:6.1f} us, fused {row['fused_us']:6.1f} us (autotuned {row['fused_autotuned_us']:.1f}, "
+            f"best {row['fused_best_config']}) x{row['speedup']:.2f}; err fused {row['err_fused']:.1e} compiled "
+            f"{row['err_compiled']:.1e} (|ref| {row['ref_absmax']:.1f})")
+    log(f"  geglu per step: compiled {total['compiled_us']:.0f} us -> fused {total['fused_us']:.0f} us")
+    return {"rows": rows, "per_step": total}
+
+
+# ------------------------------------------------------------------------------------------
 # Rasterizer
 # ------------------------------------------------------------------------------------------
 def load_obj(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -523,6 +587,7 @@ def main() -> None:
     ap.add_argument("--albedo", type=Path, default=ROOT / ".devdata/flame/mean_texture.jpg")
     ap.add_argument("--skip-attention", action="store_true")
     ap.add_argument("--skip-raster", action="store_true")
+    ap.add_argument("--skip-geglu", action="store_true")
     ap.add_argument("--quick", action="store_true",
                     help="skip the per-config crash screening and candidate timing: bench the kernel's own "
                          "layout and autotune list (minutes faster; an illegal memory access ends the run)")
@@ -575,6 +640,14 @@ def main() -> None:
         except Exception:  # noqa: BLE001 - recorded in the JSON, the run goes on
             result["raster_error"] = traceback.format_exc()
             log(result["raster_error"])
+        save()
+    if not args.skip_geglu:
+        log("fused GEGLU (fp16):")
+        try:
+            result["geglu"] = bench_geglu()
+        except Exception:  # noqa: BLE001 - recorded in the JSON, the run goes on
+            result["geglu_error"] = traceback.format_exc()
+            log(result["geglu_error"])
         save()
     if not args.skip_attention:
         log("attention (fp16, 8 heads):")

@@ -42,6 +42,14 @@ def _fast_attention_module():
         return None
 
 
+def _fused_ff_module():
+    try:
+        from export import fused_ff
+        return fused_ff
+    except ImportError:
+        return None
+
+
 class StaticCrossKV:
     """Cross-attention K/V in static buffers, duck-typed as the `kv_cache` of `FastAttnProcessor`.
 
@@ -124,7 +132,8 @@ class TorchDenoiserEngine(Engine):
     def __init__(self, den: CapHumanDenoiser, *, device: str | torch.device = "cuda", dtype=torch.float16,
                  channels_last: bool | None = None, fast_attention: bool = True, cuda_graph: bool | None = None,
                  compile: bool = False, parallel_side_network: bool | None = None, rewrite_networks: bool = True,
-                 compile_options: dict | None = None, compile_backend="inductor", conv_autotune: bool = True):
+                 compile_options: dict | None = None, compile_backend="inductor", conv_autotune: bool = True,
+                 fused_geglu: bool | None = None):
         self.device = torch.device(device)
         self.dtype = dtype
         on_gpu = self.device.type == "cuda"
@@ -159,6 +168,13 @@ class TorchDenoiserEngine(Engine):
                         m.set_processor(self._attn.FastAttnProcessor(self._attn.AttnBackend.AUTO, self._proxy))
                         if rewrite_networks:
                             m.processor.fuse_qkv(m)  # self-attention q/k/v in one GEMM
+        # The feed-forwards' GEGLU as one Triton GEMM with the gated GELU in its epilogue, with our
+        # other kernels (fused_geglu defaults to fast_attention); inside CUDA graphs only, where it
+        # measured faster (export/fused_ff.py, docs/kernels.md)
+        self._fused_ff = _fused_ff_module() if (fast_attention if fused_geglu is None else fused_geglu) else None
+        if self._fused_ff is not None:
+            for net in (self.den.unet, self.den.capface.net):
+                self._fused_ff.enable_fused_geglu(net)
         # The UNet's first self-attention sees the two CFG branches before any text has entered
         # (same latents, same timestep): it runs on one branch and is tiled (see _step).
         self._first_self_attn = _first_self_attention_processor(self.den.unet) if self._attn is not None else None
@@ -421,6 +437,9 @@ class TorchDenoiserEngine(Engine):
         if self._attn is not None:
             for net in (self.den.unet, self.den.capface.net):
                 self._attn.disable_fast_attention(net)
+        if self._fused_ff is not None:
+            for net in (self.den.unet, self.den.capface.net):
+                self._fused_ff.disable_fused_geglu(net)
         self._states.clear()
 
 

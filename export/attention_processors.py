@@ -39,6 +39,7 @@ __all__ = [
     "disable_fast_attention",
     "enable_fast_attention",
     "graph_warmup",
+    "in_graph_capture",
     "kv_cache_request",
     "select_backend",
     "triton_preferred",
@@ -93,6 +94,14 @@ def graph_warmup() -> Iterator[None]:
         _GRAPH_WARMUP.on = prev
 
 
+def in_graph_capture() -> bool:
+    """Whether the work being issued ends up in a CUDA graph: during capture, during the warm-up
+    before it (``graph_warmup``), and under torch.compile (the torch engine replays the traced graph
+    in its CUDA graph; is_compiling short-circuits, so dynamo never traces the stream query)."""
+    return (torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing()
+            or getattr(_GRAPH_WARMUP, "on", False))
+
+
 def triton_preferred(n_q: int, n_kv: int, capturing: bool, head_dim: int | None = None,
                      batch_heads: int | None = None, capability: tuple[int, int] | None = None) -> bool:
     """AUTO's measured rule (see TRITON_MAX_KV_TOKENS): never outside CUDA-graph capture; the measured
@@ -129,10 +138,7 @@ def select_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_
     if reason is not None or not q.is_cuda:
         return AttnBackend.SDPA
     if capturing is None:
-        # Under torch.compile the traced graph is replayed in the torch engine's CUDA graph: decide as
-        # if capturing (is_compiling short-circuits, so dynamo never traces the stream query).
-        capturing = (torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing()
-                     or getattr(_GRAPH_WARMUP, "on", False))
+        capturing = in_graph_capture()
     preferred = triton_preferred(q.shape[1], k.shape[1], capturing, head_dim=q.shape[3],
                                  batch_heads=q.shape[0] * q.shape[2],
                                  capability=attention_triton.device_capability(q.device))
