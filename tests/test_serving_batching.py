@@ -128,6 +128,21 @@ def _request(pipe, prompt, seed, scale=1.0, **kw):
                              **{"steps": 2, **kw})
 
 
+def test_steps_wait_for_the_gpu_only_when_asked(pipe, monkeypatch):
+    """Progress previews need each step finished; without them the CPU must not wait per step."""
+    gen = _request(pipe, "a photo of a person", 3)
+    bg = BatchGenerator(pipe)
+    waits = []
+    monkeypatch.setattr(bg, "synchronize", lambda: waits.append(1))
+    seen = []
+    ref = bg.sample([Job(gen)], callback=lambda i, total, x: seen.append(i))
+    assert len(waits) == 2 and seen == [0, 1]
+    waits.clear()
+    lat = bg.sample([Job(gen)], callback=lambda i, total, x: seen.append(i), sync_steps=False)
+    assert waits == [] and seen == [0, 1, 0, 1]
+    assert torch.equal(lat, ref)
+
+
 def test_one_job_equals_pipeline_generate_exactly(pipe):
     gen = _request(pipe, "a photo of a person", 7, negative_prompt="blurry")
     ref = pipe.generate(gen)

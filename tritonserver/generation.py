@@ -149,11 +149,13 @@ class BatchGenerator:
             torch.cuda.current_stream(self.pipe.device).synchronize()
 
     @torch.no_grad()
-    def sample(self, jobs: list[Job], callback: Callable[[int, int, torch.Tensor], None] | None = None
-               ) -> torch.Tensor:
+    def sample(self, jobs: list[Job], callback: Callable[[int, int, torch.Tensor], None] | None = None,
+               sync_steps: bool = True) -> torch.Tensor:
         """Final latents [len(jobs), 4, h, w] of compatible jobs. The batch is padded (repeating the last
-        job) to the next bucket size. `callback(i, total, x)` after every step, x the padded batch; on
-        CUDA the step has finished when it is called."""
+        job) to the next bucket size. `callback(i, total, x)` after every step, x the padded batch. With
+        `sync_steps` (on CUDA) the step has finished when it is called; without, the callback runs as the
+        step is issued, so the CPU keeps queueing steps ahead of the GPU (a wait after each of 20 steps
+        cost ~15 ms per request on the H100: bench/results/serving_h100_run34.json)."""
         from runtime.pipeline import initial_noise
         from runtime.sampling import ddim_sample
 
@@ -171,7 +173,8 @@ class BatchGenerator:
 
         def on_step(i, total, x):
             if callback is not None:
-                self.synchronize()
+                if sync_steps:
+                    self.synchronize()
                 callback(i, total, x)
 
         sample = pipe.sampler or functools.partial(ddim_sample, pipe.denoiser)

@@ -264,10 +264,10 @@ class TritonPythonModel:
         if not live:
             return
         t1 = time.perf_counter()
-        marks = {"last_step": None}
+        marks = {}
 
         def on_step(k, total, x):
-            marks["last_step"], marks["total"] = time.perf_counter(), total
+            marks["total"] = total
             alive = False
             for j, job in enumerate(live):
                 if job.owner.cancelled():
@@ -286,8 +286,11 @@ class TritonPythonModel:
                 raise Cancelled()
 
         try:
-            latents = self.generator.sample(live, callback=on_step)
-            t2 = marks["last_step"] or time.perf_counter()
+            # Wait for each step only where a client streams progress (its previews need the step done);
+            # cancellation is a host-side flag, checked as each step is issued.
+            latents = self.generator.sample(live, callback=on_step, sync_steps=any(j.progress for j in live))
+            self.generator.synchronize()  # so that sampling_ms is GPU-complete sampling time
+            t2 = time.perf_counter()
             images = []
             for j, job in enumerate(live):  # decode all first, then answer all: the clients come back together
                 images.append(self.generator.decode(latents[j:j + 1]) if not job.owner.cancelled() else None)
