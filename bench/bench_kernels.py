@@ -295,15 +295,17 @@ def bench_attention(policy: dict) -> list[dict]:
         def run_sdpa():
             return F.scaled_dot_product_attention(qt, kt, vt)
 
-        def run_triton():
-            return at.attention_bnhd(q, k, v, scale)
+        def run_triton():  # --quick: the shipped default path (TUNED_LAUNCHES); else the chosen layout
+            if policy.get("quick"):
+                return at.attention_bnhd(q, k, v, scale)
+            return at.attention_bnhd(q, k, v, scale, split_mode=split, loads=loads)
 
         t0 = time.time()
         tri = run_triton().transpose(1, 2)  # autotunes on first call
         torch.cuda.synchronize()
         row["autotune_s"] = round(time.time() - t0, 2)
         fixed = at.tuned_launch(row["n_q"], row["n_kv"], row["head_dim"], b * HEADS,
-                                at.device_capability(torch.device("cuda")))
+                                at.device_capability(torch.device("cuda"))) if policy.get("quick") else None
         row["triton_config"] = (f"measured table: {fixed}" if fixed is not None
                                 else str(getattr(tuned, "best_config", None)))
         ref = at.attention_reference(qt, kt, vt, scale)

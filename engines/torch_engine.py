@@ -362,7 +362,9 @@ class TorchDenoiserEngine(Engine):
         happen here, never inside the capture), then capture one step."""
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
-        warm = self._attn.graph_warmup() if self._attn is not None else contextlib.nullcontext()
+        # as if capturing, so that AUTO picks the same paths for our kernels (attention and GEGLU)
+        warm = (_fast_attention_module().graph_warmup() if self._attn is not None or self._fused_ff is not None
+                else contextlib.nullcontext())
         with torch.cuda.stream(side), warm:
             for _ in range(2):
                 self._step(s, branches)

@@ -139,9 +139,11 @@ def select_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_
         return AttnBackend.SDPA
     if capturing is None:
         capturing = in_graph_capture()
+    # The measured table is fp16's; other dtypes take the key-count rule. (It is trusted for layouts
+    # that TMA cannot describe too, where the launcher falls back to pointer loads: speed only.)
+    capability = attention_triton.device_capability(q.device) if q.dtype == torch.float16 else None
     preferred = triton_preferred(q.shape[1], k.shape[1], capturing, head_dim=q.shape[3],
-                                 batch_heads=q.shape[0] * q.shape[2],
-                                 capability=attention_triton.device_capability(q.device))
+                                 batch_heads=q.shape[0] * q.shape[2], capability=capability)
     return AttnBackend.TRITON if preferred else AttnBackend.SDPA
 
 

@@ -33,15 +33,22 @@ import torch
 try:  # Triton is optional: the module imports (and the reference works) without it.
     import triton
     import triton.language as tl
-    from triton.tools.tensor_descriptor import TensorDescriptor
 
     HAS_TRITON = True
 except ImportError:  # pragma: no cover - exercised only where triton is absent
     triton = None
     tl = None
     HAS_TRITON = False
+try:  # host tensor descriptors (TMA) arrived in Triton 3.4; without them only the pointer kernel runs
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    HAS_TMA = True
+except ImportError:  # pragma: no cover - older Triton
+    TensorDescriptor = None
+    HAS_TMA = False
 
 __all__ = [
+    "HAS_TMA",
     "HAS_TRITON",
     "LOAD_MODES",
     "SUPPORTED_DTYPES",
@@ -106,7 +113,8 @@ DEFAULT_SPLIT_MODE = "split32"
 # How Q/K/V tiles reach shared memory: "pointer" (masked tl.load, cp.async pipelining) or the Hopper
 # TMA engine through host tensor descriptors, either "tma4d" ([B, H, N, D] descriptors: exact
 # zero-fill) or "tma2d" ([B*N, H*D] row descriptors, as the Triton tutorial does; needs packed heads
-# and batches). A layout TMA cannot describe (16-byte alignment) falls back to "pointer".
+# and batches). Where TMA cannot describe the tensors (16-byte alignment, packing, pre-Hopper GPU,
+# Triton < 3.4) a default or tuned choice falls back to "pointer"; an explicit ``loads=`` raises.
 LOAD_MODES = ("pointer", "tma2d", "tma4d")
 DEFAULT_LOADS = "pointer"
 
@@ -128,11 +136,14 @@ class TunedLaunch:
 
 # Per compute capability, keyed (N_Q, N_KV, HEAD_DIM, B*H): CapHuman's 512x512 problems (UNet at
 # batch 2, CapFace at batch 1, 8 heads). H100, Triton 3.6, torch 2.11 (cuDNN SDPA), fp16, [B, N, H, D]
-# views; the best of 4 layouts x 10 configs, every one screened clean on all 17 shapes
-# (bench/results/kernels_h100_run26_tma.json; run27 repeated them within ~3%), and of 16 configs on the
-# four largest problems (kernels_h100_run30_sweep.json: only self 1024 d80 at batch 2 changed). A fixed choice per
-# shape instead of autotune: deterministic, no tuning on a fresh server, and autotune's own timing
-# (launch overhead included) picked configs up to 1.45x slower on the small problems.
+# views; the best of 4 layouts x 10 configs (bench/results/kernels_h100_run26_tma.json; each ran clean
+# and correct, with 30 repeated launches, on every shape whose shared memory it fits: all 17, or 9 for
+# the 128-wide ones; run27 repeated them within ~3%), and of 16 configs on the four largest problems
+# (kernels_h100_run30_sweep.json, screened on those four: only self 1024 d80 at batch 2 changed). Every
+# entry also passed the full-size GPU test at its own shape (bench/results/gpu_tests_h100_run33.log).
+# Used for fp16 only (bf16 was not screened). A fixed choice per shape instead of autotune:
+# deterministic, no tuning on a fresh server, and autotune's own timing (launch overhead included)
+# picked configs up to 1.45x slower on the small problems.
 TUNED_LAUNCHES: dict[tuple[int, int], dict[tuple[int, int, int, int], TunedLaunch]] = {
     (9, 0): {
         (4096, 4096, 40, 16): TunedLaunch("tma2d", "split32", (128, 128, 8, 3), 158.4, 161.7),
@@ -179,7 +190,8 @@ def tuned_launch(n_q: int, n_kv: int, head_dim: int, batch_heads: int,
 
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) autotuned for the TMA kernel: the per-shape winners of
-# bench/results/kernels_h100_run26_tma.json, each screened clean on all 17 CapHuman shapes there.
+# bench/results/kernels_h100_run26_tma.json, each screened clean there (the 128-wide ones on the 9
+# shapes whose shared memory they fit; autotune skips a config that runs out of resources).
 TMA_CONFIG_TUPLES = [(128, 128, 8, 3), (128, 64, 8, 3), (128, 32, 4, 3), (64, 128, 4, 3), (64, 64, 4, 3),
                      (64, 32, 4, 2)]
 
@@ -526,6 +538,8 @@ def tma_layout_reason(tensors, head_dim: int, loads: str) -> str | None:
     """None when TMA descriptors of kind ``loads`` can describe every [B, H, N, D]-indexed tensor,
     else why not (TMA needs 16-byte aligned bases and strides; row descriptors need packed heads
     and batches)."""
+    if not HAS_TMA:
+        return "this Triton has no tensor descriptors (Triton >= 3.4)"
     if tensors[0].is_cuda and (device_capability(tensors[0].device) or (0, 0)) < (9, 0):
         return "TMA needs compute capability 9.0 or newer (Hopper)"
     for t in tensors:
@@ -570,8 +584,8 @@ def _resolve_loads(requested: str, explicit: bool, q, k, v, d) -> str:
 def _launch(q, k, v, out, b, h, n_q, n_kv, d, scale, config, split_mode, loads):
     """Launch on [B, H, N, D]-indexed tensors (their strides go to the kernel)."""
     tuned = None
-    if config is None and split_mode is None and loads is None and not interpreter_enabled():
-        # All defaults: the measured choice for this shape on this GPU, where there is one.
+    if config is None and split_mode is None and loads is None and q.dtype == torch.float16:
+        # All defaults: the measured (fp16) choice for this shape on this GPU, where there is one.
         tuned = tuned_launch(n_q, n_kv, d, b * h, device_capability(q.device))
     if tuned is not None and _resolve_loads(tuned.loads, False, q, k, v, d) == tuned.loads:
         loads, split_mode = tuned.loads, tuned.split_mode

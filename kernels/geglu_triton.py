@@ -21,7 +21,6 @@ import torch
 try:
     import triton
     import triton.language as tl
-    from triton.tools.tensor_descriptor import TensorDescriptor
 
     HAS_TRITON = True
 except ImportError:  # pragma: no cover - exercised only where triton is absent
@@ -29,7 +28,7 @@ except ImportError:  # pragma: no cover - exercised only where triton is absent
     tl = None
     HAS_TRITON = False
 
-from kernels.attention_triton import device_capability, interpreter_enabled
+from kernels.attention_triton import HAS_TMA, TensorDescriptor, device_capability, interpreter_enabled
 
 __all__ = ["HAS_TRITON", "TUNED_GEGLU", "GegluLaunch", "geglu_linear", "geglu_reference", "geglu_supports",
            "tuned_geglu"]
@@ -83,6 +82,8 @@ def geglu_supports(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     """None when the fused kernel can run these inputs here, else the reason it cannot."""
     if not HAS_TRITON:
         return "triton is not installed"
+    if not HAS_TMA:
+        return "this Triton has no tensor descriptors (Triton >= 3.4)"
     if x.dtype not in (torch.float16, torch.bfloat16) or weight.dtype != x.dtype:
         return f"dtypes {x.dtype}/{weight.dtype}: the kernel takes fp16 or bf16, the same for x and weight"
     if bias is not None and bias.dtype != x.dtype:
@@ -185,10 +186,14 @@ def geglu_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
         raise ValueError(f"fused GEGLU cannot run these inputs: {reason}")
     k = x.shape[-1]
     n_out = weight.shape[0] // 2
+    # TMA needs packed rows at a 16-byte aligned address; a fresh copy has both (.contiguous() would
+    # return an already contiguous but misaligned view as it is)
     x2 = x.reshape(-1, k)
     if x2.stride(-1) != 1 or x2.stride(0) != k or x2.data_ptr() % 16:
-        x2 = x2.contiguous()
-    w = weight if weight.is_contiguous() and weight.data_ptr() % 16 == 0 else weight.contiguous()
+        x2 = x2.clone(memory_format=torch.contiguous_format)
+    w = weight
+    if not weight.is_contiguous() or weight.data_ptr() % 16:
+        w = weight.clone(memory_format=torch.contiguous_format)
     m = x2.shape[0]
     out = torch.empty((m, n_out), device=x.device, dtype=x.dtype)
     if m == 0:
@@ -200,7 +205,7 @@ def geglu_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     meta = dict(HAS_BIAS=bias is not None, GROUP_M=8, DOT_F32=interpreter_enabled() and x.dtype == torch.bfloat16)
     if config is None and interpreter_enabled():
         config = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32}  # the interpreter is slow; no autotuning
-    elif config is None:
+    elif config is None and x.dtype == torch.float16:  # measured in fp16
         tuned = tuned_geglu(m, k, n_out, device_capability(x.device))
         if tuned is not None:
             config = dict(zip(("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages"), tuned.config))

@@ -367,6 +367,46 @@ def test_explicit_tma_request_that_cannot_run_raises() -> None:
     assert _run_interpreted(script).strip().endswith("OK")
 
 
+def test_tuned_launch_is_used_and_falls_back() -> None:
+    """The launcher's table lookup (interpreter, a small injected entry for a patched capability):
+    the entry's layout runs where TMA can describe the tensors; elsewhere the plain defaults run
+    (pointer loads and the default split, never the entry's split16 with pointer loads)."""
+    script = textwrap.dedent(
+        """
+        import torch
+        from kernels import attention_triton as at
+        at.device_capability = lambda device: (9, 0)
+        at.TUNED_LAUNCHES[(9, 0)] = {(37, 29, 40, 4): at.TunedLaunch("tma2d", "split16", (16, 16, 4, 2), 1.0, 2.0)}
+        ran = []
+        for name in ("_attn_fwd_fixed", "_attn_fwd_tma_fixed"):
+            kernel = getattr(at, name)
+            class Spy:
+                def __init__(self, kernel, name):
+                    self.kernel, self.name = kernel, name
+                def __getitem__(self, grid):
+                    def launch(*args, **kw):
+                        ran.append((self.name, kw["HEAD_A"], kw["HEAD_B"], kw["BLOCK_M"]))
+                        return self.kernel[grid](*args, **kw)
+                    return launch
+            setattr(at, name, Spy(kernel, name))
+        g = torch.Generator().manual_seed(0)
+        packed = [torch.randn(2, n, 2 * 40, generator=g).half().view(2, n, 2, 40) for n in (37, 29, 29)]
+        o = at.attention_bnhd(*packed)
+        err = (o.transpose(1, 2).double() - at.attention_reference(*(t.transpose(1, 2) for t in packed))).abs().max()
+        print("TMA", ran[-1], float(err))
+        bhnd = [t.transpose(1, 2).contiguous() for t in packed]  # heads not packed: no 2-D descriptors
+        o = at.attention(*bhnd)
+        err = (o.double() - at.attention_reference(*bhnd)).abs().max()
+        print("FALLBACK", ran[-1], float(err))
+        """
+    )
+    out = _run_interpreted(script)
+    lines = {ln.split(" ", 1)[0]: ln for ln in out.splitlines()}
+    assert "('_attn_fwd_tma_fixed', 32, 16, 16)" in lines["TMA"]   # tma2d, split16, the entry's BLOCK_M
+    assert "('_attn_fwd_fixed', 64, 0, 32)" in lines["FALLBACK"]    # pointer, split32 (40 -> 64), defaults
+    assert all(float(lines[key].rsplit(" ", 1)[1]) < 4e-3 for key in ("TMA", "FALLBACK"))
+
+
 @pytest.mark.gpu
 def test_tuned_launches_match_sdpa_at_full_size() -> None:
     """Every measured (layout, config) of this GPU, at its CapHuman shape, through the default path."""
@@ -381,6 +421,8 @@ def test_tuned_launches_match_sdpa_at_full_size() -> None:
         q = torch.randn(b, n_q, h * d, device="cuda", dtype=torch.float16, generator=g).view(b, n_q, h, d)
         k, v = (torch.randn(b, n_kv, h * d, device="cuda", dtype=torch.float16, generator=g).view(b, n_kv, h, d)
                 for _ in range(2))
+        if tuned.loads != "pointer":  # the measured layout must really run, not fall back
+            assert at.tma_layout_reason(tuple(t.transpose(1, 2) for t in (q, k, v)), d, tuned.loads) is None
         o = at.attention_bnhd(q, k, v)
         ref = torch.nn.functional.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)))
         err = (o.transpose(1, 2).float() - ref.float()).abs().max().item()

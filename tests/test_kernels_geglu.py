@@ -29,6 +29,9 @@ _CASES = {
     # N and K not multiples of the tiles: value tiles past N read gate rows (never stored), K is zero-filled
     "fp16_partial_n_and_k": ([50, 80], 70, "float16", True, {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32}),
     "fp16_strided_rows": ([4, 9, 64], 32, "float16", True, None),  # x is a column slice: copied to rows
+    "fp16_misaligned": ([5, 32], 16, "float16", True, None),  # contiguous, 2 bytes past an aligned address
+    # 19 row tiles x 3 column tiles: more than GROUP_M (8) row tiles, so the grouped order wraps
+    "fp16_many_row_groups": ([300, 32], 40, "float16", True, {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}),
 }
 _TOL = {"float16": 2e-3, "bfloat16": 1.6e-2}  # relative to the output's magnitude: ~2 ulps at the max
 
@@ -44,6 +47,9 @@ _SCRIPT = textwrap.dedent(
         k = shape[-1]
         if name == "fp16_strided_rows":
             x = torch.randn(*shape[:-1], 2 * k, generator=g).to(dt)[..., :k]
+        elif name == "fp16_misaligned":
+            x = torch.randn(shape[0] * k + 1, generator=g).to(dt)[1:].view(*shape)
+            assert x.is_contiguous() and x.data_ptr() % 16
         else:
             x = torch.randn(*shape, generator=g).to(dt)
         w = (torch.randn(2 * n, k, generator=g) / k ** 0.5).to(dt)

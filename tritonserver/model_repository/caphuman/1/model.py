@@ -287,7 +287,8 @@ class TritonPythonModel:
 
         try:
             # Wait for each step only where a client streams progress (its previews need the step done);
-            # cancellation is a host-side flag, checked as each step is issued.
+            # cancellation is a host-side flag, checked as each step is issued (steps already queued on
+            # the GPU still run: docs/serving.md).
             latents = self.generator.sample(live, callback=on_step, sync_steps=any(j.progress for j in live))
             self.generator.synchronize()  # so that sampling_ms is GPU-complete sampling time
             t2 = time.perf_counter()
