@@ -26,6 +26,33 @@ def load_bench(name: str):
     return mod
 
 
+def run_interpreted(script: str, *args: str, timeout: int = 600) -> str:
+    """Run ``script`` in a fresh Python with TRITON_INTERPRET=1 (it must be set before triton is first
+    imported, which another test module may already have done here); returns its stdout."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(root))
+    proc = subprocess.run([sys.executable, "-c", script, *args], env=env, cwd=root, capture_output=True,
+                          text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(f"interpreted run failed:\n{proc.stdout}\n{proc.stderr}")
+    return proc.stdout
+
+
+def tiny_unet(seed: int = 0):
+    """A two-level UNet2DConditionModel with cross-attention and GEGLU feed-forwards, small enough
+    for the CPU interpreter."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=24, attention_head_dim=8, norm_num_groups=8).eval()
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """||a - b|| / ||b||, in float64."""
     a, b = a.double(), b.double()

@@ -10,18 +10,15 @@ through the Triton backend under the interpreter.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
 
 from kernels import attention_triton as at
 
-ROOT = Path(__file__).resolve().parents[1]
+from .conftest import run_interpreted, tiny_unet
+
 pytestmark = pytest.mark.skipif(not at.HAS_TRITON, reason="triton is not installed")
 
 # name: (B, H, Nq, Nk, D, dtype, layout, config[, split_mode[, loads]])
@@ -105,18 +102,9 @@ _KERNEL_SCRIPT = textwrap.dedent(
 )
 
 
-def _run_interpreted(script: str, *args: str, timeout: int = 600) -> str:
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
-    proc = subprocess.run([sys.executable, "-c", script, *args], env=env, cwd=ROOT, capture_output=True,
-                          text=True, timeout=timeout)
-    if proc.returncode != 0:
-        raise AssertionError(f"interpreted run failed:\n{proc.stdout}\n{proc.stderr}")
-    return proc.stdout
-
-
 @pytest.fixture(scope="module")
 def kernel_results() -> dict:
-    out = _run_interpreted(_KERNEL_SCRIPT, json.dumps(_KERNEL_CASES))
+    out = run_interpreted(_KERNEL_SCRIPT, json.dumps(_KERNEL_CASES))
     line = next(ln for ln in out.splitlines() if ln.startswith("RESULT"))
     return json.loads(line[len("RESULT"):])
 
@@ -196,12 +184,8 @@ def _diffusers():
 
 
 def _tiny_unet(seed: int = 0):
-    UNet2DConditionModel = _diffusers()[0]
-    torch.manual_seed(seed)
-    return UNet2DConditionModel(
-        block_out_channels=(32, 64), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=24, attention_head_dim=8, norm_num_groups=8).eval()
+    _diffusers()
+    return tiny_unet(seed)
 
 
 def _count_kv_projections(unet) -> dict:
@@ -364,7 +348,7 @@ def test_explicit_tma_request_that_cannot_run_raises() -> None:
         print("OK")
         """
     )
-    assert _run_interpreted(script).strip().endswith("OK")
+    assert run_interpreted(script).strip().endswith("OK")
 
 
 def test_tuned_launch_is_used_and_falls_back() -> None:
@@ -400,7 +384,7 @@ def test_tuned_launch_is_used_and_falls_back() -> None:
         print("FALLBACK", ran[-1], float(err))
         """
     )
-    out = _run_interpreted(script)
+    out = run_interpreted(script)
     lines = {ln.split(" ", 1)[0]: ln for ln in out.splitlines()}
     assert "('_attn_fwd_tma_fixed', 32, 16, 16)" in lines["TMA"]   # tma2d, split16, the entry's BLOCK_M
     assert "('_attn_fwd_fixed', 64, 0, 32)" in lines["FALLBACK"]    # pointer, split32 (40 -> 64), defaults
@@ -495,13 +479,9 @@ def test_enable_fast_attention_rejects_module_without_attention() -> None:
 _UNET_TRITON_SCRIPT = textwrap.dedent(
     """
     import torch
-    from diffusers import UNet2DConditionModel
+    from tests.conftest import tiny_unet
     from export import attention_processors as ap
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        block_out_channels=(32, 64), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=24, attention_head_dim=8, norm_num_groups=8).eval()
+    unet = tiny_unet()
     x, t, ctx = torch.randn(2, 4, 8, 8), torch.tensor([10, 10]), torch.randn(2, 7, 24)
     with torch.no_grad():
         ref = unet(x, t, ctx).sample.double()
@@ -523,7 +503,7 @@ _UNET_TRITON_SCRIPT = textwrap.dedent(
 
 def test_unet_through_triton_kernel_interpreted() -> None:
     _, Attention, AttnProcessor2_0, ap = _diffusers()
-    out = _run_interpreted(_UNET_TRITON_SCRIPT)
+    out = run_interpreted(_UNET_TRITON_SCRIPT)
     line = next(ln for ln in out.splitlines() if ln.startswith("RESULT"))
     _, tri_vs_sdpa, sdpa_vs_fp32, used, fused_vs_tri = line.replace("['triton']", "triton").split(" ")
     assert used == "triton"

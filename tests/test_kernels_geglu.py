@@ -7,18 +7,15 @@ interpreted run of a tiny UNet through the kernel.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
 
 from kernels import geglu_triton as gg
 
-ROOT = Path(__file__).resolve().parents[1]
+from .conftest import run_interpreted, tiny_unet
+
 pytestmark = pytest.mark.skipif(not gg.HAS_TRITON, reason="triton is not installed")
 
 # name: (x shape, N, dtype, bias, config)
@@ -63,18 +60,9 @@ _SCRIPT = textwrap.dedent(
 )
 
 
-def _run_interpreted(script: str, *args: str, timeout: int = 600) -> str:
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
-    proc = subprocess.run([sys.executable, "-c", script, *args], env=env, cwd=ROOT, capture_output=True,
-                          text=True, timeout=timeout)
-    if proc.returncode != 0:
-        raise AssertionError(f"interpreted run failed:\n{proc.stdout}\n{proc.stderr}")
-    return proc.stdout
-
-
 @pytest.fixture(scope="module")
 def kernel_results() -> dict:
-    out = _run_interpreted(_SCRIPT, json.dumps(_CASES))
+    out = run_interpreted(_SCRIPT, json.dumps(_CASES))
     return json.loads(next(ln for ln in out.splitlines() if ln.startswith("RESULT"))[len("RESULT"):])
 
 
@@ -129,21 +117,11 @@ def _fused_ff():
     return fused_ff
 
 
-def _tiny_unet():
-    from diffusers import UNet2DConditionModel
-
-    torch.manual_seed(0)
-    return UNet2DConditionModel(
-        block_out_channels=(32, 64), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=24, attention_head_dim=8, norm_num_groups=8).eval()
-
-
 def test_swap_keeps_state_dict_and_output_and_restores() -> None:
     fused_ff = _fused_ff()
     from diffusers.models.activations import GEGLU
 
-    unet = _tiny_unet()
+    unet = tiny_unet()
     keys = list(unet.state_dict())
     originals = [m for m in unet.modules() if isinstance(m, GEGLU)]
     x, t, ctx = torch.randn(1, 4, 8, 8), torch.tensor([10]), torch.randn(1, 7, 24)
@@ -180,13 +158,9 @@ def test_unet_through_fused_kernel_interpreted() -> None:
     script = textwrap.dedent(
         """
         import torch
-        from diffusers import UNet2DConditionModel
+        from tests.conftest import tiny_unet
         from export import fused_ff
-        torch.manual_seed(0)
-        unet = UNet2DConditionModel(
-            block_out_channels=(32, 64), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-            cross_attention_dim=24, attention_head_dim=8, norm_num_groups=8).eval()
+        unet = tiny_unet()
         x, t, ctx = torch.randn(2, 4, 8, 8), torch.tensor([10, 10]), torch.randn(2, 7, 24)
         with torch.no_grad():
             ref = unet(x, t, ctx).sample
@@ -200,7 +174,7 @@ def test_unet_through_fused_kernel_interpreted() -> None:
         print("ERR", (out - ref).abs().max().item(), (half_ref - ref).abs().max().item())
         """
     )
-    out = _run_interpreted(script)
+    out = run_interpreted(script)
     assert "PATHS ['kernel']" in out
     err_kernel, err_half = (float(v) for v in next(ln for ln in out.splitlines() if ln.startswith("ERR")).split()[1:])
     assert err_kernel <= max(2 * err_half, 2e-3), (err_kernel, err_half)
