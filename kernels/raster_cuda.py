@@ -28,7 +28,6 @@ each at 512x512); a mesh of screen-sized triangles would be correct but slow.
 """
 from __future__ import annotations
 
-import math
 import threading
 import warnings
 
