@@ -56,7 +56,7 @@ class AttnBackend(str, enum.Enum):
 
 # AUTO's rule inside CUDA-graph capture. On a GPU architecture with measured entries
 # (attention_triton.TUNED_LAUNCHES: H100, torch 2.11, Triton 3.6, fp16, 8 heads, GPU time in a CUDA
-# graph, bench/results/kernels_h100_run26_tma.json) a listed problem takes whichever measured faster:
+# graph, bench/results/kernels_h100_run26_tma.json and run30_sweep) a listed problem takes whichever measured faster:
 # Triton on every problem there: every cross-attention (1.2-1.6x), self-attention over 256 and 64
 # tokens (1.5x, 2.1x), over 1024 tokens (1.12x at batch 2, 1.35x at batch 1, TMA with a 64+16 split
 # of the head dim) and over 4096 tokens (1.02x at batch 2, 1.06x at batch 1, TMA). Any other problem takes
