@@ -326,6 +326,41 @@ def bench_attention(policy: dict) -> list[dict]:
     return rows
 
 
+def bench_sdpa_backends() -> list[dict]:
+    """The issue's goal shapes through each of torch SDPA's backends (same inputs, same process).
+
+    The issue's baseline figures were measured elsewhere; this shows which backend the default
+    dispatch picks here and how far apart the backends are, so speedups can be read against each."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backends = {"default": None, "cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+                "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    rows = []
+    for case in attention_cases():
+        if case["batch"] != 2 or case["name"] not in GOALS:
+            continue
+        q, k, v = (t.transpose(1, 2) for t in _qkv(2, case["n_q"], case["n_kv"], case["head_dim"], gen))
+        row = dict(name=case["name"], batch=2, issue_baseline_us=GOALS[case["name"]])
+        for tag, backend in backends.items():
+            def run(backend=backend):
+                if backend is None:
+                    return F.scaled_dot_product_attention(q, k, v)
+                with sdpa_kernel([backend]):
+                    return F.scaled_dot_product_attention(q, k, v)
+
+            try:
+                row[f"{tag}_us_graph"] = _time(run, True)
+                row[f"{tag}_us_eager"] = _time(run, False)
+            except Exception as exc:  # noqa: BLE001 - a backend that rejects the shape is recorded
+                row[f"{tag}_error"] = repr(exc)[:200]
+        rows.append(row)
+        log(f"  {case['name']:22s} B=2 issue {GOALS[case['name']]:5.0f} us | " + "  ".join(
+            f"{t} {row.get(f'{t}_us_graph', float('nan')):.1f}/{row.get(f'{t}_us_eager', float('nan')):.1f}"
+            for t in backends) + "  (graph/eager us)")
+    return rows
+
+
 def bench_kv_projection() -> dict:
     """to_k + to_v time per step for the cross-attention layers (removed by the K/V cache)."""
     total = 0.0
@@ -590,6 +625,8 @@ def main() -> None:
     ap.add_argument("--skip-attention", action="store_true")
     ap.add_argument("--skip-raster", action="store_true")
     ap.add_argument("--skip-geglu", action="store_true")
+    ap.add_argument("--sdpa-backends", action="store_true",
+                    help="also time the issue's goal shapes through each SDPA backend (cudnn, flash, ...)")
     ap.add_argument("--quick", action="store_true",
                     help="skip the per-config crash screening and candidate timing: bench the kernel's own "
                          "layout and autotune list (minutes faster; an illegal memory access ends the run)")
@@ -650,6 +687,10 @@ def main() -> None:
         except Exception:  # noqa: BLE001 - recorded in the JSON, the run goes on
             result["geglu_error"] = traceback.format_exc()
             log(result["geglu_error"])
+        save()
+    if args.sdpa_backends:
+        log("SDPA backends on the goal shapes (fp16, 8 heads):")
+        result["sdpa_backends"] = bench_sdpa_backends()
         save()
     if not args.skip_attention:
         log("attention (fp16, 8 heads):")

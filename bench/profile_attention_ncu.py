@@ -1,0 +1,31 @@
+"""Launch each goal-shape attention once through our kernel (its measured table launch) and once
+through torch SDPA, for a profiler (Nsight Compute) to attach to:
+
+    ncu -k regex:'attn|fmha|flash|sdpa' --set full python3 bench/profile_attention_ncu.py
+"""
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from kernels import attention_triton as at  # noqa: E402
+
+SHAPES = [(2, 4096, 4096, 40), (2, 4096, 77, 40), (2, 4096, 258, 40), (2, 1024, 1024, 80)]
+
+
+def main() -> None:
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    for b, nq, nk, d in SHAPES:
+        q, k, v = (torch.randn(b, n, 8 * d, device="cuda", dtype=torch.float16, generator=gen).view(b, n, 8, d)
+                   for n in (nq, nk, nk))
+        at.attention_bnhd(q, k, v)  # compile outside the profiled launches' timing
+        F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)))
+        torch.cuda.synchronize()
+        print(f"shape B{b} {nq}x{nk} d{d}: table {at.tuned_launch(nq, nk, d, b * 8, at.device_capability(q.device))}",
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()
