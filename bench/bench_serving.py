@@ -138,7 +138,8 @@ def make_repository(args, cuda: bool, dst: Path) -> Path:
                               "instance_group [ { count: 1 kind: KIND_CPU } ]", cfg.read_text()))
     params = {"warm_resolutions": str(args.resolution)}
     for key, value in (("max_batch", args.max_batch), ("batch_sizes", args.batch_sizes),
-                       ("batch_gather_ms", args.gather_ms), ("engine", args.engine)):
+                       ("batch_gather_ms", args.gather_ms), ("engine", args.engine),
+                       ("run_ahead_steps", args.run_ahead)):
         if value is not None:
             params[key] = str(value)
     set_parameters(dst / "caphuman" / "config.pbtxt", params)
@@ -196,6 +197,45 @@ def run_level(url: str, reference: bytes, concurrency: int, args, seed0: int) ->
             "first_errors": errors[:5], "requests_in_warmup_or_after": len(records) - len(done)}
 
 
+def cancel_probe(url: str, reference: bytes, args, rounds: int) -> dict:
+    """How long a cancelled request keeps the GPU: request A is cancelled a quarter into its sampling,
+    request B is sent at once, and B's latency is compared with an undisturbed request's. The excess is
+    the GPU work of A that the cancel could not stop (steps already queued, see `run_ahead_steps`)."""
+    import tritonclient.grpc as grpcclient
+
+    from tritonserver.client import CapHumanClient
+
+    client = CapHumanClient(url, timeout=600)
+    kw = dict(steps=args.steps, resolution=args.resolution, guidance=args.guidance)
+
+    def plain(seed: int) -> tuple[float, dict]:
+        t0 = time.perf_counter()
+        out = client.generate(reference, PROMPTS[0], seed=seed, **kw)[0]
+        return (time.perf_counter() - t0) * 1e3, out.metadata.get("timings", {})
+
+    undisturbed = [plain(900 + k) for k in range(3)]
+    base_ms = float(np.median([ms for ms, _ in undisturbed]))
+    tm = undisturbed[-1][1]
+    before_sampling_ms = max(0.0, tm["item_ms"] - tm["sampling_ms"] - tm["vae_decode_ms"])
+    cancel_after_ms = before_sampling_ms + tm["sampling_ms"] / 4
+    excess = []
+    for k in range(rounds):
+        stream = grpcclient.InferenceServerClient(url)
+        try:
+            stream.start_stream(callback=lambda result, error: None)
+            stream.async_stream_infer(client.model, client.inputs(reference, PROMPTS[1], seed=950 + k, **kw),
+                                      request_id=f"cancel-probe-{k}", enable_empty_final_response=True)
+            time.sleep(cancel_after_ms / 1e3)
+            stream.stop_stream(cancel_requests=True)
+        finally:
+            stream.close()
+        ms, _ = plain(970 + k)
+        excess.append(ms - base_ms)
+    return {"rounds": rounds, "undisturbed_p50_ms": base_ms, "cancel_after_ms": round(cancel_after_ms, 1),
+            "next_request_excess_ms": [round(x, 1) for x in excess],
+            "median_excess_ms": float(np.median(excess)) if excess else None}
+
+
 def serve_and_measure(args, cuda: bool, results: dict, save) -> None:
     import tritonclient.grpc as grpcclient
 
@@ -243,6 +283,12 @@ def serve_and_measure(args, cuda: bool, results: dict, save) -> None:
             results["levels"].append(level)
             log(f"  {level['images_per_s']:.3f} images/s, p50 {level['p50_ms']} ms, p99 {level['p99_ms']} ms, "
                 f"batches {level['images_by_batch_size']}, errors {level['errors']}")
+            save()
+        if args.cancel_rounds:
+            log(f"cancellation: {args.cancel_rounds} requests cancelled a quarter into sampling ...")
+            results["cancel"] = cancel_probe(server.grpc_url, reference, args, args.cancel_rounds)
+            log(f"  the next request took {results['cancel']['median_excess_ms']:.1f} ms longer than an undisturbed "
+                f"one ({results['cancel']['undisturbed_p50_ms']:.1f} ms; each: {results['cancel']['next_request_excess_ms']})")
             save()
     finally:
         code = server.stop()
@@ -298,6 +344,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-batch", type=int, default=None, help="caphuman's max_batch (default: the repository's)")
     ap.add_argument("--batch-sizes", default=None, help="caphuman's batch_sizes, e.g. 1,2,4,8")
     ap.add_argument("--gather-ms", type=float, default=None, help="caphuman's batch_gather_ms")
+    ap.add_argument("--run-ahead", type=int, default=None, help="caphuman's run_ahead_steps")
+    ap.add_argument("--cancel-rounds", type=int, default=0,
+                    help="after the concurrency levels: cancel this many requests mid-sampling and measure how "
+                         "much later the next request finishes")
     ap.add_argument("--engine", default=None, choices=["auto", "eager", "torch"],
                     help="caphuman's engine parameter (torch: the engine also on the CPU)")
     ap.add_argument("--progress", action="store_true", help="ask for a progress response per step")
@@ -316,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
     args.config = args.config or ("cldm_v15" if cuda else "cldm_tiny")
     args.resolution = args.resolution or (512 if cuda else 256)
     args.steps = args.steps or (20 if cuda else 2)
-    args.concurrency = [int(c) for c in args.concurrency.split(",")]
+    args.concurrency = [int(c) for c in args.concurrency.split(",") if c.strip()]
     out = Path(args.out or ROOT / "bench" / "results" / f"serving_{'cuda' if cuda else 'cpu'}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     results: dict = {"benchmark": "bench/bench_serving.py", "environment": environment(cuda),
@@ -324,7 +374,8 @@ def main(argv: list[str] | None = None) -> int:
                                 "steps": args.steps, "guidance": args.guidance, "concurrency": args.concurrency,
                                 "duration_s": args.duration, "warmup_s": args.warmup, "progress": args.progress,
                                 "max_batch": args.max_batch, "batch_sizes": args.batch_sizes,
-                                "gather_ms": args.gather_ms, "engine": args.engine, "aux_models_on_gpu": args.aux_gpu,
+                                "gather_ms": args.gather_ms, "run_ahead": args.run_ahead, "engine": args.engine,
+                                "aux_models_on_gpu": args.aux_gpu, "cancel_rounds": args.cancel_rounds,
                                 "device": "cuda" if cuda else "cpu"}}
 
     def save():

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from tritonserver.generation import BatchGenerator, Job, Scheduler, bucket_size, item_parameters, parse_buckets
+from tritonserver.generation import (BatchGenerator, Job, RunAheadLimit, Scheduler, bucket_size, item_parameters,
+                                    parse_buckets)
 
 
 class _Gen:
@@ -141,6 +142,52 @@ def test_steps_wait_for_the_gpu_only_when_asked(pipe, monkeypatch):
     lat = bg.sample([Job(gen)], callback=lambda i, total, x: seen.append(i), sync_steps=False)
     assert waits == [] and seen == [0, 1, 0, 1]
     assert torch.equal(lat, ref)
+
+
+def test_host_stays_at_most_run_ahead_steps_ahead_of_the_gpu(pipe, monkeypatch):
+    """Without per-step waits the host waits on the mark of the step `run_ahead` back, before each
+    callback: a cancel (a raising callback) then leaves at most `run_ahead` steps queued."""
+    gen = _request(pipe, "a photo of a person", 3, steps=5)
+    bg = BatchGenerator(pipe, run_ahead=2)
+    log = []
+
+    class Mark:
+        def __init__(self, step):
+            self.step = step
+
+        def synchronize(self):
+            log.append(("wait", self.step))
+
+    monkeypatch.setattr(bg, "cuda", True)  # the CUDA path, with the stream calls replaced
+    monkeypatch.setattr(bg, "synchronize", lambda: log.append("sync"))
+    monkeypatch.setattr(bg, "record_step", lambda: Mark(sum(e[0] == "step" for e in log)))
+    ref = bg.sample([Job(gen)], callback=lambda i, total, x: None)  # sync_steps: a wait per step, no marks
+    assert log == ["sync"] * 5
+    log.clear()
+    lat = bg.sample([Job(gen)], callback=lambda i, total, x: log.append(("step", i)), sync_steps=False)
+    assert log == [("step", 0), ("step", 1), ("wait", 0), ("step", 2), ("wait", 1), ("step", 3), ("wait", 2),
+                   ("step", 4)]
+    assert torch.equal(lat, ref)
+
+    class Cancelled(Exception):
+        pass
+
+    def cancel_at_3(i, total, x):
+        log.append(("step", i))
+        if i == 3:
+            raise Cancelled
+    log.clear()
+    with pytest.raises(Cancelled):
+        bg.sample([Job(gen)], callback=cancel_at_3, sync_steps=False)
+    unfinished = {e[1] for e in log if e[0] == "step"} - {e[1] for e in log if e[0] == "wait"}
+    assert unfinished == {2, 3}, log  # the steps the cancel could not stop: run_ahead of them
+
+
+def test_run_ahead_limit_rejects_nonsense(pipe):
+    with pytest.raises(ValueError):
+        RunAheadLimit(0, object)
+    with pytest.raises(ValueError):
+        BatchGenerator(pipe, run_ahead=0)
 
 
 def test_one_job_equals_pipeline_generate_exactly(pipe):

@@ -127,13 +127,39 @@ def engine_pipeline(pipe, device: str, compile: bool = False, cpu: bool = False)
     return engine
 
 
-class BatchGenerator:
-    """Runs compatible jobs as one batch: text (cached by prompt), noise per seed, one DDIM loop, VAE."""
+class RunAheadLimit:
+    """Keeps the host at most `limit` issued-but-unfinished steps ahead of the device.
 
-    def __init__(self, pipe, buckets: tuple[int, ...] = (1,), text_cache_entries: int = 64):
+    `record()` marks the device's position after the step just issued (a CUDA event) and returns
+    something with `.synchronize()`. Waiting on the mark `limit` steps back leaves `limit` steps queued,
+    milliseconds of GPU work against the ~0.1 ms it takes to issue the next: the GPU never idles.
+    Meanwhile a cancel, checked as each step is issued, still stops all but those `limit` steps."""
+
+    def __init__(self, limit: int, record: Callable[[], object]):
+        if limit < 1:
+            raise ValueError(f"run-ahead limit must be >= 1 step, got {limit}")
+        self.limit, self.record = limit, record
+        self._marks: deque = deque()
+
+    def step_issued(self) -> None:
+        self._marks.append(self.record())
+        while len(self._marks) > self.limit:
+            self._marks.popleft().synchronize()
+
+
+class BatchGenerator:
+    """Runs compatible jobs as one batch: text (cached by prompt), noise per seed, one DDIM loop, VAE.
+
+    `run_ahead`: without per-step waits (no progress streaming), how many denoising steps the host may
+    queue on the GPU ahead of the one running (see `RunAheadLimit`)."""
+
+    def __init__(self, pipe, buckets: tuple[int, ...] = (1,), text_cache_entries: int = 64, run_ahead: int = 2):
+        if run_ahead < 1:
+            raise ValueError(f"run_ahead must be >= 1 step, got {run_ahead}")
         self.pipe = pipe
         self.buckets = tuple(sorted(buckets))
         self.cuda = pipe.device.type == "cuda"
+        self.run_ahead = run_ahead
         self._text = LRU(text_cache_entries)
 
     def text(self, prompt: str) -> torch.Tensor:
@@ -148,6 +174,12 @@ class BatchGenerator:
         if self.cuda:
             torch.cuda.current_stream(self.pipe.device).synchronize()
 
+    def record_step(self):
+        """A CUDA event at the current end of the pipeline's stream (the step just issued)."""
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(self.pipe.device))
+        return event
+
     @torch.no_grad()
     def sample(self, jobs: list[Job], callback: Callable[[int, int, torch.Tensor], None] | None = None,
                sync_steps: bool = True) -> torch.Tensor:
@@ -155,7 +187,8 @@ class BatchGenerator:
         job) to the next bucket size. `callback(i, total, x)` after every step, x the padded batch. With
         `sync_steps` (on CUDA) the step has finished when it is called; without, the callback runs as the
         step is issued, so the CPU keeps queueing steps ahead of the GPU (a wait after each of 20 steps
-        cost ~15 ms per request on the H100: bench/results/serving_h100_run34.json)."""
+        cost ~15 ms per request on the H100: bench/results/serving_h100_run34.json), at most
+        `self.run_ahead` of them: a callback that raises (cancellation) leaves at most that many queued."""
         from runtime.pipeline import initial_noise
         from runtime.sampling import ddim_sample
 
@@ -171,10 +204,14 @@ class BatchGenerator:
         hint = torch.cat([j.gen.hint for j in padded]).to(pipe.device, pipe.dtype)
         ctx = torch.cat([j.gen.identity_context for j in padded]).to(pipe.device, pipe.dtype)
 
+        ahead = RunAheadLimit(self.run_ahead, self.record_step) if self.cuda and not sync_steps else None
+
         def on_step(i, total, x):
             if callback is not None:
                 if sync_steps:
                     self.synchronize()
+                elif ahead is not None:
+                    ahead.step_issued()
                 callback(i, total, x)
 
         sample = pipe.sampler or functools.partial(ddim_sample, pipe.denoiser)

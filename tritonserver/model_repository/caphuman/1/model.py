@@ -33,6 +33,7 @@ PARAMETERS = {
     "max_batch": "0",             # items denoised together; 0: 8 on CUDA, 1 on the CPU
     "batch_sizes": "1,2,4,8",     # batches are padded up to one of these (one CUDA graph each)
     "batch_gather_ms": "60",      # how long a batch may wait for the next requests of active clients
+    "run_ahead_steps": "2",       # steps queued on the GPU ahead of the running one (a cancel stops the rest)
     "warm_resolutions": "512",    # CUDA: every batch size is captured at these resolutions before READY
 }
 
@@ -121,9 +122,11 @@ class TritonPythonModel:
             max_batch = int(p["max_batch"]) or (8 if cuda else 1)
             buckets = parse_buckets(p["batch_sizes"])
             gather_s = float(p["batch_gather_ms"]) / 1e3
+            run_ahead = int(p["run_ahead_steps"])
             warm = tuple(int(r) for r in p["warm_resolutions"].split(",") if r.strip())
-            if max_batch < 1 or gather_s < 0 or any(r % 64 or not 256 <= r <= 1024 for r in warm):
-                raise ValueError("max_batch >= 0, batch_gather_ms >= 0, warm_resolutions multiples of 64 in [256, 1024]")
+            if max_batch < 1 or gather_s < 0 or run_ahead < 1 or any(r % 64 or not 256 <= r <= 1024 for r in warm):
+                raise ValueError("max_batch >= 0, batch_gather_ms >= 0, run_ahead_steps >= 1, warm_resolutions "
+                                 "multiples of 64 in [256, 1024]")
         except ValueError as e:
             raise pb_utils.TritonModelException(f"caphuman: bad config.pbtxt parameter: {e}") from None
         files = weight_files()
@@ -135,7 +138,7 @@ class TritonPythonModel:
             self.pipe.image_encoder = None  # the identity model's; not used here
         self.engine = None if p["engine"] == "eager" else engine_pipeline(
             self.pipe, self.device, p["compile"] == "true", cpu=p["engine"] == "torch")
-        self.generator = BatchGenerator(self.pipe, buckets if self.engine is not None else (1,))
+        self.generator = BatchGenerator(self.pipe, buckets if self.engine is not None else (1,), run_ahead=run_ahead)
         self.max_batch = max_batch
         self.identity_cache = LRU(self.settings.identity_cache_entries)
         self.hint_cache = LRU(min(self.settings.hint_cache_entries, 32))  # 9 MB each at 512x512
@@ -287,8 +290,8 @@ class TritonPythonModel:
 
         try:
             # Wait for each step only where a client streams progress (its previews need the step done);
-            # cancellation is a host-side flag, checked as each step is issued (steps already queued on
-            # the GPU still run: docs/serving.md).
+            # otherwise the host stays run_ahead_steps ahead of the GPU. Cancellation is a host-side flag,
+            # checked as each step is issued: the steps already queued (at most run_ahead_steps) still run.
             latents = self.generator.sample(live, callback=on_step, sync_steps=any(j.progress for j in live))
             self.generator.synchronize()  # so that sampling_ms is GPU-complete sampling time
             t2 = time.perf_counter()
