@@ -114,12 +114,57 @@ def baseline(args, cuda: bool) -> dict:
            "p50_ms": percentile(times, 50) * 1e3, "min_ms": min(times) * 1e3, "setup_s": round(setup_s, 1)}
     if cuda:
         out["peak_memory_gb"] = round(torch.cuda.max_memory_allocated() / 2 ** 30, 2)
+        out["run_ahead"] = run_ahead_probe(pipe, GenerationRequest(
+            prompt=PROMPTS[0], hint=hint, identity_context=ctx, seed=7, steps=args.steps, guidance=args.guidance))
     if engine is not None:
         engine.close()
     pipe = engine = None  # noqa: F841 - free the GPU for the server
     gc.collect()
     if cuda:
         torch.cuda.empty_cache()
+    return out
+
+
+def run_ahead_probe(pipe, request, repeats: int = 5) -> dict:
+    """What the serving loop's bounded run-ahead costs and buys, in this process with the serving engine:
+    the sampling loop's time (issue to GPU idle) and the GPU work left after a cancel a quarter of the
+    way in (raise to GPU idle), with `run_ahead_steps` 2 and without a bound (the earlier behaviour)."""
+    from tritonserver.generation import BatchGenerator, Job
+
+    class Stop(Exception):
+        pass
+
+    cancel_at = max(1, request.steps // 4)
+
+    def loop_ms(bg) -> float:
+        t = time.perf_counter()
+        bg.sample([Job(request)], callback=lambda i, total, x: None, sync_steps=False)
+        bg.synchronize()
+        return (time.perf_counter() - t) * 1e3
+
+    def leftover_ms(bg) -> float:
+        def stop(i, total, x):
+            if i == cancel_at:
+                raise Stop
+        t = time.perf_counter()
+        try:
+            bg.sample([Job(request)], callback=stop, sync_steps=False)
+        except Stop:
+            t = time.perf_counter()
+        bg.synchronize()
+        return (time.perf_counter() - t) * 1e3
+
+    out = {"cancel_at_step": cancel_at, "steps": request.steps}
+    for name, limit in (("run_ahead_2", 2), ("unbounded", 10 ** 6)):
+        bg = BatchGenerator(pipe, run_ahead=limit)
+        loop_ms(bg)  # warm
+        loops = [loop_ms(bg) for _ in range(repeats)]
+        left = [leftover_ms(bg) for _ in range(repeats)]
+        out[name] = {"loop_ms_p50": percentile(loops, 50), "loop_ms": [round(x, 2) for x in loops],
+                     "gpu_ms_after_cancel_p50": percentile(left, 50),
+                     "gpu_ms_after_cancel": [round(x, 2) for x in left]}
+        log(f"  {name}: sampling loop {out[name]['loop_ms_p50']:.1f} ms; GPU busy {out[name]['gpu_ms_after_cancel_p50']:.1f} "
+            f"ms after a cancel at step {cancel_at}")
     return out
 
 
@@ -197,45 +242,6 @@ def run_level(url: str, reference: bytes, concurrency: int, args, seed0: int) ->
             "first_errors": errors[:5], "requests_in_warmup_or_after": len(records) - len(done)}
 
 
-def cancel_probe(url: str, reference: bytes, args, rounds: int) -> dict:
-    """How long a cancelled request keeps the GPU: request A is cancelled a quarter into its sampling,
-    request B is sent at once, and B's latency is compared with an undisturbed request's. The excess is
-    the GPU work of A that the cancel could not stop (steps already queued, see `run_ahead_steps`)."""
-    import tritonclient.grpc as grpcclient
-
-    from tritonserver.client import CapHumanClient
-
-    client = CapHumanClient(url, timeout=600)
-    kw = dict(steps=args.steps, resolution=args.resolution, guidance=args.guidance)
-
-    def plain(seed: int) -> tuple[float, dict]:
-        t0 = time.perf_counter()
-        out = client.generate(reference, PROMPTS[0], seed=seed, **kw)[0]
-        return (time.perf_counter() - t0) * 1e3, out.metadata.get("timings", {})
-
-    undisturbed = [plain(900 + k) for k in range(3)]
-    base_ms = float(np.median([ms for ms, _ in undisturbed]))
-    tm = undisturbed[-1][1]
-    before_sampling_ms = max(0.0, tm["item_ms"] - tm["sampling_ms"] - tm["vae_decode_ms"])
-    cancel_after_ms = before_sampling_ms + tm["sampling_ms"] / 4
-    excess = []
-    for k in range(rounds):
-        stream = grpcclient.InferenceServerClient(url)
-        try:
-            stream.start_stream(callback=lambda result, error: None)
-            stream.async_stream_infer(client.model, client.inputs(reference, PROMPTS[1], seed=950 + k, **kw),
-                                      request_id=f"cancel-probe-{k}", enable_empty_final_response=True)
-            time.sleep(cancel_after_ms / 1e3)
-            stream.stop_stream(cancel_requests=True)
-        finally:
-            stream.close()
-        ms, _ = plain(970 + k)
-        excess.append(ms - base_ms)
-    return {"rounds": rounds, "undisturbed_p50_ms": base_ms, "cancel_after_ms": round(cancel_after_ms, 1),
-            "next_request_excess_ms": [round(x, 1) for x in excess],
-            "median_excess_ms": float(np.median(excess)) if excess else None}
-
-
 def serve_and_measure(args, cuda: bool, results: dict, save) -> None:
     import tritonclient.grpc as grpcclient
 
@@ -283,12 +289,6 @@ def serve_and_measure(args, cuda: bool, results: dict, save) -> None:
             results["levels"].append(level)
             log(f"  {level['images_per_s']:.3f} images/s, p50 {level['p50_ms']} ms, p99 {level['p99_ms']} ms, "
                 f"batches {level['images_by_batch_size']}, errors {level['errors']}")
-            save()
-        if args.cancel_rounds:
-            log(f"cancellation: {args.cancel_rounds} requests cancelled a quarter into sampling ...")
-            results["cancel"] = cancel_probe(server.grpc_url, reference, args, args.cancel_rounds)
-            log(f"  the next request took {results['cancel']['median_excess_ms']:.1f} ms longer than an undisturbed "
-                f"one ({results['cancel']['undisturbed_p50_ms']:.1f} ms; each: {results['cancel']['next_request_excess_ms']})")
             save()
     finally:
         code = server.stop()
@@ -345,9 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-sizes", default=None, help="caphuman's batch_sizes, e.g. 1,2,4,8")
     ap.add_argument("--gather-ms", type=float, default=None, help="caphuman's batch_gather_ms")
     ap.add_argument("--run-ahead", type=int, default=None, help="caphuman's run_ahead_steps")
-    ap.add_argument("--cancel-rounds", type=int, default=0,
-                    help="after the concurrency levels: cancel this many requests mid-sampling and measure how "
-                         "much later the next request finishes")
+    ap.add_argument("--no-server", action="store_true", help="only the in-process baseline (and its run-ahead probe)")
     ap.add_argument("--engine", default=None, choices=["auto", "eager", "torch"],
                     help="caphuman's engine parameter (torch: the engine also on the CPU)")
     ap.add_argument("--progress", action="store_true", help="ask for a progress response per step")
@@ -375,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
                                 "duration_s": args.duration, "warmup_s": args.warmup, "progress": args.progress,
                                 "max_batch": args.max_batch, "batch_sizes": args.batch_sizes,
                                 "gather_ms": args.gather_ms, "run_ahead": args.run_ahead, "engine": args.engine,
-                                "aux_models_on_gpu": args.aux_gpu, "cancel_rounds": args.cancel_rounds,
+                                "aux_models_on_gpu": args.aux_gpu,
                                 "device": "cuda" if cuda else "cpu"}}
 
     def save():
@@ -388,6 +386,10 @@ def main(argv: list[str] | None = None) -> int:
         results["baseline"] = baseline(args, cuda)
         log(f"  {results['baseline']['images_per_s']:.3f} images/s (p50 {results['baseline']['p50_ms']:.1f} ms)")
         save()
+    if args.no_server:
+        save()
+        print(table(results))
+        return 0
     try:
         serve_and_measure(args, cuda, results, save)
     except Exception as e:  # noqa: BLE001 - recorded in the JSON
