@@ -134,6 +134,8 @@ def run_ahead_probe(pipe, request, repeats: int = 5) -> dict:
     class Stop(Exception):
         pass
 
+    if request.steps < 2:
+        raise ValueError("the run-ahead probe needs at least 2 steps")
     cancel_at = max(1, request.steps // 4)
 
     def loop_ms(bg) -> float:
@@ -146,9 +148,9 @@ def run_ahead_probe(pipe, request, repeats: int = 5) -> dict:
         def stop(i, total, x):
             if i == cancel_at:
                 raise Stop
-        t = time.perf_counter()
         try:
             bg.sample([Job(request)], callback=stop, sync_steps=False)
+            raise AssertionError(f"the cancel at step {cancel_at} never happened ({request.steps} steps)")
         except Stop:
             t = time.perf_counter()
         bg.synchronize()

@@ -183,6 +183,25 @@ def test_host_stays_at_most_run_ahead_steps_ahead_of_the_gpu(pipe, monkeypatch):
     assert unfinished == {2, 3}, log  # the steps the cancel could not stop: run_ahead of them
 
 
+@pytest.mark.gpu
+def test_run_ahead_limit_bounds_unfinished_gpu_work():
+    """With real CUDA events: after each `step_issued`, every step but the last `limit` has finished."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from types import SimpleNamespace
+    bg = BatchGenerator(SimpleNamespace(device=torch.device("cuda")), run_ahead=2)
+    limit = RunAheadLimit(bg.run_ahead, bg.record_step)
+    done = []
+    for step in range(6):
+        torch.cuda._sleep(50_000_000)  # tens of milliseconds of GPU time per "step"
+        done.append(torch.cuda.Event())
+        done[-1].record()
+        limit.step_issued()
+        assert all(e.query() for e in done[:-2]), f"step {step}: more than 2 steps unfinished"
+        assert step < 2 or not done[-1].query(), "the host waited for the step it had just issued"
+    torch.cuda.synchronize()
+
+
 def test_run_ahead_limit_rejects_nonsense(pipe):
     with pytest.raises(ValueError):
         RunAheadLimit(0, object)

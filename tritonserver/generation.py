@@ -128,7 +128,7 @@ def engine_pipeline(pipe, device: str, compile: bool = False, cpu: bool = False)
 
 
 class RunAheadLimit:
-    """Keeps the host at most `limit` issued-but-unfinished steps ahead of the device.
+    """Keeps at most `limit` issued steps unfinished on the device (the running one included).
 
     `record()` marks the device's position after the step just issued (a CUDA event) and returns
     something with `.synchronize()`. Waiting on the mark `limit` steps back leaves `limit` steps queued,
@@ -150,8 +150,8 @@ class RunAheadLimit:
 class BatchGenerator:
     """Runs compatible jobs as one batch: text (cached by prompt), noise per seed, one DDIM loop, VAE.
 
-    `run_ahead`: without per-step waits (no progress streaming), how many denoising steps the host may
-    queue on the GPU ahead of the one running (see `RunAheadLimit`)."""
+    `run_ahead`: without per-step waits (no progress streaming), how many issued denoising steps may be
+    unfinished on the GPU, the running one included, when the step callback runs (see `RunAheadLimit`)."""
 
     def __init__(self, pipe, buckets: tuple[int, ...] = (1,), text_cache_entries: int = 64, run_ahead: int = 2):
         if run_ahead < 1:
@@ -176,7 +176,7 @@ class BatchGenerator:
 
     def record_step(self):
         """A CUDA event at the current end of the pipeline's stream (the step just issued)."""
-        event = torch.cuda.Event()
+        event = torch.cuda.Event(blocking=True)  # waiting on it sleeps instead of spinning a CPU core
         event.record(torch.cuda.current_stream(self.pipe.device))
         return event
 
@@ -187,8 +187,9 @@ class BatchGenerator:
         job) to the next bucket size. `callback(i, total, x)` after every step, x the padded batch. With
         `sync_steps` (on CUDA) the step has finished when it is called; without, the callback runs as the
         step is issued, so the CPU keeps queueing steps ahead of the GPU (a wait after each of 20 steps
-        cost ~15 ms per request on the H100: bench/results/serving_h100_run34.json), at most
-        `self.run_ahead` of them: a callback that raises (cancellation) leaves at most that many queued."""
+        cost ~15 ms per request on the H100: bench/results/serving_h100_run34.json). Whenever there is no
+        per-step wait, at most `self.run_ahead` issued steps are unfinished when the callback runs, so a
+        callback that raises (cancellation) leaves at most that many to run."""
         from runtime.pipeline import initial_noise
         from runtime.sampling import ddim_sample
 
@@ -204,14 +205,15 @@ class BatchGenerator:
         hint = torch.cat([j.gen.hint for j in padded]).to(pipe.device, pipe.dtype)
         ctx = torch.cat([j.gen.identity_context for j in padded]).to(pipe.device, pipe.dtype)
 
-        ahead = RunAheadLimit(self.run_ahead, self.record_step) if self.cuda and not sync_steps else None
+        wait_each_step = sync_steps and callback is not None
+        ahead = RunAheadLimit(self.run_ahead, self.record_step) if self.cuda and not wait_each_step else None
 
         def on_step(i, total, x):
+            if wait_each_step:
+                self.synchronize()
+            elif ahead is not None:
+                ahead.step_issued()
             if callback is not None:
-                if sync_steps:
-                    self.synchronize()
-                elif ahead is not None:
-                    ahead.step_issued()
                 callback(i, total, x)
 
         sample = pipe.sampler or functools.partial(ddim_sample, pipe.denoiser)

@@ -6,7 +6,9 @@ A stripped copy of the TMA kernel's loop (tma2d, one 64-wide slab for head dim 4
   3: each 128-key block as two 64-key halves
   5: Q through a 3-D [B*N, H, D] descriptor that TMA zero-fills past D (correct, no serialization)
 Result (bench/results/attn_probe3_h100_run38_wgmma.jsonl, H100, B2 4096x4096 d40): variants 0, 2 and
-5 within 5% of each other at every config; removing the serialization does not speed the kernel up.
+5 within 6% of each other at every config (197 / 196 / 193 us at (128, 128, 8, 3)); removing the
+serialization does not speed the kernel up. Variant 5 was wrong at (128, 64, 8, 3) (err 0.35; not
+investigated) and correct at the other four configs.
 Run: python3 bench/results/attn_probe3_h100_run38_wgmma.py (writes $OUT/probe_pp.jsonl).
 """
 import sys, json, os, math, time

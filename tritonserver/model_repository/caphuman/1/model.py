@@ -33,7 +33,7 @@ PARAMETERS = {
     "max_batch": "0",             # items denoised together; 0: 8 on CUDA, 1 on the CPU
     "batch_sizes": "1,2,4,8",     # batches are padded up to one of these (one CUDA graph each)
     "batch_gather_ms": "60",      # how long a batch may wait for the next requests of active clients
-    "run_ahead_steps": "2",       # steps queued on the GPU ahead of the running one (a cancel stops the rest)
+    "run_ahead_steps": "2",       # steps issued but unfinished on the GPU, running one included (a cancel stops the rest)
     "warm_resolutions": "512",    # CUDA: every batch size is captured at these resolutions before READY
 }
 
@@ -145,7 +145,8 @@ class TritonPythonModel:
         self._warm_up(warm, max_batch)
         self.scheduler = Scheduler(self._run_batch, max_batch, gather_s, on_error=self._batch_error)
         log(pb_utils, "info", f"caphuman: device {self.device}, backend {self.pipe.backend}, max batch {max_batch}, "
-                              f"batch sizes {self.generator.buckets}, gather {gather_s * 1e3:.0f} ms")
+                              f"batch sizes {self.generator.buckets}, gather {gather_s * 1e3:.0f} ms, "
+                              f"run-ahead {run_ahead} steps")
 
     def _warm_up(self, resolutions, max_batch):
         from runtime.pipeline import GenerationRequest, sphere_hint
@@ -291,7 +292,7 @@ class TritonPythonModel:
         try:
             # Wait for each step only where a client streams progress (its previews need the step done);
             # otherwise the host stays run_ahead_steps ahead of the GPU. Cancellation is a host-side flag,
-            # checked as each step is issued: the steps already queued (at most run_ahead_steps) still run.
+            # checked as each step is issued: the steps not yet finished then (at most run_ahead_steps) still run.
             latents = self.generator.sample(live, callback=on_step, sync_steps=any(j.progress for j in live))
             self.generator.synchronize()  # so that sampling_ms is GPU-complete sampling time
             t2 = time.perf_counter()
