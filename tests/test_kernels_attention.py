@@ -413,6 +413,32 @@ def test_tuned_launches_match_sdpa_at_full_size() -> None:
         assert err < 5e-3, f"{(n_q, n_kv, d, bh)} {tuned}: max error {err}"
 
 
+@pytest.mark.gpu
+def test_bf16_at_full_size_every_layout() -> None:
+    """bf16 on the GPU, at every CapHuman problem: the default path (the table is fp16-only, so bf16
+    autotunes the pointer kernel) and the problem's measured layout forced in bf16. Compared with the
+    float64 reference; the bound follows SDPA's own bf16 error on the same inputs."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    table = at.TUNED_LAUNCHES.get((9, 0))
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for (n_q, n_kv, d, bh), tuned in table.items():
+        b, h = bh // 8, 8
+        q = torch.randn(b, n_q, h * d, device="cuda", dtype=torch.bfloat16, generator=g).view(b, n_q, h, d)
+        k, v = (torch.randn(b, n_kv, h * d, device="cuda", dtype=torch.bfloat16, generator=g).view(b, n_kv, h, d)
+                for _ in range(2))
+        qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+        ref = at.attention_reference(qt, kt, vt)
+        sdpa_err = (torch.nn.functional.scaled_dot_product_attention(qt, kt, vt).double() - ref).abs().max().item()
+        config = dict(zip(("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"), tuned.config))
+        runs = {"default": lambda: at.attention_bnhd(q, k, v),
+                "measured layout": lambda: at.attention_bnhd(q, k, v, config=config, split_mode=tuned.split_mode,
+                                                             loads=tuned.loads)}
+        for name, run in runs.items():
+            err = (run().transpose(1, 2).double() - ref).abs().max().item()
+            assert err <= 2 * sdpa_err + 2e-3, f"{(n_q, n_kv, d, bh)} {name} {tuned}: {err} (sdpa {sdpa_err})"
+
+
 def test_cross_kv_cache_projects_once_and_invalidates() -> None:
     _, Attention, AttnProcessor2_0, ap = _diffusers()
     unet = _tiny_unet()

@@ -198,3 +198,18 @@ def test_tuned_configs_match_reference_at_full_size() -> None:
         ref = gg.geglu_reference(x, w, b)
         err = (gg.geglu_linear(x, w, b).double() - ref).abs().max().item()
         assert err <= 2e-3 * ref.abs().max().item(), ((m, k, n), err)
+
+
+@pytest.mark.gpu
+def test_bf16_at_full_size() -> None:
+    """bf16 on the GPU at every CapHuman GEGLU problem (autotuned: the table is fp16-only)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for (m, k, n) in gg.TUNED_GEGLU.get((9, 0), {}):
+        x = torch.randn(m, k, device="cuda", generator=g, dtype=torch.bfloat16)
+        w = (torch.randn(2 * n, k, device="cuda", generator=g) / k ** 0.5).bfloat16()
+        b = (torch.randn(2 * n, device="cuda", generator=g) * 0.1).bfloat16()
+        ref = gg.geglu_reference(x, w, b)
+        err = (gg.geglu_linear(x, w, b).double() - ref).abs().max().item()
+        assert err <= 1.6e-2 * ref.abs().max().item(), ((m, k, n), err)  # bf16: 8 mantissa bits, 2^-7 ulp
