@@ -391,6 +391,14 @@ def test_tuned_launch_is_used_and_falls_back() -> None:
     assert all(float(lines[key].rsplit(" ", 1)[1]) < 4e-3 for key in ("TMA", "FALLBACK"))
 
 
+def _bnhd_problem(problem, dtype, g):
+    """Full-size CUDA q, k, v as [B, N, H, D] views of [B, N, H*D] projections for one table key."""
+    n_q, n_kv, d, bh = problem
+    b, h = bh // 8, 8
+    return tuple(torch.randn(b, n, h * d, device="cuda", dtype=dtype, generator=g).view(b, n, h, d)
+                 for n in (n_q, n_kv, n_kv))
+
+
 @pytest.mark.gpu
 def test_tuned_launches_match_sdpa_at_full_size() -> None:
     """Every measured (layout, config) of this GPU, at its CapHuman shape, through the default path."""
@@ -401,10 +409,7 @@ def test_tuned_launches_match_sdpa_at_full_size() -> None:
         pytest.skip("no measured launches for this GPU architecture")
     g = torch.Generator(device="cuda").manual_seed(0)
     for (n_q, n_kv, d, bh), tuned in table.items():
-        b, h = bh // 8, 8
-        q = torch.randn(b, n_q, h * d, device="cuda", dtype=torch.float16, generator=g).view(b, n_q, h, d)
-        k, v = (torch.randn(b, n_kv, h * d, device="cuda", dtype=torch.float16, generator=g).view(b, n_kv, h, d)
-                for _ in range(2))
+        q, k, v = _bnhd_problem((n_q, n_kv, d, bh), torch.float16, g)
         if tuned.loads != "pointer":  # the measured layout must really run, not fall back
             assert at.tma_layout_reason(tuple(t.transpose(1, 2) for t in (q, k, v)), d, tuned.loads) is None
         o = at.attention_bnhd(q, k, v)
@@ -422,11 +427,8 @@ def test_bf16_at_full_size_every_layout() -> None:
         pytest.skip("needs a CUDA GPU")
     table = at.TUNED_LAUNCHES.get((9, 0))
     g = torch.Generator(device="cuda").manual_seed(0)
-    for (n_q, n_kv, d, bh), tuned in table.items():
-        b, h = bh // 8, 8
-        q = torch.randn(b, n_q, h * d, device="cuda", dtype=torch.bfloat16, generator=g).view(b, n_q, h, d)
-        k, v = (torch.randn(b, n_kv, h * d, device="cuda", dtype=torch.bfloat16, generator=g).view(b, n_kv, h, d)
-                for _ in range(2))
+    for problem, tuned in table.items():
+        q, k, v = _bnhd_problem(problem, torch.bfloat16, g)
         qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
         ref = at.attention_reference(qt, kt, vt)
         sdpa_err = (torch.nn.functional.scaled_dot_product_attention(qt, kt, vt).double() - ref).abs().max().item()
@@ -436,7 +438,7 @@ def test_bf16_at_full_size_every_layout() -> None:
                                                              loads=tuned.loads)}
         for name, run in runs.items():
             err = (run().transpose(1, 2).double() - ref).abs().max().item()
-            assert err <= 2 * sdpa_err + 2e-3, f"{(n_q, n_kv, d, bh)} {name} {tuned}: {err} (sdpa {sdpa_err})"
+            assert err <= 2 * sdpa_err + 2e-3, f"{problem} {name} {tuned}: {err} (sdpa {sdpa_err})"
 
 
 def test_cross_kv_cache_projects_once_and_invalidates() -> None:
