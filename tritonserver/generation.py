@@ -131,9 +131,10 @@ class RunAheadLimit:
     """Keeps at most `limit` issued steps unfinished on the device (the running one included).
 
     `record()` marks the device's position after the step just issued (a CUDA event) and returns
-    something with `.synchronize()`. Waiting on the mark `limit` steps back leaves `limit` steps queued,
-    milliseconds of GPU work against the ~0.1 ms it takes to issue the next: the GPU never idles.
-    Meanwhile a cancel, checked as each step is issued, still stops all but those `limit` steps."""
+    something with `.synchronize()`. Waiting on the mark `limit` steps back leaves `limit` steps
+    unfinished (one running, the rest queued): milliseconds of GPU work against the ~0.1 ms it takes
+    to issue the next, so the GPU never idles. A cancel, checked as each step is issued, still stops
+    everything but those `limit` steps."""
 
     def __init__(self, limit: int, record: Callable[[], object]):
         if limit < 1:
