@@ -60,6 +60,7 @@ __all__ = [
     "device_capability",
     "interpreter_enabled",
     "split_head_dim",
+    "tail_block",
     "tma_layout_reason",
     "triton_supports",
     "tuned_launch",
@@ -139,8 +140,10 @@ class TunedLaunch:
 # views; the best of 4 layouts x 10 configs (bench/results/kernels_h100_run26_tma.json; each ran clean
 # and correct, with 30 repeated launches, on every shape whose shared memory it fits: all 17, or 9 for
 # the 128-wide ones; run27 repeated them within ~3%), and of 16 configs on the four largest problems
-# (kernels_h100_run30_sweep.json, screened on those four: only self 1024 d80 at batch 2 changed). Every
-# entry also passed the full-size GPU test at its own shape (bench/results/gpu_tests_h100_run33.log).
+# (kernels_h100_run30_sweep.json, screened on those four: only self 1024 d80 at batch 2 changed). The
+# nine cross-attention entries (# run47) are the pointer kernel with its narrow tail key block, best of 8
+# configs each screened clean on all 17 shapes (kernels_h100_run47_tail_loop.json, sixth session). Every
+# entry passed the full-size GPU test at its own shape (gpu_tests_h100_run33.log; run48 after run47).
 # Used for fp16 only (bf16 was not screened). A fixed choice per shape instead of autotune:
 # deterministic, no tuning on a fresh server, and autotune's own timing (launch overhead included)
 # picked configs up to 1.45x slower on the small problems.
@@ -148,21 +151,21 @@ TUNED_LAUNCHES: dict[tuple[int, int], dict[tuple[int, int, int, int], TunedLaunc
     (9, 0): {
         (4096, 4096, 40, 16): TunedLaunch("tma2d", "split32", (128, 128, 8, 3), 158.4, 161.7),
         (4096, 4096, 40, 8): TunedLaunch("tma2d", "split32", (128, 128, 8, 3), 78.2, 82.6),
-        (4096, 77, 40, 16): TunedLaunch("tma2d", "split32", (128, 32, 4, 3), 10.9, 13.8),
-        (4096, 258, 40, 16): TunedLaunch("pointer", "split32", (128, 64, 8, 3), 19.7, 24.0),
-        (4096, 258, 40, 8): TunedLaunch("pointer", "split32", (128, 64, 8, 3), 11.4, 14.8),
+        (4096, 77, 40, 16): TunedLaunch("pointer", "split32", (64, 64, 4, 2), 10.5, 13.8),  # run47
+        (4096, 258, 40, 16): TunedLaunch("pointer", "split32", (128, 64, 8, 3), 18.2, 23.8),  # run47
+        (4096, 258, 40, 8): TunedLaunch("pointer", "split32", (128, 64, 8, 3), 10.6, 14.8),  # run47
         (1024, 1024, 80, 16): TunedLaunch("tma2d", "split16", (64, 128, 4, 2), 16.4, 18.3),  # run30
         (1024, 1024, 80, 8): TunedLaunch("tma4d", "split16", (64, 128, 4, 3), 12.7, 17.1),
-        (1024, 77, 80, 16): TunedLaunch("pointer", "split32", (64, 32, 4, 2), 5.5, 8.5),
-        (1024, 258, 80, 8): TunedLaunch("pointer", "split32", (64, 64, 4, 3), 7.0, 10.6),
+        (1024, 77, 80, 16): TunedLaunch("pointer", "split32", (64, 64, 4, 2), 5.2, 8.3),  # run47
+        (1024, 258, 80, 8): TunedLaunch("pointer", "split32", (64, 64, 4, 3), 6.3, 10.6),  # run47
         (256, 256, 160, 16): TunedLaunch("pointer", "split32", (64, 64, 4, 3), 6.9, 10.6),
         (256, 256, 160, 8): TunedLaunch("pointer", "split32", (64, 64, 4, 3), 6.8, 10.0),
-        (256, 77, 160, 16): TunedLaunch("pointer", "split32", (64, 64, 4, 3), 4.9, 8.9),
-        (256, 258, 160, 8): TunedLaunch("pointer", "split32", (64, 64, 4, 3), 8.0, 12.9),
+        (256, 77, 160, 16): TunedLaunch("pointer", "split32", (64, 64, 4, 2), 4.6, 8.6),  # run47
+        (256, 258, 160, 8): TunedLaunch("pointer", "split32", (64, 64, 4, 3), 7.6, 12.9),  # run47
         (64, 64, 160, 16): TunedLaunch("pointer", "split32", (64, 64, 4, 3), 3.9, 8.4),
         (64, 64, 160, 8): TunedLaunch("pointer", "split32", (64, 64, 4, 3), 3.8, 8.1),
-        (64, 77, 160, 16): TunedLaunch("pointer", "split32", (64, 64, 4, 3), 4.9, 8.6),
-        (64, 258, 160, 8): TunedLaunch("pointer", "split32", (64, 64, 4, 3), 8.0, 12.9),
+        (64, 77, 160, 16): TunedLaunch("pointer", "split32", (64, 64, 4, 2), 4.5, 8.3),  # run47
+        (64, 258, 160, 8): TunedLaunch("pointer", "split32", (64, 64, 4, 3), 7.5, 12.7),  # run47
     },
 }
 
@@ -194,6 +197,13 @@ def tuned_launch(n_q: int, n_kv: int, head_dim: int, batch_heads: int,
 # shapes whose shared memory they fit; autotune skips a config that runs out of resources).
 TMA_CONFIG_TUPLES = [(128, 128, 8, 3), (128, 64, 8, 3), (128, 32, 4, 3), (64, 128, 4, 3), (64, 64, 4, 3),
                      (64, 32, 4, 2)]
+
+
+def tail_block(n_kv: int, block_n: int) -> int:
+    """Width of the pointer kernel's last, masked key block: the keys past the last full block of
+    ``block_n``, rounded up to a power of two of at least 16 (tl.dot's minimum); 0 when none are left."""
+    rest = n_kv % block_n
+    return 0 if rest == 0 else max(16, 1 << (rest - 1).bit_length())
 
 
 def attention_reference(
@@ -239,6 +249,57 @@ if HAS_TRITON:
         return p, alpha, m_new, l_new
 
     @triton.jit
+    def _ptr_key_block(q_a, q_b, acc_a, acc_b, m_i, l_i, k_base, v_base, start_n, stride_kn, stride_vn, N_KV,
+                       qk_scale, HEAD_DIM: tl.constexpr, ALIGN: tl.constexpr, HEAD_A: tl.constexpr,
+                       HEAD_B: tl.constexpr, BLOCK: tl.constexpr, MASKED: tl.constexpr, dot_ty: tl.constexpr,
+                       io_ty: tl.constexpr):
+        """One block of BLOCK keys from start_n (pointer loads): S = Q K^T, online softmax, acc += P V.
+
+        MASKED: the block reaches past N_KV (keys past it load as 0 and score -inf)."""
+        kv_n = start_n + tl.arange(0, BLOCK)
+        rows_k = tl.multiple_of(kv_n * stride_kn, ALIGN)
+        rows_v = tl.multiple_of(kv_n * stride_vn, ALIGN)
+        n_mask = kv_n < N_KV
+        offs_a = tl.arange(0, HEAD_A)
+        a_mask = offs_a < HEAD_DIM
+        # K is read as K^T tiles [HEAD, BLOCK] (as the Triton tutorial does): measured faster than
+        # loading [BLOCK, HEAD] and transposing in the dot
+        if MASKED:
+            k_a = tl.load(k_base + rows_k[None, :] + offs_a[:, None], mask=n_mask[None, :] & a_mask[:, None],
+                          other=0.0)
+        else:
+            k_a = tl.load(k_base + rows_k[None, :] + offs_a[:, None], mask=a_mask[:, None], other=0.0)
+        s = tl.dot(q_a, k_a.to(dot_ty))
+        if HEAD_B > 0:
+            offs_b = HEAD_A + tl.arange(0, HEAD_B)
+            b_mask = offs_b < HEAD_DIM
+            if MASKED:
+                k_b = tl.load(k_base + rows_k[None, :] + offs_b[:, None], mask=n_mask[None, :] & b_mask[:, None],
+                              other=0.0)
+            else:
+                k_b = tl.load(k_base + rows_k[None, :] + offs_b[:, None], mask=b_mask[:, None], other=0.0)
+            s = tl.dot(q_b, k_b.to(dot_ty), s)
+        if MASKED:
+            s = tl.where(n_mask[None, :], s, float("-inf"))
+        p, alpha, m_new, l_new = _online_softmax_block(s, m_i, l_i, qk_scale)
+        # P is rounded to the input dtype (as FlashAttention does) before the second product
+        p = p.to(io_ty).to(dot_ty)
+        if MASKED:
+            v_a = tl.load(v_base + rows_v[:, None] + offs_a[None, :], mask=n_mask[:, None] & a_mask[None, :],
+                          other=0.0)
+        else:
+            v_a = tl.load(v_base + rows_v[:, None] + offs_a[None, :], mask=a_mask[None, :], other=0.0)
+        acc_a = tl.dot(p, v_a.to(dot_ty), acc_a * alpha[:, None])
+        if HEAD_B > 0:
+            if MASKED:
+                v_b = tl.load(v_base + rows_v[:, None] + offs_b[None, :], mask=n_mask[:, None] & b_mask[None, :],
+                              other=0.0)
+            else:
+                v_b = tl.load(v_base + rows_v[:, None] + offs_b[None, :], mask=b_mask[None, :], other=0.0)
+            acc_b = tl.dot(p, v_b.to(dot_ty), acc_b * alpha[:, None])
+        return acc_a, acc_b, m_new, l_new
+
+    @triton.jit
     def _attn_fwd(
         Q, K, V, Out,  #
         # The head dim is contiguous (stride 1) in every tensor, by contract of the launcher: with a
@@ -256,7 +317,7 @@ if HAS_TRITON:
         ALIGN: tl.constexpr,  # every batch/head/token offset is a multiple of this many elements
         HEAD_A: tl.constexpr,  # first power-of-two slab of the head dim
         HEAD_B: tl.constexpr,  # second slab (0: none)
-        EVEN_N: tl.constexpr,  # N_KV % BLOCK_N == 0: no key mask needed
+        TAIL_N: tl.constexpr,  # keys past the last full BLOCK_N block, rounded up to a power of two >= 16; 0: none
         BLOCK_M: tl.constexpr,  #
         BLOCK_N: tl.constexpr,  #
         DOT_F32: tl.constexpr,  # interpreter only: its tl.dot mishandles bf16, so dot in fp32 there
@@ -275,7 +336,6 @@ if HAS_TRITON:
         o_base = Out + tl.multiple_of(b64 * stride_ob + h64 * stride_oh, ALIGN)
 
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = tl.arange(0, BLOCK_N)
         rows_q = tl.multiple_of(offs_m * stride_qn, ALIGN)
         rows_o = tl.multiple_of(offs_m * stride_on, ALIGN)
         offs_a = tl.arange(0, HEAD_A)
@@ -293,40 +353,28 @@ if HAS_TRITON:
             q_b = tl.load(q_base + rows_q[:, None] + offs_b[None, :],
                           mask=m_mask[:, None] & b_mask[None, :], other=0.0).to(dot_ty)
             acc_b = tl.zeros([BLOCK_M, HEAD_B], dtype=tl.float32)
+        else:  # placeholders: the block helper takes both slabs and ignores B when HEAD_B == 0
+            q_b = q_a
+            acc_b = tl.zeros([BLOCK_M, 16], dtype=tl.float32)
 
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc_a = tl.zeros([BLOCK_M, HEAD_A], dtype=tl.float32)
 
-        for start_n in range(0, N_KV, BLOCK_N):
-            kv_n = start_n + offs_n
-            rows_k = tl.multiple_of(kv_n * stride_kn, ALIGN)
-            rows_v = tl.multiple_of(kv_n * stride_vn, ALIGN)
-            n_mask = kv_n < N_KV
-            # read BLOCK_N x D of K and of V per iteration
-            # K is read as K^T tiles [HEAD, BLOCK_N] (as the Triton tutorial does): measured faster
-            # than loading [BLOCK_N, HEAD] and transposing in the dot
-            k_a = tl.load(k_base + rows_k[None, :] + offs_a[:, None],
-                          mask=n_mask[None, :] & a_mask[:, None], other=0.0).to(dot_ty)
-            s = tl.dot(q_a, k_a)
-            if HEAD_B > 0:
-                k_b = tl.load(k_base + rows_k[None, :] + offs_b[:, None],
-                              mask=n_mask[None, :] & b_mask[:, None], other=0.0).to(dot_ty)
-                s = tl.dot(q_b, k_b, s)
-            if not EVEN_N:
-                s = tl.where(n_mask[None, :], s, float("-inf"))
-            p, alpha, m_new, l_i = _online_softmax_block(s, m_i, l_i, qk_scale)
-            # P is rounded to the input dtype (as FlashAttention does) before the second product
-            p = p.to(Q.dtype.element_ty)
-            p = p.to(dot_ty)
-            v_a = tl.load(v_base + rows_v[:, None] + offs_a[None, :],
-                          mask=n_mask[:, None] & a_mask[None, :], other=0.0).to(dot_ty)
-            acc_a = tl.dot(p, v_a, acc_a * alpha[:, None])
-            if HEAD_B > 0:
-                v_b = tl.load(v_base + rows_v[:, None] + offs_b[None, :],
-                              mask=n_mask[:, None] & b_mask[None, :], other=0.0).to(dot_ty)
-                acc_b = tl.dot(p, v_b, acc_b * alpha[:, None])
-            m_i = m_new
+        # Full blocks without key masks, then the keys left over (77 = 2 x 32 + 13, 258 = 4 x 64 + 2) in
+        # one narrower masked block of TAIL_N, instead of a whole masked BLOCK_N block.
+        n_full = (N_KV // BLOCK_N) * BLOCK_N
+        for start_n in range(0, n_full, BLOCK_N):
+            acc_a, acc_b, m_i, l_i = _ptr_key_block(q_a, q_b, acc_a, acc_b, m_i, l_i, k_base, v_base, start_n,
+                                                    stride_kn, stride_vn, N_KV, qk_scale, HEAD_DIM, ALIGN, HEAD_A,
+                                                    HEAD_B, BLOCK_N, False, dot_ty, Q.dtype.element_ty)
+        if TAIL_N > 0:
+            # One iteration, written as a loop: as straight-line code, the tail crashed Triton 3.6 on the
+            # H100 (illegal memory access at d80 with BLOCK_N 128, bench/results/kernels_h100_run46_tail.json).
+            for start_n in range(n_full, N_KV, TAIL_N):
+                acc_a, acc_b, m_i, l_i = _ptr_key_block(q_a, q_b, acc_a, acc_b, m_i, l_i, k_base, v_base, start_n,
+                                                        stride_kn, stride_vn, N_KV, qk_scale, HEAD_DIM, ALIGN,
+                                                        HEAD_A, HEAD_B, TAIL_N, True, dot_ty, Q.dtype.element_ty)
 
         inv_l = 1.0 / l_i
         out_a = (acc_a * inv_l[:, None]).to(Out.dtype.element_ty)
@@ -479,8 +527,8 @@ if HAS_TRITON:
         keep = [c for c in configs if c.kwargs["BLOCK_M"] <= max(64, triton.next_power_of_2(n_q))]
         return keep or configs
 
-    # EVEN_N follows from the BLOCK_N that autotune (or the caller) picks.
-    _attn_fwd_fixed = triton.heuristics({"EVEN_N": lambda a: a["N_KV"] % a["BLOCK_N"] == 0})(_attn_fwd)
+    # TAIL_N (pointer kernel) and EVEN_N (TMA kernel) follow from the BLOCK_N that autotune (or the caller) picks.
+    _attn_fwd_fixed = triton.heuristics({"TAIL_N": lambda a: tail_block(a["N_KV"], a["BLOCK_N"])})(_attn_fwd)
     _attn_fwd_tuned = triton.autotune(
         _ATTN_CONFIGS,
         key=["N_Q", "N_KV", "HEAD_DIM", "HEAD_A", "HEAD_B"],

@@ -33,6 +33,8 @@ _KERNEL_CASES = {
     "fp16_d40_fused_qkv_slices": (2, 2, 21, 21, 40, "float16", "sliced", None),
     "fp16_d40_multiblock_partial": (1, 1, 45, 70, 40, "float16", "bhnd", {"BLOCK_M": 16, "BLOCK_N": 16}),
     "fp16_d80_multiblock_even": (1, 1, 40, 64, 80, "float16", "bhnd", {"BLOCK_M": 16, "BLOCK_N": 16}),
+    # CapFace's 258 keys with 64-key blocks: 4 full blocks, then a 16-wide tail block holding 2 keys
+    "fp16_d40_cross258_tail2": (1, 2, 20, 258, 40, "float16", "bnhd", {"BLOCK_M": 16, "BLOCK_N": 64}),
     "bf16_d40_irregular": (1, 2, 20, 33, 40, "bfloat16", "bhnd", None),
     "bf16_d80_bnhd": (1, 2, 19, 45, 80, "bfloat16", "bnhd", {"BLOCK_M": 16, "BLOCK_N": 16}),
     "fp16_d40_padded": (1, 2, 37, 29, 40, "float16", "bhnd", None, "padded"),
@@ -124,6 +126,13 @@ def test_kernel_matches_float64_reference(kernel_results: dict, case: str) -> No
 def test_split_head_dim(d: int, expected: tuple[int, int]) -> None:
     a, b = at.split_head_dim(d)
     assert (a, b) == expected and a + b >= d
+
+
+@pytest.mark.parametrize("n_kv, block_n, expected", [(77, 32, 16), (258, 64, 16), (77, 128, 128), (50, 32, 32),
+                                                      (64, 32, 0), (29, 32, 32), (258, 32, 16), (1024, 128, 0)])
+def test_tail_block(n_kv: int, block_n: int, expected: int) -> None:
+    """The pointer kernel's last key block covers the leftover keys with the narrowest legal dot."""
+    assert at.tail_block(n_kv, block_n) == expected
 
 
 def test_split_head_dim_rejects_out_of_range() -> None:

@@ -54,8 +54,7 @@ def _attention_launch(key, launch):
     n_q, n_kv, head_dim, _ = key
     bm, bn, warps, stages = launch.config
     head_a, head_b = at.split_head_dim(head_dim, at.SPLIT_MODES[launch.split_mode])
-    meta = dict(HEAD_DIM=head_dim, ALIGN=8, HEAD_A=head_a, HEAD_B=head_b, EVEN_N=n_kv % bn == 0, BLOCK_M=bm,
-                BLOCK_N=bn, DOT_F32=False)
+    meta = dict(HEAD_DIM=head_dim, ALIGN=8, HEAD_A=head_a, HEAD_B=head_b, BLOCK_M=bm, BLOCK_N=bn, DOT_F32=False)
     ints = ("N_HEADS", "N_Q", "N_KV")
     if launch.loads == "pointer":
         kernel = at._attn_fwd
@@ -63,6 +62,7 @@ def _attention_launch(key, launch):
         sig = {**{p: "*fp16" for p in ("Q", "K", "V", "Out")}, **{s: "i32" for s in (*strides, *ints)},
                "qk_scale": "fp32"}
         aligned = ("Q", "K", "V", "Out")
+        meta["TAIL_N"] = at.tail_block(n_kv, bn)
     else:
         kernel = at._attn_fwd_tma
         four_d = launch.loads == "tma4d"
@@ -71,7 +71,7 @@ def _attention_launch(key, launch):
                for t, rows in (("q", bm), ("k", bn), ("v", bn)) for s, width in (("a", head_a), ("b", head_b or head_a))}
         sig.update({"Out": "*fp16", **{s: "i32" for s in ("stride_ob", "stride_oh", "stride_on", *ints)},
                     "qk_scale": "fp32"})
-        meta["DESC_4D"] = four_d
+        meta.update(DESC_4D=four_d, EVEN_N=n_kv % bn == 0)
         aligned = ("Out",)
     # strides, token counts: multiples of 16 elements for every CapHuman layout except 77/258 keys
     aligned += tuple(n for n in sig if n.startswith("stride_") and n.endswith(("b", "h", "n")))
