@@ -141,8 +141,9 @@ class TunedLaunch:
 # and correct, with 30 repeated launches, on every shape whose shared memory it fits: all 17, or 9 for
 # the 128-wide ones; run27 repeated them within ~3%), and of 16 configs on the four largest problems
 # (kernels_h100_run30_sweep.json, screened on those four: only self 1024 d80 at batch 2 changed). The
-# nine cross-attention entries (# run47) are the pointer kernel with its narrow tail key block, best of 8
-# configs each screened clean on all 17 shapes (kernels_h100_run47_tail_loop.json, sixth session). Every
+# nine cross-attention entries (# run47) are the pointer kernel with its narrow tail key block, the best of
+# 8 configs screened clean wherever their shared memory fits (kernels_h100_run47_tail_loop.json, sixth
+# session; cross 4096x258 at batch 1 keeps run 46's (128,64,8,3), 0.8% from run 47's best). Every
 # entry passed the full-size GPU test at its own shape (gpu_tests_h100_run33.log; run48 after run47).
 # Used for fp16 only (bf16 was not screened). A fixed choice per shape instead of autotune:
 # deterministic, no tuning on a fresh server, and autotune's own timing (launch overhead included)
@@ -514,7 +515,7 @@ if HAS_TRITON:
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
         for (bm, bn, w, s) in [
             (128, 64, 8, 3),  # self 4096 d40 (175 us vs 184 us at 4 warps), cross 4096x258
-            (128, 32, 4, 3),  # cross 4096 x 77
+            (128, 32, 4, 3),  # cross 4096x77 (before the tail block)
             (128, 128, 8, 3),  # self 1024 d80
             (64, 64, 4, 3),  # 256/64-token queries at d160
             (64, 32, 4, 2),  # 64 x 258

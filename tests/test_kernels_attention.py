@@ -434,7 +434,9 @@ def test_bf16_at_full_size_every_layout() -> None:
     float64 reference; the bound follows SDPA's own bf16 error on the same inputs."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
-    table = at.TUNED_LAUNCHES.get((9, 0))
+    table = at.TUNED_LAUNCHES.get(at.device_capability(torch.device("cuda")))
+    if not table:
+        pytest.skip("no measured launches for this GPU architecture")
     g = torch.Generator(device="cuda").manual_seed(0)
     for problem, tuned in table.items():
         q, k, v = _bnhd_problem(problem, torch.bfloat16, g)
