@@ -250,6 +250,15 @@ if HAS_TRITON:
         return p, alpha, m_new, l_new
 
     @triton.jit
+    def _load_rows(ptrs, row_mask, head_mask, MASKED: tl.constexpr):
+        """A K^T or V tile: head-dim columns past HEAD_DIM read as 0, and keys past N_KV too if MASKED."""
+        if MASKED:
+            tile = tl.load(ptrs, mask=row_mask & head_mask, other=0.0)
+        else:
+            tile = tl.load(ptrs, mask=head_mask, other=0.0)
+        return tile
+
+    @triton.jit
     def _ptr_key_block(q_a, q_b, acc_a, acc_b, m_i, l_i, k_base, v_base, start_n, stride_kn, stride_vn, N_KV,
                        qk_scale, HEAD_DIM: tl.constexpr, ALIGN: tl.constexpr, HEAD_A: tl.constexpr,
                        HEAD_B: tl.constexpr, BLOCK: tl.constexpr, MASKED: tl.constexpr, dot_ty: tl.constexpr,
@@ -265,38 +274,22 @@ if HAS_TRITON:
         a_mask = offs_a < HEAD_DIM
         # K is read as K^T tiles [HEAD, BLOCK] (as the Triton tutorial does): measured faster than
         # loading [BLOCK, HEAD] and transposing in the dot
-        if MASKED:
-            k_a = tl.load(k_base + rows_k[None, :] + offs_a[:, None], mask=n_mask[None, :] & a_mask[:, None],
-                          other=0.0)
-        else:
-            k_a = tl.load(k_base + rows_k[None, :] + offs_a[:, None], mask=a_mask[:, None], other=0.0)
+        k_a = _load_rows(k_base + rows_k[None, :] + offs_a[:, None], n_mask[None, :], a_mask[:, None], MASKED)
         s = tl.dot(q_a, k_a.to(dot_ty))
         if HEAD_B > 0:
             offs_b = HEAD_A + tl.arange(0, HEAD_B)
             b_mask = offs_b < HEAD_DIM
-            if MASKED:
-                k_b = tl.load(k_base + rows_k[None, :] + offs_b[:, None], mask=n_mask[None, :] & b_mask[:, None],
-                              other=0.0)
-            else:
-                k_b = tl.load(k_base + rows_k[None, :] + offs_b[:, None], mask=b_mask[:, None], other=0.0)
+            k_b = _load_rows(k_base + rows_k[None, :] + offs_b[:, None], n_mask[None, :], b_mask[:, None], MASKED)
             s = tl.dot(q_b, k_b.to(dot_ty), s)
         if MASKED:
             s = tl.where(n_mask[None, :], s, float("-inf"))
         p, alpha, m_new, l_new = _online_softmax_block(s, m_i, l_i, qk_scale)
         # P is rounded to the input dtype (as FlashAttention does) before the second product
         p = p.to(io_ty).to(dot_ty)
-        if MASKED:
-            v_a = tl.load(v_base + rows_v[:, None] + offs_a[None, :], mask=n_mask[:, None] & a_mask[None, :],
-                          other=0.0)
-        else:
-            v_a = tl.load(v_base + rows_v[:, None] + offs_a[None, :], mask=a_mask[None, :], other=0.0)
+        v_a = _load_rows(v_base + rows_v[:, None] + offs_a[None, :], n_mask[:, None], a_mask[None, :], MASKED)
         acc_a = tl.dot(p, v_a.to(dot_ty), acc_a * alpha[:, None])
         if HEAD_B > 0:
-            if MASKED:
-                v_b = tl.load(v_base + rows_v[:, None] + offs_b[None, :], mask=n_mask[:, None] & b_mask[None, :],
-                              other=0.0)
-            else:
-                v_b = tl.load(v_base + rows_v[:, None] + offs_b[None, :], mask=b_mask[None, :], other=0.0)
+            v_b = _load_rows(v_base + rows_v[:, None] + offs_b[None, :], n_mask[:, None], b_mask[None, :], MASKED)
             acc_b = tl.dot(p, v_b.to(dot_ty), acc_b * alpha[:, None])
         return acc_a, acc_b, m_new, l_new
 
