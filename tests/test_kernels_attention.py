@@ -400,6 +400,16 @@ def test_tuned_launch_is_used_and_falls_back() -> None:
     assert all(float(lines[key].rsplit(" ", 1)[1]) < 4e-3 for key in ("TMA", "FALLBACK"))
 
 
+def _measured_table_or_skip() -> dict:
+    """This GPU's TUNED_LAUNCHES (skips without a GPU or without measurements for its architecture)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    table = at.TUNED_LAUNCHES.get(at.device_capability(torch.device("cuda")))
+    if not table:
+        pytest.skip("no measured launches for this GPU architecture")
+    return table
+
+
 def _bnhd_problem(problem, dtype, g):
     """Full-size CUDA q, k, v as [B, N, H, D] views of [B, N, H*D] projections for one table key."""
     n_q, n_kv, d, bh = problem
@@ -411,11 +421,7 @@ def _bnhd_problem(problem, dtype, g):
 @pytest.mark.gpu
 def test_tuned_launches_match_sdpa_at_full_size() -> None:
     """Every measured (layout, config) of this GPU, at its CapHuman shape, through the default path."""
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU")
-    table = at.TUNED_LAUNCHES.get(at.device_capability(torch.device("cuda")))
-    if not table:
-        pytest.skip("no measured launches for this GPU architecture")
+    table = _measured_table_or_skip()
     g = torch.Generator(device="cuda").manual_seed(0)
     for (n_q, n_kv, d, bh), tuned in table.items():
         q, k, v = _bnhd_problem((n_q, n_kv, d, bh), torch.float16, g)
@@ -432,11 +438,7 @@ def test_bf16_at_full_size_every_layout() -> None:
     """bf16 on the GPU, at every CapHuman problem: the default path (the table is fp16-only, so bf16
     autotunes the pointer kernel) and the problem's measured layout forced in bf16. Compared with the
     float64 reference; the bound follows SDPA's own bf16 error on the same inputs."""
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU")
-    table = at.TUNED_LAUNCHES.get(at.device_capability(torch.device("cuda")))
-    if not table:
-        pytest.skip("no measured launches for this GPU architecture")
+    table = _measured_table_or_skip()
     g = torch.Generator(device="cuda").manual_seed(0)
     for problem, tuned in table.items():
         q, k, v = _bnhd_problem(problem, torch.bfloat16, g)
