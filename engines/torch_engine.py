@@ -18,6 +18,7 @@ Aliasing: `sample` returns a fresh tensor; the per-step `callback` receives a cl
 from __future__ import annotations
 
 import contextlib
+import importlib
 import types
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -34,18 +35,11 @@ from .base import Engine, EngineError
 from .sampler import per_residual_strength
 
 
-def _fast_attention_module():
+def _kernel_module(name: str):
+    """One of export's kernel hook-ups (attention processors, fused GEGLU), or None where its
+    dependencies (triton, diffusers) are missing: the engine then runs the networks unchanged."""
     try:
-        from export import attention_processors
-        return attention_processors
-    except ImportError:
-        return None
-
-
-def _fused_ff_module():
-    try:
-        from export import fused_ff
-        return fused_ff
+        return importlib.import_module(f"export.{name}")
     except ImportError:
         return None
 
@@ -159,7 +153,7 @@ class TorchDenoiserEngine(Engine):
                 fuse_time_projections(net)
                 if self.channels_last:
                     keep_transformer_outputs_channels_last(net)
-        self._attn = _fast_attention_module() if fast_attention else None
+        self._attn = _kernel_module("attention_processors") if fast_attention else None
         self._proxy = _KVProxy()
         if self._attn is not None:
             for net in (self.den.unet, self.den.capface.net):
@@ -171,7 +165,8 @@ class TorchDenoiserEngine(Engine):
         # The feed-forwards' GEGLU as one Triton GEMM with the gated GELU in its epilogue, with our
         # other kernels (fused_geglu defaults to fast_attention); inside CUDA graphs only, where it
         # measured faster (export/fused_ff.py, docs/kernels.md)
-        self._fused_ff = _fused_ff_module() if (fast_attention if fused_geglu is None else fused_geglu) else None
+        self._fused_ff = (_kernel_module("fused_ff") if (fast_attention if fused_geglu is None else fused_geglu)
+                          else None)
         if self._fused_ff is not None:
             for net in (self.den.unet, self.den.capface.net):
                 self._fused_ff.enable_fused_geglu(net)
@@ -363,8 +358,8 @@ class TorchDenoiserEngine(Engine):
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         # as if capturing, so that AUTO picks the same paths for our kernels (attention and GEGLU)
-        warm = (_fast_attention_module().graph_warmup() if self._attn is not None or self._fused_ff is not None
-                else contextlib.nullcontext())
+        warm = (_kernel_module("attention_processors").graph_warmup()
+                if self._attn is not None or self._fused_ff is not None else contextlib.nullcontext())
         with torch.cuda.stream(side), warm:
             for _ in range(2):
                 self._step(s, branches)

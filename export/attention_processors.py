@@ -56,10 +56,10 @@ class AttnBackend(str, enum.Enum):
 
 # AUTO's rule inside CUDA-graph capture. On a GPU architecture with measured entries
 # (attention_triton.TUNED_LAUNCHES: H100, torch 2.11, Triton 3.6, fp16, 8 heads, GPU time in a CUDA
-# graph, bench/results/kernels_h100_run26_tma.json and run30_sweep) a listed problem takes whichever measured faster:
-# Triton on every problem there: every cross-attention (1.2-1.6x), self-attention over 256 and 64
-# tokens (1.5x, 2.1x), over 1024 tokens (1.12x at batch 2, 1.35x at batch 1, TMA with a 64+16 split
-# of the head dim) and over 4096 tokens (1.02x at batch 2, 1.06x at batch 1, TMA). Any other problem takes
+# graph; bench/results/kernels_h100_run48_tuned_quick.json) a listed problem takes whichever measured
+# faster: Triton on every problem there: every cross-attention (1.31-1.92x), self-attention over 256
+# and 64 tokens (1.5x, 2.1-2.2x), over 1024 tokens (1.12x at batch 2, 1.38x at batch 1, TMA with a
+# 64+16 split of the head dim) and over 4096 tokens (1.02x at batch 2, 1.04x at batch 1, TMA). Any other problem takes
 # Triton only for at most TRITON_MAX_KV_TOKENS keys, where the kernel was faster on every measured
 # shape. Outside graph capture Triton's Python launch cost (tens of microseconds) outweighs the
 # kernel time on every CapHuman shape, so AUTO leaves eager calls to SDPA.

@@ -12,8 +12,10 @@ slab (64/128/256, as FlashAttention does), or two slabs with one ``tl.dot`` each
 160 = 128 + 32 exactly; 40 = 32 + 16), which skips the 37.5% of padded work. Which one runs is
 ``DEFAULT_SPLIT_MODE``, chosen from measurements on the H100 (docs/kernels.md).
 
-Only API present in both Triton 3.6 and 3.9 is used (tl.dot, masked tl.load/tl.store, tl.exp2,
-program_id, constexpr blocks); no TMA or tensor descriptors.
+Two kernels, both written only to API present in Triton 3.6 and 3.9: ``_attn_fwd`` (masked
+tl.load/tl.store; full key blocks unmasked, the leftover keys in one narrow tail block) and
+``_attn_fwd_tma`` (Q/K/V tiles through host tensor descriptors, Hopper's TMA). ``TUNED_LAUNCHES``
+holds the measured (kernel, split, config) of each CapHuman problem on the H100.
 
 Layouts: every tensor is addressed through explicit batch/head/token strides (the head dim must be
 contiguous), so the [B, N, H, D] views of
