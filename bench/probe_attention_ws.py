@@ -1,0 +1,122 @@
+"""Probe: the warp-specialised Gluon attention kernel (kernels/attention_gluon.py) on the H100.
+
+For each candidate (head-dim split, BLOCK_N, stages, ping-pong on/off) a child process checks the
+kernel against an fp32 reference on the issue's goal shapes and times it, in CUDA graphs, next to
+torch SDPA (cuDNN) and the shipped Triton kernel, same process and inputs. Children run under a
+timeout: a wrong mbarrier protocol hangs instead of crashing. One JSON line per (candidate, shape)
+goes to --out as soon as it is measured.
+
+    python3 bench/probe_attention_ws.py --out $OUT/ws.jsonl [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+HEADS = 8
+# (name, batch, n_q, n_kv, head_dim): the issue's five goal shapes
+SHAPES = [("self 4096 d40", 2, 4096, 4096, 40), ("cross 4096x77 d40", 2, 4096, 77, 40),
+          ("cross 4096x258 d40", 2, 4096, 258, 40), ("self 1024 d80", 2, 1024, 1024, 80),
+          ("self 256 d160", 2, 256, 256, 160)]
+
+
+def candidates(quick: bool) -> list[dict]:
+    out = []
+    splits = {40: [(64, 0), (32, 16)], 80: [(64, 16)] if quick else [(64, 16), (128, 0)], 160: [(128, 32)]}
+    for d, split_list in splits.items():
+        for head_a, head_b in split_list:
+            for block_n in (((64, ) if d == 160 else (128, )) if quick else (128, 64)):
+                for stages in ((2, ) if quick else (2, 3)):
+                    for pingpong in ((True, False) if d < 160 or not quick else (True, )):
+                        out.append(dict(head_dim=d, head_a=head_a, head_b=head_b, block_m=64, block_n=block_n,
+                                        stages=stages, pingpong=pingpong))
+    return out
+
+
+def child(cand: dict, out_path: str) -> None:
+    import torch
+    import triton.testing as tt
+    import torch.nn.functional as F
+
+    from kernels import attention_gluon as ag
+    from kernels import attention_triton as at
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    for name, b, nq, nk, d in SHAPES:
+        if d != cand["head_dim"]:
+            continue
+        q = torch.randn(b, nq, HEADS * d, device="cuda", generator=gen, dtype=torch.float16).view(b, nq, HEADS, d)
+        k = torch.randn(b, nk, HEADS * d, device="cuda", generator=gen, dtype=torch.float16).view(b, nk, HEADS, d)
+        v = torch.randn(b, nk, HEADS * d, device="cuda", generator=gen, dtype=torch.float16).view(b, nk, HEADS, d)
+        qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, N, D]-indexed views
+        out = torch.empty(b, nq, HEADS, d, device="cuda", dtype=torch.float16).transpose(1, 2)
+        scale = d ** -0.5
+        row = dict(name=name, batch=b, **cand)
+        t0 = time.time()
+        try:
+            ws = lambda: ag.launch_ws(qt, kt, vt, out, scale, cand["head_a"], cand["head_b"],  # noqa: E731
+                                      cand["block_m"], cand["block_n"], cand["stages"], cand["pingpong"])
+            ws()
+            torch.cuda.synchronize()
+            ref = F.scaled_dot_product_attention(qt.float(), kt.float(), vt.float())
+            row["max_abs_err"] = float((out.float() - ref).abs().max())
+            row["ok"] = row["max_abs_err"] < 2e-2
+            if row["ok"]:
+                row["ws_us"] = tt.do_bench_cudagraph(ws, rep=100) * 1e3
+                row["sdpa_us"] = tt.do_bench_cudagraph(lambda: F.scaled_dot_product_attention(qt, kt, vt),
+                                                       rep=100) * 1e3
+                shipped = lambda: at.attention_bnhd(q, k, v)  # noqa: E731
+                shipped()
+                row["shipped_us"] = tt.do_bench_cudagraph(shipped, rep=100) * 1e3
+                row["speedup_vs_sdpa"] = row["sdpa_us"] / row["ws_us"]
+        except Exception as e:  # noqa: BLE001 - a compile error is a result here
+            row["error"] = f"{type(e).__name__}: {e}"[:2000]
+        row["seconds"] = round(time.time() - t0, 1)
+        with open(out_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(json.dumps(row), flush=True)
+        if "error" in row and "CUDA" in row["error"]:
+            return
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--timeout", type=float, default=90)
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        child(json.loads(args.child), args.out)
+        return
+    import torch
+    import triton
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    with open(args.out, "a") as f:
+        f.write(json.dumps(dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__,
+                                triton=triton.__version__)) + "\n")
+    for cand in candidates(args.quick):
+        t0 = time.time()
+        try:
+            proc = subprocess.run([sys.executable, __file__, "--out", args.out, "--child", json.dumps(cand)],
+                                  timeout=args.timeout, capture_output=True, text=True, env=os.environ)
+            status = f"rc {proc.returncode}"
+            if proc.returncode:
+                status += " " + proc.stderr[-1500:]
+        except subprocess.TimeoutExpired:
+            status = "TIMEOUT (hang)"
+        with open(args.out, "a") as f:
+            f.write(json.dumps(dict(candidate=cand, status=status, seconds=round(time.time() - t0, 1))) + "\n")
+        print(cand, status, flush=True)
+
+
+if __name__ == "__main__":
+    main()
