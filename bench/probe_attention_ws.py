@@ -6,7 +6,7 @@ torch SDPA (cuDNN) and the shipped Triton kernel, same process and inputs. Child
 timeout: a wrong mbarrier protocol hangs instead of crashing. One JSON line per (candidate, shape)
 goes to --out as soon as it is measured.
 
-    python3 bench/probe_attention_ws.py --out $OUT/ws.jsonl [--quick]
+    python3 bench/probe_attention_ws.py --out $OUT/ws.jsonl [--set pipelined] [--only self]
 """
 from __future__ import annotations
 
@@ -22,23 +22,29 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 HEADS = 8
+ONLY = os.environ.get("WS_PROBE_ONLY", "")
 # (name, batch, n_q, n_kv, head_dim): the issue's five goal shapes
 SHAPES = [("self 4096 d40", 2, 4096, 4096, 40), ("cross 4096x77 d40", 2, 4096, 77, 40),
           ("cross 4096x258 d40", 2, 4096, 258, 40), ("self 1024 d80", 2, 1024, 1024, 80),
           ("self 256 d160", 2, 256, 256, 160)]
 
 
-def candidates(quick: bool) -> list[dict]:
-    out = []
-    splits = {40: [(64, 0), (32, 16)], 80: [(64, 16)] if quick else [(64, 16), (128, 0)], 160: [(128, 32)]}
-    for d, split_list in splits.items():
-        for head_a, head_b in split_list:
-            for block_n in (((64, ) if d == 160 else (128, )) if quick else (128, 64)):
-                for stages in ((2, ) if quick else (2, 3)):
-                    for pingpong in ((True, False) if d < 160 or not quick else (True, )):
-                        out.append(dict(head_dim=d, head_a=head_a, head_b=head_b, block_m=64, block_n=block_n,
-                                        stages=stages, pingpong=pingpong))
-    return out
+def _cand(d, head_a, head_b, block_n, stages, pipelined, pingpong=False, block_m=64):
+    return dict(head_dim=d, head_a=head_a, head_b=head_b, block_m=block_m, block_n=block_n, stages=stages,
+                pingpong=pingpong, pipelined=pipelined)
+
+
+CANDIDATE_SETS = {
+    # run 53: the ping-pong schedule, with and without the turn barriers
+    "pingpong": [_cand(40, 64, 0, 128, 2, False, True), _cand(40, 64, 0, 128, 2, False, False),
+                 _cand(40, 32, 16, 128, 2, False, True), _cand(40, 32, 16, 128, 2, False, False),
+                 _cand(80, 64, 16, 128, 2, False, True), _cand(80, 64, 16, 128, 2, False, False),
+                 _cand(160, 128, 32, 64, 2, False, True)],
+    # the software-pipelined schedule (S_{j+1} and P_{j-1} V_{j-1} in flight during softmax_j)
+    "pipelined": [_cand(40, 32, 16, 64, 2, True), _cand(40, 32, 16, 64, 3, True), _cand(40, 64, 0, 64, 2, True),
+                  _cand(40, 32, 16, 128, 2, True), _cand(40, 64, 0, 128, 2, True), _cand(80, 64, 16, 64, 2, True),
+                  _cand(80, 64, 16, 64, 3, True), _cand(160, 128, 32, 64, 2, True)],
+}
 
 
 def child(cand: dict, out_path: str) -> None:
@@ -51,7 +57,7 @@ def child(cand: dict, out_path: str) -> None:
 
     gen = torch.Generator(device="cuda").manual_seed(0)
     for name, b, nq, nk, d in SHAPES:
-        if d != cand["head_dim"]:
+        if d != cand["head_dim"] or ONLY not in name:
             continue
         q = torch.randn(b, nq, HEADS * d, device="cuda", generator=gen, dtype=torch.float16).view(b, nq, HEADS, d)
         k = torch.randn(b, nk, HEADS * d, device="cuda", generator=gen, dtype=torch.float16).view(b, nk, HEADS, d)
@@ -63,7 +69,8 @@ def child(cand: dict, out_path: str) -> None:
         t0 = time.time()
         try:
             ws = lambda: ag.launch_ws(qt, kt, vt, out, scale, cand["head_a"], cand["head_b"],  # noqa: E731
-                                      cand["block_m"], cand["block_n"], cand["stages"], cand["pingpong"])
+                                      cand["block_m"], cand["block_n"], cand["stages"], cand["pingpong"],
+                                      cand["pipelined"])
             ws()
             torch.cuda.synchronize()
             ref = F.scaled_dot_product_attention(qt.float(), kt.float(), vt.float())
@@ -90,10 +97,12 @@ def child(cand: dict, out_path: str) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
-    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--set", default="pipelined", choices=sorted(CANDIDATE_SETS))
+    ap.add_argument("--only", default="", help="run only the shapes whose name contains this")
     ap.add_argument("--timeout", type=float, default=90)
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    os.environ["WS_PROBE_ONLY"] = args.only
     if args.child:
         child(json.loads(args.child), args.out)
         return
@@ -103,7 +112,7 @@ def main() -> None:
     with open(args.out, "a") as f:
         f.write(json.dumps(dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__,
                                 triton=triton.__version__)) + "\n")
-    for cand in candidates(args.quick):
+    for cand in CANDIDATE_SETS[args.set]:
         t0 = time.time()
         try:
             proc = subprocess.run([sys.executable, __file__, "--out", args.out, "--child", json.dumps(cand)],

@@ -173,6 +173,124 @@ def _consumer(q_a, q_b, k_a, k_b, v_a, v_b, q_bar, k_ready, k_empty, v_ready, v_
 
 
 @gluon.jit
+def _issue_qk(q_a, q_b, k_a, k_b, slot, s_zero, HEAD_B: gl.constexpr):
+    """S = Q K_slot^T as asynchronous wgmma (one per head-dim slab); returns the in-flight token."""
+    tok = warpgroup_mma(q_a, k_a.index(slot).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+    if HEAD_B > 0:
+        tok = warpgroup_mma(q_b, k_b.index(slot).permute((1, 0)), tok, is_async=True)
+    return tok
+
+
+@gluon.jit
+def _issue_pv(p16, v_a, v_b, slot, acc_a, acc_b, pa_layout: gl.constexpr, pb_layout: gl.constexpr,
+              HEAD_B: gl.constexpr):
+    """O += P V_slot as asynchronous wgmma, P from registers."""
+    acc_a = warpgroup_mma(gl.convert_layout(p16, pa_layout), v_a.index(slot), acc_a, is_async=True)
+    if HEAD_B > 0:
+        acc_b = warpgroup_mma(gl.convert_layout(p16, pb_layout), v_b.index(slot), acc_b, is_async=True)
+    return acc_a, acc_b
+
+
+@gluon.jit
+def _softmax_block(s, m_i, l_i, n_valid, qk_scale, key_cols, EVEN_N: gl.constexpr):
+    """Online-softmax update for one key block: P (unnormalised), new max, new sum, rescale factor."""
+    if not EVEN_N:
+        s = gl.where(gl.expand_dims(key_cols < n_valid, 0), s, gl.full_like(s, float("-inf")))
+    m_new = gl.maximum(m_i, gl.max(s, axis=1) * qk_scale)
+    alpha = gl.exp2(m_i - m_new)
+    p = gl.exp2(s * qk_scale - gl.expand_dims(m_new, 1))
+    l_i = l_i * alpha + gl.sum(p, axis=1)
+    return p, m_new, l_i, alpha
+
+
+@gluon.jit
+def _consumer_pipelined(q_a, q_b, k_a, k_b, v_a, v_b, q_bar, k_ready, k_empty, v_ready, v_empty, my_turn,
+                        other_turn, Out, out_base, q_row0, N_Q, N_KV, stride_on, qk_scale,
+                        HEAD_DIM: gl.constexpr, HEAD_A: gl.constexpr, HEAD_B: gl.constexpr, BLOCK_M: gl.constexpr,
+                        BLOCK_N: gl.constexpr, STAGES: gl.constexpr, EVEN_N: gl.constexpr,
+                        PINGPONG: gl.constexpr):
+    """One warp group, software-pipelined: Q K_{j+1}^T and P_{j-1} V_{j-1} run on the tensor cores
+    while this warp group computes the softmax of block j, so the exponentials (MUFU) never wait
+    for a matrix product. (my_turn/other_turn/PINGPONG are unused: both warp groups run freely.)"""
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, BLOCK_N, 16])
+    oa_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                        instr_shape=[16, HEAD_A, 16])
+    pa_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=oa_layout, k_width=2)
+    ob_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                        instr_shape=[16, max(HEAD_B, 8), 16])
+    pb_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=ob_layout, k_width=2)
+    row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
+    dtype: gl.constexpr = q_a.dtype
+    N_QK: gl.constexpr = 2 if HEAD_B > 0 else 1  # wgmma groups per Q K^T (and per P V)
+
+    mbarrier.wait(q_bar, 0)
+    if HEAD_A > HEAD_DIM:
+        _zero_bleed_columns(q_a, HEAD_DIM, BLOCK_M, HEAD_A)
+    if HEAD_B > 0:
+        if HEAD_A + HEAD_B > HEAD_DIM:
+            _zero_bleed_columns(q_b, HEAD_DIM - HEAD_A, BLOCK_M, HEAD_B)
+    if HEAD_A + HEAD_B > HEAD_DIM:
+        fence_async_shared()  # the zeroed Q is read by wgmma through the async proxy
+        _warps_barrier()
+
+    m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=row_layout)
+    l_i = gl.zeros([BLOCK_M], gl.float32, layout=row_layout)
+    acc_a = gl.zeros([BLOCK_M, HEAD_A], gl.float32, layout=oa_layout)
+    if HEAD_B > 0:
+        acc_b = gl.zeros([BLOCK_M, HEAD_B], gl.float32, layout=ob_layout)
+    else:
+        acc_b = acc_a  # unused placeholder
+    s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
+    key_cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+    n_blocks = gl.cdiv(N_KV, BLOCK_N)
+
+    # Every wgmma is waited for in the iteration that issues it: a result still in flight at the
+    # loop's back edge is copied there, and ptxas then serialises every wgmma of the kernel (C7514).
+    # A Q K^T past the last block is still issued (on whatever its stage holds; the result is never
+    # read) so that all iterations have the same shape; only its barrier wait and release are skipped.
+    mbarrier.wait(k_ready.index(0), 0)
+    s_tok = _issue_qk(q_a, q_b, k_a, k_b, 0, s_zero, HEAD_B)
+    s = warpgroup_mma_wait(num_outstanding=0, deps=(s_tok, ))
+    mbarrier.arrive(k_empty.index(0), count=1)
+    mbarrier.wait(k_ready.index(1 % STAGES), (1 // STAGES) & 1, pred=n_blocks > 1)
+    s_tok = _issue_qk(q_a, q_b, k_a, k_b, 1 % STAGES, s_zero, HEAD_B)
+    p, m_i, l_i, alpha = _softmax_block(s, m_i, l_i, N_KV, qk_scale, key_cols, EVEN_N)
+    s = warpgroup_mma_wait(num_outstanding=0, deps=(s_tok, ))
+    mbarrier.arrive(k_empty.index(1 % STAGES), count=1, pred=n_blocks > 1)
+
+    for j in range(1, n_blocks):
+        # here: s = S_j, p = P_{j-1}, the accumulators hold blocks < j-1, rescaled to block j-1's max
+        prev = (j - 1) % STAGES
+        nxt = (j + 1) % STAGES
+        mbarrier.wait(v_ready.index(prev), ((j - 1) // STAGES) & 1)
+        p16 = p.to(dtype)
+        acc_a, acc_b = _issue_pv(p16, v_a, v_b, prev, acc_a, acc_b, pa_layout, pb_layout, HEAD_B)
+        mbarrier.wait(k_ready.index(nxt), ((j + 1) // STAGES) & 1, pred=j + 1 < n_blocks)
+        s_tok = _issue_qk(q_a, q_b, k_a, k_b, nxt, s_zero, HEAD_B)
+        # the softmax of block j runs while P_{j-1} V_{j-1} and S_{j+1} are on the tensor cores
+        p, m_i, l_i, alpha = _softmax_block(s, m_i, l_i, N_KV - j * BLOCK_N, qk_scale, key_cols, EVEN_N)
+        acc_a, acc_b, s, p16 = warpgroup_mma_wait(num_outstanding=0, deps=(acc_a, acc_b, s_tok, p16))
+        mbarrier.arrive(v_empty.index(prev), count=1)
+        mbarrier.arrive(k_empty.index(nxt), count=1, pred=j + 1 < n_blocks)
+        acc_a = acc_a * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, oa_layout)), 1)
+        if HEAD_B > 0:
+            acc_b = acc_b * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, ob_layout)), 1)
+
+    last = (n_blocks - 1) % STAGES
+    mbarrier.wait(v_ready.index(last), ((n_blocks - 1) // STAGES) & 1)
+    p16 = p.to(dtype)
+    acc_a, acc_b = _issue_pv(p16, v_a, v_b, last, acc_a, acc_b, pa_layout, pb_layout, HEAD_B)
+    acc_a, acc_b, p16 = warpgroup_mma_wait(num_outstanding=0, deps=(acc_a, acc_b, p16))
+    mbarrier.arrive(v_empty.index(last), count=1)
+
+    _store_slab(acc_a, l_i, Out, out_base, q_row0, N_Q, stride_on, 0, HEAD_DIM, BLOCK_M, HEAD_A, oa_layout)
+    if HEAD_B > 0:
+        _store_slab(acc_b, l_i, Out, out_base, q_row0, N_Q, stride_on, HEAD_A, HEAD_DIM - HEAD_A, BLOCK_M, HEAD_B,
+                    ob_layout)
+
+
+@gluon.jit
 def _store_slab(acc, l_i, Out, out_base, q_row0, N_Q, stride_on, COL0: gl.constexpr, VALID: gl.constexpr,
                 BLOCK_M: gl.constexpr, WIDTH: gl.constexpr, layout: gl.constexpr):
     """Normalise one output slab by the softmax sum and store its rows < N_Q and columns < VALID."""
@@ -183,6 +301,22 @@ def _store_slab(acc, l_i, Out, out_base, q_row0, N_Q, stride_on, COL0: gl.conste
     offsets = out_base + gl.expand_dims(rows, 1) * stride_on + COL0 + gl.expand_dims(cols, 0)
     mask = gl.expand_dims(rows < N_Q, 1) & gl.expand_dims(cols < VALID, 0)
     gl.store(Out + offsets, out.to(Out.dtype.element_ty), mask=mask)
+
+
+@gluon.jit
+def _consumer_any(q_a, q_b, k_a, k_b, v_a, v_b, q_bar, k_ready, k_empty, v_ready, v_empty, my_turn, other_turn,
+                  Out, out_base, q_row0, N_Q, N_KV, stride_on, qk_scale,
+                  HEAD_DIM: gl.constexpr, HEAD_A: gl.constexpr, HEAD_B: gl.constexpr, BLOCK_M: gl.constexpr,
+                  BLOCK_N: gl.constexpr, STAGES: gl.constexpr, EVEN_N: gl.constexpr, PINGPONG: gl.constexpr,
+                  PIPELINED: gl.constexpr):
+    if PIPELINED:
+        _consumer_pipelined(q_a, q_b, k_a, k_b, v_a, v_b, q_bar, k_ready, k_empty, v_ready, v_empty, my_turn,
+                            other_turn, Out, out_base, q_row0, N_Q, N_KV, stride_on, qk_scale, HEAD_DIM, HEAD_A,
+                            HEAD_B, BLOCK_M, BLOCK_N, STAGES, EVEN_N, PINGPONG)
+    else:
+        _consumer(q_a, q_b, k_a, k_b, v_a, v_b, q_bar, k_ready, k_empty, v_ready, v_empty, my_turn, other_turn,
+                  Out, out_base, q_row0, N_Q, N_KV, stride_on, qk_scale, HEAD_DIM, HEAD_A, HEAD_B, BLOCK_M,
+                  BLOCK_N, STAGES, EVEN_N, PINGPONG)
 
 
 @gluon.jit
@@ -223,7 +357,7 @@ def _attn_fwd_ws(q_a_desc, q_b_desc, k_a_desc, k_b_desc, v_a_desc, v_b_desc, Out
                  stride_ob, stride_oh, stride_on, N_HEADS, N_Q, N_KV, qk_scale,
                  HEAD_DIM: gl.constexpr, HEAD_A: gl.constexpr, HEAD_B: gl.constexpr,
                  BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, EVEN_N: gl.constexpr,
-                 PINGPONG: gl.constexpr):
+                 PINGPONG: gl.constexpr, PIPELINED: gl.constexpr):
     pid_m = gl.program_id(0)
     pid_bh = gl.program_id(1)
     b = pid_bh // N_HEADS
@@ -266,12 +400,12 @@ def _attn_fwd_ws(q_a_desc, q_b_desc, k_a_desc, k_b_desc, v_a_desc, v_b_desc, Out
     q_row = b * N_Q + seq_row0
     kv_row = b * N_KV
     gl.warp_specialize([
-        (_consumer, (q_a.index(0), q_b.index(0), k_a, k_b, v_a, v_b, q_bar, k_ready, k_empty, v_ready, v_empty, turns.index(0), turns.index(1), Out, out_base,
+        (_consumer_any, (q_a.index(0), q_b.index(0), k_a, k_b, v_a, v_b, q_bar, k_ready, k_empty, v_ready, v_empty, turns.index(0), turns.index(1), Out, out_base,
                      seq_row0, N_Q, N_KV, stride_on, qk_scale, HEAD_DIM, HEAD_A, HEAD_B, BLOCK_M, BLOCK_N, STAGES,
-                     EVEN_N, PINGPONG)),
-        (_consumer, (q_a.index(1), q_b.index(1), k_a, k_b, v_a, v_b, q_bar, k_ready, k_empty, v_ready, v_empty, turns.index(1), turns.index(0), Out, out_base,
+                     EVEN_N, PINGPONG, PIPELINED)),
+        (_consumer_any, (q_a.index(1), q_b.index(1), k_a, k_b, v_a, v_b, q_bar, k_ready, k_empty, v_ready, v_empty, turns.index(1), turns.index(0), Out, out_base,
                      seq_row0 + BLOCK_M, N_Q, N_KV, stride_on, qk_scale, HEAD_DIM, HEAD_A, HEAD_B, BLOCK_M, BLOCK_N,
-                     STAGES, EVEN_N, PINGPONG)),
+                     STAGES, EVEN_N, PINGPONG, PIPELINED)),
         (_producer, (q_a_desc, q_b_desc, k_a_desc, k_b_desc, v_a_desc, v_b_desc, q_a, q_b, k_a, k_b, v_a, v_b,
                      q_bar, k_ready, k_empty, v_ready, v_empty, q_row, kv_row, col, N_KV, HEAD_A, HEAD_B, BLOCK_M,
                      BLOCK_N, STAGES)),
@@ -294,7 +428,7 @@ def _row_descriptor(t, block_shape):
 
 
 def launch_ws(q, k, v, out, scale: float, head_a: int, head_b: int, block_m: int = 64, block_n: int = 128,
-              stages: int = 2, pingpong: bool = True):
+              stages: int = 2, pingpong: bool = True, pipelined: bool = False):
     """softmax(q k^T * scale) v into ``out`` with the warp-specialised kernel.
 
     q, k, v: [B, H, N, D]-indexed views of packed [B, N, H*D] projections (what
@@ -311,5 +445,6 @@ def launch_ws(q, k, v, out, scale: float, head_a: int, head_b: int, block_m: int
     _attn_fwd_ws[grid](*descs, out, out.stride(0), out.stride(1), out.stride(2), h, n_q, n_kv,
                        float(scale) * _LOG2E, HEAD_DIM=d, HEAD_A=head_a, HEAD_B=head_b, BLOCK_M=block_m,
                        BLOCK_N=block_n, STAGES=stages, EVEN_N=n_kv % block_n == 0, PINGPONG=pingpong,
+                       PIPELINED=pipelined,
                        num_warps=CONSUMER_WARPS.value)
     return out
