@@ -222,7 +222,6 @@ def _consumer_pipelined(q_a, q_b, k_a, k_b, v_a, v_b, q_bar, k_ready, k_empty, v
     pb_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=ob_layout, k_width=2)
     row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
     dtype: gl.constexpr = q_a.dtype
-    N_QK: gl.constexpr = 2 if HEAD_B > 0 else 1  # wgmma groups per Q K^T (and per P V)
 
     mbarrier.wait(q_bar, 0)
     if HEAD_A > HEAD_DIM:
