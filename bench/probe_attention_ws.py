@@ -6,7 +6,7 @@ torch SDPA (cuDNN) and the shipped Triton kernel, same process and inputs. Child
 timeout: a wrong mbarrier protocol hangs instead of crashing. One JSON line per (candidate, shape)
 goes to --out as soon as it is measured.
 
-    python3 bench/probe_attention_ws.py --out $OUT/ws.jsonl [--set pipelined] [--only self]
+    python3 bench/probe_attention_ws.py --out $OUT/ws.jsonl [--set consumers] [--only self]
 """
 from __future__ import annotations
 
@@ -29,21 +29,17 @@ SHAPES = [("self 4096 d40", 2, 4096, 4096, 40), ("cross 4096x77 d40", 2, 4096, 7
           ("self 256 d160", 2, 256, 256, 160)]
 
 
-def _cand(d, head_a, head_b, block_n, stages, pipelined, pingpong=False, block_m=64):
+def _cand(d, head_a, head_b, block_n, stages, consumers, pingpong=True, block_m=64, producer_regs=24):
     return dict(head_dim=d, head_a=head_a, head_b=head_b, block_m=block_m, block_n=block_n, stages=stages,
-                pingpong=pingpong, pipelined=pipelined)
+                consumers=consumers, pingpong=pingpong, producer_regs=producer_regs)
 
 
 CANDIDATE_SETS = {
-    # run 53: the ping-pong schedule, with and without the turn barriers
-    "pingpong": [_cand(40, 64, 0, 128, 2, False, True), _cand(40, 64, 0, 128, 2, False, False),
-                 _cand(40, 32, 16, 128, 2, False, True), _cand(40, 32, 16, 128, 2, False, False),
-                 _cand(80, 64, 16, 128, 2, False, True), _cand(80, 64, 16, 128, 2, False, False),
-                 _cand(160, 128, 32, 64, 2, False, True)],
-    # the software-pipelined schedule (S_{j+1} and P_{j-1} V_{j-1} in flight during softmax_j)
-    "pipelined": [_cand(40, 32, 16, 64, 2, True), _cand(40, 32, 16, 64, 3, True), _cand(40, 64, 0, 64, 2, True),
-                  _cand(40, 32, 16, 128, 2, True), _cand(40, 64, 0, 128, 2, True), _cand(80, 64, 16, 64, 2, True),
-                  _cand(80, 64, 16, 64, 3, True), _cand(160, 128, 32, 64, 2, True)],
+    # run 55: more consumer warp groups per CTA (more warps issuing exponentials), turn ring on/off
+    "consumers": [_cand(40, 32, 16, 128, 2, 2), _cand(40, 32, 16, 64, 3, 3), _cand(40, 32, 16, 64, 3, 3, False),
+                  _cand(40, 32, 16, 64, 3, 4), _cand(40, 32, 16, 64, 3, 4, False), _cand(40, 64, 0, 64, 3, 3),
+                  _cand(40, 64, 0, 64, 3, 4), _cand(80, 64, 16, 64, 3, 2), _cand(80, 64, 16, 64, 3, 3),
+                  _cand(80, 64, 16, 128, 2, 2), _cand(160, 128, 32, 64, 2, 2)],
 }
 
 
@@ -69,8 +65,8 @@ def child(cand: dict, out_path: str) -> None:
         t0 = time.time()
         try:
             ws = lambda: ag.launch_ws(qt, kt, vt, out, scale, cand["head_a"], cand["head_b"],  # noqa: E731
-                                      cand["block_m"], cand["block_n"], cand["stages"], cand["pingpong"],
-                                      cand["pipelined"])
+                                      cand["block_m"], cand["block_n"], cand["stages"], cand["consumers"],
+                                      cand["pingpong"], producer_regs=cand["producer_regs"])
             ws()
             torch.cuda.synchronize()
             ref = F.scaled_dot_product_attention(qt.float(), kt.float(), vt.float())
@@ -97,7 +93,7 @@ def child(cand: dict, out_path: str) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
-    ap.add_argument("--set", default="pipelined", choices=sorted(CANDIDATE_SETS))
+    ap.add_argument("--set", default="consumers", choices=sorted(CANDIDATE_SETS))
     ap.add_argument("--only", default="", help="run only the shapes whose name contains this")
     ap.add_argument("--timeout", type=float, default=90)
     ap.add_argument("--child", help=argparse.SUPPRESS)

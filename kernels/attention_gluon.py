@@ -36,8 +36,6 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 
 CONSUMER_WARPS = gl.constexpr(4)  # one warp group per query tile (wgmma is issued per warp group)
 PRODUCER_WARPS = gl.constexpr(1)
-CONSUMER_REGS = gl.constexpr(232)
-PRODUCER_REGS = gl.constexpr(40)
 _LOG2E = 1.4426950408889634
 # a barrier among the warps of one partition: `thread_barrier` in Triton 3.6, renamed `barrier` later
 _warps_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
@@ -57,11 +55,18 @@ def _zero_bleed_columns(q_smem, VALID: gl.constexpr, BLOCK_M: gl.constexpr, WIDT
 
 
 @gluon.jit
-def _consumer(q_a, q_b, k_a, k_b, v_a, v_b, q_bar, k_ready, k_empty, v_ready, v_empty, my_turn, other_turn,
-              Out, out_base, q_row0, N_Q, N_KV, stride_on, qk_scale,
+def _consumer(C: gl.constexpr, q_a_all, q_b_all, k_a, k_b, v_a, v_b, q_bar, k_ready, k_empty, v_ready, v_empty, turns,
+              Out, out_base, seq_row0, N_Q, N_KV, stride_on, qk_scale,
               HEAD_DIM: gl.constexpr, HEAD_A: gl.constexpr, HEAD_B: gl.constexpr, BLOCK_M: gl.constexpr,
-              BLOCK_N: gl.constexpr, STAGES: gl.constexpr, EVEN_N: gl.constexpr, PINGPONG: gl.constexpr):
-    """One warp group: softmax(Q K^T * scale) V for BLOCK_M query rows, taking turns on the tensor cores."""
+              BLOCK_N: gl.constexpr, STAGES: gl.constexpr, EVEN_N: gl.constexpr, CONSUMERS: gl.constexpr,
+              PINGPONG: gl.constexpr):
+    """Consumer warp group C: softmax(Q K^T * scale) V for query rows [seq_row0 + C*BLOCK_M, +BLOCK_M),
+    taking its turn on the tensor cores after consumer C-1 and handing it to C+1 (mod CONSUMERS)."""
+    q_a = q_a_all.index(C)
+    q_b = q_b_all.index(C)
+    my_turn = turns.index(C)
+    other_turn = turns.index((C + 1) % CONSUMERS)
+    q_row0 = seq_row0 + C * BLOCK_M
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, BLOCK_N, 16])
     oa_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -204,92 +209,6 @@ def _softmax_block(s, m_i, l_i, n_valid, qk_scale, key_cols, EVEN_N: gl.constexp
 
 
 @gluon.jit
-def _consumer_pipelined(q_a, q_b, k_a, k_b, v_a, v_b, q_bar, k_ready, k_empty, v_ready, v_empty, my_turn,
-                        other_turn, Out, out_base, q_row0, N_Q, N_KV, stride_on, qk_scale,
-                        HEAD_DIM: gl.constexpr, HEAD_A: gl.constexpr, HEAD_B: gl.constexpr, BLOCK_M: gl.constexpr,
-                        BLOCK_N: gl.constexpr, STAGES: gl.constexpr, EVEN_N: gl.constexpr,
-                        PINGPONG: gl.constexpr):
-    """One warp group, software-pipelined: Q K_{j+1}^T and P_{j-1} V_{j-1} run on the tensor cores
-    while this warp group computes the softmax of block j, so the exponentials (MUFU) never wait
-    for a matrix product. (my_turn/other_turn/PINGPONG are unused: both warp groups run freely.)"""
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, BLOCK_N, 16])
-    oa_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                        instr_shape=[16, HEAD_A, 16])
-    pa_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=oa_layout, k_width=2)
-    ob_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                        instr_shape=[16, max(HEAD_B, 8), 16])
-    pb_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=ob_layout, k_width=2)
-    row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
-    dtype: gl.constexpr = q_a.dtype
-
-    mbarrier.wait(q_bar, 0)
-    if HEAD_A > HEAD_DIM:
-        _zero_bleed_columns(q_a, HEAD_DIM, BLOCK_M, HEAD_A)
-    if HEAD_B > 0:
-        if HEAD_A + HEAD_B > HEAD_DIM:
-            _zero_bleed_columns(q_b, HEAD_DIM - HEAD_A, BLOCK_M, HEAD_B)
-    if HEAD_A + HEAD_B > HEAD_DIM:
-        fence_async_shared()  # the zeroed Q is read by wgmma through the async proxy
-        _warps_barrier()
-
-    m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=row_layout)
-    l_i = gl.zeros([BLOCK_M], gl.float32, layout=row_layout)
-    acc_a = gl.zeros([BLOCK_M, HEAD_A], gl.float32, layout=oa_layout)
-    if HEAD_B > 0:
-        acc_b = gl.zeros([BLOCK_M, HEAD_B], gl.float32, layout=ob_layout)
-    else:
-        acc_b = acc_a  # unused placeholder
-    s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
-    key_cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
-    n_blocks = gl.cdiv(N_KV, BLOCK_N)
-
-    # Every wgmma is waited for in the iteration that issues it: a result still in flight at the
-    # loop's back edge is copied there, and ptxas then serialises every wgmma of the kernel (C7514).
-    # A Q K^T past the last block is still issued (on whatever its stage holds; the result is never
-    # read) so that all iterations have the same shape; only its barrier wait and release are skipped.
-    mbarrier.wait(k_ready.index(0), 0)
-    s_tok = _issue_qk(q_a, q_b, k_a, k_b, 0, s_zero, HEAD_B)
-    s = warpgroup_mma_wait(num_outstanding=0, deps=(s_tok, ))
-    mbarrier.arrive(k_empty.index(0), count=1)
-    mbarrier.wait(k_ready.index(1 % STAGES), (1 // STAGES) & 1, pred=n_blocks > 1)
-    s_tok = _issue_qk(q_a, q_b, k_a, k_b, 1 % STAGES, s_zero, HEAD_B)
-    p, m_i, l_i, alpha = _softmax_block(s, m_i, l_i, N_KV, qk_scale, key_cols, EVEN_N)
-    s = warpgroup_mma_wait(num_outstanding=0, deps=(s_tok, ))
-    mbarrier.arrive(k_empty.index(1 % STAGES), count=1, pred=n_blocks > 1)
-
-    for j in range(1, n_blocks):
-        # here: s = S_j, p = P_{j-1}, the accumulators hold blocks < j-1, rescaled to block j-1's max
-        prev = (j - 1) % STAGES
-        nxt = (j + 1) % STAGES
-        mbarrier.wait(v_ready.index(prev), ((j - 1) // STAGES) & 1)
-        p16 = p.to(dtype)
-        acc_a, acc_b = _issue_pv(p16, v_a, v_b, prev, acc_a, acc_b, pa_layout, pb_layout, HEAD_B)
-        mbarrier.wait(k_ready.index(nxt), ((j + 1) // STAGES) & 1, pred=j + 1 < n_blocks)
-        s_tok = _issue_qk(q_a, q_b, k_a, k_b, nxt, s_zero, HEAD_B)
-        # the softmax of block j runs while P_{j-1} V_{j-1} and S_{j+1} are on the tensor cores
-        p, m_i, l_i, alpha = _softmax_block(s, m_i, l_i, N_KV - j * BLOCK_N, qk_scale, key_cols, EVEN_N)
-        acc_a, acc_b, s, p16 = warpgroup_mma_wait(num_outstanding=0, deps=(acc_a, acc_b, s_tok, p16))
-        mbarrier.arrive(v_empty.index(prev), count=1)
-        mbarrier.arrive(k_empty.index(nxt), count=1, pred=j + 1 < n_blocks)
-        acc_a = acc_a * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, oa_layout)), 1)
-        if HEAD_B > 0:
-            acc_b = acc_b * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, ob_layout)), 1)
-
-    last = (n_blocks - 1) % STAGES
-    mbarrier.wait(v_ready.index(last), ((n_blocks - 1) // STAGES) & 1)
-    p16 = p.to(dtype)
-    acc_a, acc_b = _issue_pv(p16, v_a, v_b, last, acc_a, acc_b, pa_layout, pb_layout, HEAD_B)
-    acc_a, acc_b, p16 = warpgroup_mma_wait(num_outstanding=0, deps=(acc_a, acc_b, p16))
-    mbarrier.arrive(v_empty.index(last), count=1)
-
-    _store_slab(acc_a, l_i, Out, out_base, q_row0, N_Q, stride_on, 0, HEAD_DIM, BLOCK_M, HEAD_A, oa_layout)
-    if HEAD_B > 0:
-        _store_slab(acc_b, l_i, Out, out_base, q_row0, N_Q, stride_on, HEAD_A, HEAD_DIM - HEAD_A, BLOCK_M, HEAD_B,
-                    ob_layout)
-
-
-@gluon.jit
 def _store_slab(acc, l_i, Out, out_base, q_row0, N_Q, stride_on, COL0: gl.constexpr, VALID: gl.constexpr,
                 BLOCK_M: gl.constexpr, WIDTH: gl.constexpr, layout: gl.constexpr):
     """Normalise one output slab by the softmax sum and store its rows < N_Q and columns < VALID."""
@@ -303,32 +222,16 @@ def _store_slab(acc, l_i, Out, out_base, q_row0, N_Q, stride_on, COL0: gl.conste
 
 
 @gluon.jit
-def _consumer_any(q_a, q_b, k_a, k_b, v_a, v_b, q_bar, k_ready, k_empty, v_ready, v_empty, my_turn, other_turn,
-                  Out, out_base, q_row0, N_Q, N_KV, stride_on, qk_scale,
-                  HEAD_DIM: gl.constexpr, HEAD_A: gl.constexpr, HEAD_B: gl.constexpr, BLOCK_M: gl.constexpr,
-                  BLOCK_N: gl.constexpr, STAGES: gl.constexpr, EVEN_N: gl.constexpr, PINGPONG: gl.constexpr,
-                  PIPELINED: gl.constexpr):
-    if PIPELINED:
-        _consumer_pipelined(q_a, q_b, k_a, k_b, v_a, v_b, q_bar, k_ready, k_empty, v_ready, v_empty, my_turn,
-                            other_turn, Out, out_base, q_row0, N_Q, N_KV, stride_on, qk_scale, HEAD_DIM, HEAD_A,
-                            HEAD_B, BLOCK_M, BLOCK_N, STAGES, EVEN_N, PINGPONG)
-    else:
-        _consumer(q_a, q_b, k_a, k_b, v_a, v_b, q_bar, k_ready, k_empty, v_ready, v_empty, my_turn, other_turn,
-                  Out, out_base, q_row0, N_Q, N_KV, stride_on, qk_scale, HEAD_DIM, HEAD_A, HEAD_B, BLOCK_M,
-                  BLOCK_N, STAGES, EVEN_N, PINGPONG)
-
-
-@gluon.jit
 def _producer(q_a_desc, q_b_desc, k_a_desc, k_b_desc, v_a_desc, v_b_desc, q_a, q_b, k_a, k_b, v_a, v_b,
               q_bar, k_ready, k_empty, v_ready, v_empty, q_row, kv_row, col, N_KV,
               HEAD_A: gl.constexpr, HEAD_B: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-              STAGES: gl.constexpr):
-    """One warp: both Q tiles once, then K_j and V_j into the stage ring, waiting for free stages."""
-    q_bytes: gl.constexpr = 2 * q_a_desc.block_type.nbytes + (2 * q_b_desc.block_type.nbytes if HEAD_B > 0 else 0)
+              STAGES: gl.constexpr, CONSUMERS: gl.constexpr):
+    """One warp: every consumer's Q tile once, then K_j and V_j into the stage ring, waiting for free stages."""
+    q_bytes: gl.constexpr = CONSUMERS * (q_a_desc.block_type.nbytes + (q_b_desc.block_type.nbytes if HEAD_B > 0 else 0))
     k_bytes: gl.constexpr = k_a_desc.block_type.nbytes + (k_b_desc.block_type.nbytes if HEAD_B > 0 else 0)
     v_bytes: gl.constexpr = v_a_desc.block_type.nbytes + (v_b_desc.block_type.nbytes if HEAD_B > 0 else 0)
     mbarrier.expect(q_bar, q_bytes)
-    for t in gl.static_range(2):
+    for t in gl.static_range(CONSUMERS):
         _tma_load(q_a_desc, [q_row + t * BLOCK_M, col], q_bar, q_a.index(t))
         if HEAD_B > 0:
             _tma_load(q_b_desc, [q_row + t * BLOCK_M, col + HEAD_A], q_bar, q_b.index(t))
@@ -338,7 +241,7 @@ def _producer(q_a_desc, q_b_desc, k_a_desc, k_b_desc, v_a_desc, v_b_desc, q_a, q
         slot = j % STAGES
         use = j // STAGES
         row = kv_row + j * BLOCK_N
-        # a stage is free once both consumers have arrived on its empty barrier for the previous use
+        # a stage is free once every consumer has arrived on its empty barrier for the previous use
         mbarrier.wait(k_empty.index(slot), (use - 1) & 1, pred=use > 0)
         mbarrier.expect(k_ready.index(slot), k_bytes)
         _tma_load(k_a_desc, [row, col], k_ready.index(slot), k_a.index(slot))
@@ -356,20 +259,21 @@ def _attn_fwd_ws(q_a_desc, q_b_desc, k_a_desc, k_b_desc, v_a_desc, v_b_desc, Out
                  stride_ob, stride_oh, stride_on, N_HEADS, N_Q, N_KV, qk_scale,
                  HEAD_DIM: gl.constexpr, HEAD_A: gl.constexpr, HEAD_B: gl.constexpr,
                  BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, EVEN_N: gl.constexpr,
-                 PINGPONG: gl.constexpr, PIPELINED: gl.constexpr):
+                 CONSUMERS: gl.constexpr, PINGPONG: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+                 PRODUCER_REGS: gl.constexpr):
     pid_m = gl.program_id(0)
     pid_bh = gl.program_id(1)
     b = pid_bh // N_HEADS
     h = pid_bh % N_HEADS
-    seq_row0 = pid_m * (2 * BLOCK_M)  # first query row of this CTA within its sequence
+    seq_row0 = pid_m * (CONSUMERS * BLOCK_M)  # first query row of this CTA within its sequence
     col = h * HEAD_DIM  # first column of this head in the [B*N, H*D] views
     dtype: gl.constexpr = q_a_desc.dtype
 
-    q_a = gl.allocate_shared_memory(dtype, [2, BLOCK_M, HEAD_A], q_a_desc.layout)
+    q_a = gl.allocate_shared_memory(dtype, [CONSUMERS, BLOCK_M, HEAD_A], q_a_desc.layout)
     k_a = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_A], k_a_desc.layout)
     v_a = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_A], v_a_desc.layout)
     if HEAD_B > 0:
-        q_b = gl.allocate_shared_memory(dtype, [2, BLOCK_M, HEAD_B], q_b_desc.layout)
+        q_b = gl.allocate_shared_memory(dtype, [CONSUMERS, BLOCK_M, HEAD_B], q_b_desc.layout)
         k_b = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_B], k_b_desc.layout)
         v_b = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_B], v_b_desc.layout)
     else:
@@ -383,32 +287,64 @@ def _attn_fwd_ws(q_a_desc, q_b_desc, k_a_desc, k_b_desc, v_a_desc, v_b_desc, Out
     k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_layout)
     v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_layout)
     v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_layout)
-    turns = gl.allocate_shared_memory(gl.int64, [2, 1], bar_layout)
+    turns = gl.allocate_shared_memory(gl.int64, [CONSUMERS, 1], bar_layout)
     mbarrier.init(q_bar, count=1)
     for s in gl.static_range(STAGES):
         mbarrier.init(k_ready.index(s), count=1)
         mbarrier.init(v_ready.index(s), count=1)
-        mbarrier.init(k_empty.index(s), count=2)  # one arrival per consumer warp group
-        mbarrier.init(v_empty.index(s), count=2)
-    mbarrier.init(turns.index(0), count=1)
-    mbarrier.init(turns.index(1), count=1)
+        mbarrier.init(k_empty.index(s), count=CONSUMERS)  # one arrival per consumer warp group
+        mbarrier.init(v_empty.index(s), count=CONSUMERS)
+    for c in gl.static_range(CONSUMERS):
+        mbarrier.init(turns.index(c), count=1)
     fence_async_shared()
-    mbarrier.arrive(turns.index(0), count=1)  # consumer 0 takes the first turn
+    mbarrier.arrive(turns.index(0), count=1)  # consumer 0 takes the first turn on the tensor cores
 
     out_base = b * stride_ob + h * stride_oh
     q_row = b * N_Q + seq_row0
     kv_row = b * N_KV
-    gl.warp_specialize([
-        (_consumer_any, (q_a.index(0), q_b.index(0), k_a, k_b, v_a, v_b, q_bar, k_ready, k_empty, v_ready, v_empty, turns.index(0), turns.index(1), Out, out_base,
-                     seq_row0, N_Q, N_KV, stride_on, qk_scale, HEAD_DIM, HEAD_A, HEAD_B, BLOCK_M, BLOCK_N, STAGES,
-                     EVEN_N, PINGPONG, PIPELINED)),
-        (_consumer_any, (q_a.index(1), q_b.index(1), k_a, k_b, v_a, v_b, q_bar, k_ready, k_empty, v_ready, v_empty, turns.index(1), turns.index(0), Out, out_base,
-                     seq_row0 + BLOCK_M, N_Q, N_KV, stride_on, qk_scale, HEAD_DIM, HEAD_A, HEAD_B, BLOCK_M, BLOCK_N,
-                     STAGES, EVEN_N, PINGPONG, PIPELINED)),
-        (_producer, (q_a_desc, q_b_desc, k_a_desc, k_b_desc, v_a_desc, v_b_desc, q_a, q_b, k_a, k_b, v_a, v_b,
-                     q_bar, k_ready, k_empty, v_ready, v_empty, q_row, kv_row, col, N_KV, HEAD_A, HEAD_B, BLOCK_M,
-                     BLOCK_N, STAGES)),
-    ], [CONSUMER_WARPS, PRODUCER_WARPS], [CONSUMER_REGS, PRODUCER_REGS])
+    # Consumer c takes query rows [seq_row0 + c*BLOCK_M, +BLOCK_M) and passes the turn to c+1.
+    # (Gluon builds the partition list at compile time, one branch per supported count.)
+    if CONSUMERS == 2:
+        gl.warp_specialize([
+            (_consumer, (0, q_a, q_b, k_a, k_b, v_a, v_b, q_bar, k_ready, k_empty, v_ready, v_empty, turns, Out,
+                         out_base, seq_row0, N_Q, N_KV, stride_on, qk_scale, HEAD_DIM, HEAD_A, HEAD_B, BLOCK_M,
+                         BLOCK_N, STAGES, EVEN_N, CONSUMERS, PINGPONG)),
+            (_consumer, (1, q_a, q_b, k_a, k_b, v_a, v_b, q_bar, k_ready, k_empty, v_ready, v_empty, turns, Out,
+                         out_base, seq_row0, N_Q, N_KV, stride_on, qk_scale, HEAD_DIM, HEAD_A, HEAD_B, BLOCK_M,
+                         BLOCK_N, STAGES, EVEN_N, CONSUMERS, PINGPONG)),
+            (_producer, (q_a_desc, q_b_desc, k_a_desc, k_b_desc, v_a_desc, v_b_desc, q_a, q_b, k_a, k_b, v_a, v_b, q_bar, k_ready, k_empty, v_ready, v_empty, q_row, kv_row, col, N_KV, HEAD_A, HEAD_B, BLOCK_M, BLOCK_N, STAGES, CONSUMERS)),
+        ], [CONSUMER_WARPS, PRODUCER_WARPS], [CONSUMER_REGS, PRODUCER_REGS])
+    elif CONSUMERS == 3:
+        gl.warp_specialize([
+            (_consumer, (0, q_a, q_b, k_a, k_b, v_a, v_b, q_bar, k_ready, k_empty, v_ready, v_empty, turns, Out,
+                         out_base, seq_row0, N_Q, N_KV, stride_on, qk_scale, HEAD_DIM, HEAD_A, HEAD_B, BLOCK_M,
+                         BLOCK_N, STAGES, EVEN_N, CONSUMERS, PINGPONG)),
+            (_consumer, (1, q_a, q_b, k_a, k_b, v_a, v_b, q_bar, k_ready, k_empty, v_ready, v_empty, turns, Out,
+                         out_base, seq_row0, N_Q, N_KV, stride_on, qk_scale, HEAD_DIM, HEAD_A, HEAD_B, BLOCK_M,
+                         BLOCK_N, STAGES, EVEN_N, CONSUMERS, PINGPONG)),
+            (_consumer, (2, q_a, q_b, k_a, k_b, v_a, v_b, q_bar, k_ready, k_empty, v_ready, v_empty, turns, Out,
+                         out_base, seq_row0, N_Q, N_KV, stride_on, qk_scale, HEAD_DIM, HEAD_A, HEAD_B, BLOCK_M,
+                         BLOCK_N, STAGES, EVEN_N, CONSUMERS, PINGPONG)),
+            (_producer, (q_a_desc, q_b_desc, k_a_desc, k_b_desc, v_a_desc, v_b_desc, q_a, q_b, k_a, k_b, v_a, v_b, q_bar, k_ready, k_empty, v_ready, v_empty, q_row, kv_row, col, N_KV, HEAD_A, HEAD_B, BLOCK_M, BLOCK_N, STAGES, CONSUMERS)),
+        ], [CONSUMER_WARPS, CONSUMER_WARPS, PRODUCER_WARPS], [CONSUMER_REGS, CONSUMER_REGS, PRODUCER_REGS])
+    else:
+        gl.static_assert(CONSUMERS == 4, "CONSUMERS must be 2, 3 or 4")
+        gl.warp_specialize([
+            (_consumer, (0, q_a, q_b, k_a, k_b, v_a, v_b, q_bar, k_ready, k_empty, v_ready, v_empty, turns, Out,
+                         out_base, seq_row0, N_Q, N_KV, stride_on, qk_scale, HEAD_DIM, HEAD_A, HEAD_B, BLOCK_M,
+                         BLOCK_N, STAGES, EVEN_N, CONSUMERS, PINGPONG)),
+            (_consumer, (1, q_a, q_b, k_a, k_b, v_a, v_b, q_bar, k_ready, k_empty, v_ready, v_empty, turns, Out,
+                         out_base, seq_row0, N_Q, N_KV, stride_on, qk_scale, HEAD_DIM, HEAD_A, HEAD_B, BLOCK_M,
+                         BLOCK_N, STAGES, EVEN_N, CONSUMERS, PINGPONG)),
+            (_consumer, (2, q_a, q_b, k_a, k_b, v_a, v_b, q_bar, k_ready, k_empty, v_ready, v_empty, turns, Out,
+                         out_base, seq_row0, N_Q, N_KV, stride_on, qk_scale, HEAD_DIM, HEAD_A, HEAD_B, BLOCK_M,
+                         BLOCK_N, STAGES, EVEN_N, CONSUMERS, PINGPONG)),
+            (_consumer, (3, q_a, q_b, k_a, k_b, v_a, v_b, q_bar, k_ready, k_empty, v_ready, v_empty, turns, Out,
+                         out_base, seq_row0, N_Q, N_KV, stride_on, qk_scale, HEAD_DIM, HEAD_A, HEAD_B, BLOCK_M,
+                         BLOCK_N, STAGES, EVEN_N, CONSUMERS, PINGPONG)),
+            (_producer, (q_a_desc, q_b_desc, k_a_desc, k_b_desc, v_a_desc, v_b_desc, q_a, q_b, k_a, k_b, v_a, v_b, q_bar, k_ready, k_empty, v_ready, v_empty, q_row, kv_row, col, N_KV, HEAD_A, HEAD_B, BLOCK_M, BLOCK_N, STAGES, CONSUMERS)),
+        ], [CONSUMER_WARPS, CONSUMER_WARPS, CONSUMER_WARPS, PRODUCER_WARPS],
+            [CONSUMER_REGS, CONSUMER_REGS, CONSUMER_REGS, PRODUCER_REGS])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -427,23 +363,26 @@ def _row_descriptor(t, block_shape):
 
 
 def launch_ws(q, k, v, out, scale: float, head_a: int, head_b: int, block_m: int = 64, block_n: int = 128,
-              stages: int = 2, pingpong: bool = True, pipelined: bool = False):
+              stages: int = 2, consumers: int = 2, pingpong: bool = True, consumer_regs: int | None = None,
+              producer_regs: int = 40):
     """softmax(q k^T * scale) v into ``out`` with the warp-specialised kernel.
 
     q, k, v: [B, H, N, D]-indexed views of packed [B, N, H*D] projections (what
     ``attention_triton.tma_layout_reason(..., "tma2d")`` accepts), fp16 or bf16, on an sm_90 GPU.
     out: [B, H, Nq, D]-indexed with a contiguous head dim. head_a/head_b: the head-dim slabs
-    (``attention_triton.split_head_dim``)."""
+    (``attention_triton.split_head_dim``). consumers: query tiles (warp groups) per CTA, 2 to 4."""
     b, h, n_q, d = q.shape
     n_kv = k.shape[2]
     hb = head_b or head_a
+    if consumer_regs is None:  # what is left of the 64K registers after the producer's warp group
+        consumer_regs = min(232, (65536 // 128 - producer_regs) // consumers // 8 * 8)
     descs = (_row_descriptor(q, [block_m, head_a]), _row_descriptor(q, [block_m, hb]),
              _row_descriptor(k, [block_n, head_a]), _row_descriptor(k, [block_n, hb]),
              _row_descriptor(v, [block_n, head_a]), _row_descriptor(v, [block_n, hb]))
-    grid = (triton.cdiv(n_q, 2 * block_m), b * h)
+    grid = (triton.cdiv(n_q, consumers * block_m), b * h)
     _attn_fwd_ws[grid](*descs, out, out.stride(0), out.stride(1), out.stride(2), h, n_q, n_kv,
                        float(scale) * _LOG2E, HEAD_DIM=d, HEAD_A=head_a, HEAD_B=head_b, BLOCK_M=block_m,
-                       BLOCK_N=block_n, STAGES=stages, EVEN_N=n_kv % block_n == 0, PINGPONG=pingpong,
-                       PIPELINED=pipelined,
+                       BLOCK_N=block_n, STAGES=stages, EVEN_N=n_kv % block_n == 0, CONSUMERS=consumers,
+                       PINGPONG=pingpong, CONSUMER_REGS=consumer_regs, PRODUCER_REGS=producer_regs,
                        num_warps=CONSUMER_WARPS.value)
     return out
