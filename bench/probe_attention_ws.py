@@ -90,6 +90,40 @@ def child(cand: dict, out_path: str) -> None:
             return
 
 
+def scan(out_path: str) -> None:
+    """Time vs number of keys (fixed query count): the slope is the cost per key block, the intercept
+    the fixed cost of a launch (CTA start, first loads, epilogue)."""
+    import torch
+    import torch.nn.functional as F
+    import triton.testing as tt
+
+    from kernels import attention_gluon as ag
+    from kernels import attention_triton as at
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    for b, nq, d, split, cfg in ((2, 1024, 80, (64, 16), dict(block_n=128, stages=2, consumers=2)),
+                                 (2, 4096, 40, (32, 16), dict(block_n=128, stages=2, consumers=2))):
+        for nk in (128, 256, 512, 1024, 2048, 4096):
+            q = torch.randn(b, nq, HEADS * d, device="cuda", generator=gen, dtype=torch.float16).view(b, nq, HEADS, d)
+            k = torch.randn(b, nk, HEADS * d, device="cuda", generator=gen, dtype=torch.float16).view(b, nk, HEADS, d)
+            v = torch.randn(b, nk, HEADS * d, device="cuda", generator=gen, dtype=torch.float16).view(b, nk, HEADS, d)
+            qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+            out = torch.empty(b, nq, HEADS, d, device="cuda", dtype=torch.float16).transpose(1, 2)
+            ws = lambda: ag.launch_ws(qt, kt, vt, out, d ** -0.5, *split, block_m=64, **cfg)  # noqa: E731
+            ws()
+            torch.cuda.synchronize()
+            tri = lambda: at.attention_bnhd(q, k, v, loads="tma2d", split_mode="split16",  # noqa: E731
+                                            config=dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=2))
+            tri()
+            row = dict(scan=True, batch=b, n_q=nq, n_kv=nk, head_dim=d,
+                       ws_us=tt.do_bench_cudagraph(ws, rep=50) * 1e3,
+                       triton_us=tt.do_bench_cudagraph(tri, rep=50) * 1e3,
+                       sdpa_us=tt.do_bench_cudagraph(lambda: F.scaled_dot_product_attention(qt, kt, vt), rep=50) * 1e3)
+            print(json.dumps(row), flush=True)
+            with open(out_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
@@ -97,7 +131,11 @@ def main() -> None:
     ap.add_argument("--only", default="", help="run only the shapes whose name contains this")
     ap.add_argument("--timeout", type=float, default=90)
     ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--scan", action="store_true", help="time vs number of keys instead of the candidate set")
     args = ap.parse_args()
+    if args.scan:
+        scan(args.out)
+        return
     os.environ["WS_PROBE_ONLY"] = args.only
     if args.child:
         child(json.loads(args.child), args.out)
