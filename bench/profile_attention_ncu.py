@@ -3,8 +3,8 @@
 
     ncu -k regex:'attn|fmha|flash|sdpa' --set full python3 bench/profile_attention_ncu.py
 
-With --ws, only self 4096 d40, plus the warp-specialised Gluon kernel (kernels/attention_gluon.py,
-2 consumers, 32+16 slabs, 128-key blocks) and the softmax-only floor of bench/probe_softmax_floor.py.
+With --ws (run 56), only self 4096 d40, plus the seventh session's probes from bench/results: the
+warp-specialised Gluon kernel (2 consumers, 32+16 slabs, 128-key blocks) and the softmax-only floor.
 """
 import sys
 from pathlib import Path
@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent / "results"))
 from kernels import attention_triton as at  # noqa: E402
 
 SHAPES = [(2, 4096, 4096, 40), (2, 4096, 77, 40), (2, 4096, 258, 40), (2, 1024, 1024, 80)]
@@ -28,8 +28,8 @@ def main() -> None:
         at.attention_bnhd(q, k, v)  # ncu profiles this one launch (kernel time only, compile excluded)
         F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)))
         if ws:
-            from kernels import attention_gluon as ag
-            import probe_softmax_floor as floor
+            import attn_probe4_gluon_ws_kernel as ag
+            import softmax_floor_probe_h100_run56 as floor
             qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
             out = torch.empty_like(q).transpose(1, 2)
             ag.launch_ws(qt, kt, vt, out, d ** -0.5, 32, 16, 64, 128, 2, 2, True, producer_regs=24)

@@ -119,10 +119,6 @@ DEFAULT_SPLIT_MODE = "split32"
 # and batches). Where TMA cannot describe the tensors (16-byte alignment, packing, pre-Hopper GPU,
 # Triton < 3.4) a default or tuned choice falls back to "pointer"; an explicit ``loads=`` raises.
 LOAD_MODES = ("pointer", "tma2d", "tma4d")
-# TMA kernel: take the softmax row sums from a ones column of V (a head-dim padding column) on the
-# tensor cores instead of adding every probability on the FP32 pipe; only where the slabs have a
-# padding column (HEAD_A + HEAD_B > HEAD_DIM).
-ROW_SUM_BY_MMA = False
 DEFAULT_LOADS = "pointer"
 
 
@@ -409,32 +405,17 @@ if HAS_TRITON:
         return s
 
     @triton.jit
-    def _ones_column(v, first_col: tl.constexpr, HEAD_DIM: tl.constexpr, WIDTH: tl.constexpr):
-        """Column HEAD_DIM (a padding column of this slab) set to 1, so P V also yields P's row sums."""
-        return tl.where((first_col + tl.arange(0, WIDTH) == HEAD_DIM)[None, :], 1.0, v)
-
-    @triton.jit
     def _attend(s, m_i, l_i, acc_a, acc_b, qk_scale, v_a_desc, v_b_desc, b, h, row, col_a, col_b,
-                HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_A: tl.constexpr, HEAD_B: tl.constexpr,
-                DESC_4D: tl.constexpr, SUM_BY_MMA: tl.constexpr, dot_ty: tl.constexpr, io_ty: tl.constexpr):
-        """Online softmax of one (already masked) score block, then acc = acc * alpha + P V.
-
-        SUM_BY_MMA: the row sums come from a ones column of V (a padding column past HEAD_DIM) through
-        the tensor cores, so l_i is left as is (the caller reads the sums from that accumulator column)
-        and the per-element additions of the row sum are gone."""
+                BLOCK_N: tl.constexpr, HEAD_A: tl.constexpr, HEAD_B: tl.constexpr, DESC_4D: tl.constexpr,
+                dot_ty: tl.constexpr, io_ty: tl.constexpr):
+        """Online softmax of one (already masked) score block, then acc = acc * alpha + P V."""
         p, alpha, m_new, l_new = _online_softmax_block(s, m_i, l_i, qk_scale)
         p = p.to(io_ty).to(dot_ty)  # P rounded to the input dtype, as FlashAttention does
         v_a = _tma_tile(v_a_desc, b, h, row, col_a, BLOCK_N, HEAD_A, DESC_4D).to(dot_ty)
-        if SUM_BY_MMA and HEAD_A > HEAD_DIM:
-            v_a = _ones_column(v_a, 0, HEAD_DIM, HEAD_A)
         acc_a = tl.dot(p, v_a, acc_a * alpha[:, None])
         if HEAD_B > 0:
             v_b = _tma_tile(v_b_desc, b, h, row, col_b, BLOCK_N, HEAD_B, DESC_4D).to(dot_ty)
-            if SUM_BY_MMA and HEAD_A <= HEAD_DIM:
-                v_b = _ones_column(v_b, HEAD_A, HEAD_DIM, HEAD_B)
             acc_b = tl.dot(p, v_b, acc_b * alpha[:, None])
-        if SUM_BY_MMA:
-            l_new = l_i  # unused: the row sums accumulate in column HEAD_DIM
         return acc_a, acc_b, m_new, l_new
 
     @triton.jit
@@ -452,7 +433,6 @@ if HAS_TRITON:
         BLOCK_N: tl.constexpr,  #
         DESC_4D: tl.constexpr,  # True: [B, H, N, D] descriptors; False: [B*N, H*D] row descriptors
         DOT_F32: tl.constexpr,  #
-        SUM_BY_MMA: tl.constexpr = False,  # row sums from a ones column of V (needs HEAD_A + HEAD_B > HEAD_DIM)
     ):
         """Same math as ``_attn_fwd``, with Q/K/V tiles fetched by the Hopper TMA engine.
 
@@ -503,13 +483,8 @@ if HAS_TRITON:
             if not EVEN_N:
                 s = tl.where((start_n + offs_n < N_KV)[None, :], s, float("-inf"))
             acc_a, acc_b, m_i, l_i = _attend(s, m_i, l_i, acc_a, acc_b, qk_scale, v_a_desc, v_b_desc, b, h,
-                                             kv_row + start_n, col_a, col_b, HEAD_DIM, BLOCK_N, HEAD_A, HEAD_B,
-                                             DESC_4D, SUM_BY_MMA, dot_ty, Out.dtype.element_ty)
-        if SUM_BY_MMA:
-            if HEAD_A > HEAD_DIM:
-                l_i = tl.sum(tl.where((tl.arange(0, HEAD_A) == HEAD_DIM)[None, :], acc_a, 0.0), 1)
-            else:
-                l_i = tl.sum(tl.where((HEAD_A + tl.arange(0, HEAD_B) == HEAD_DIM)[None, :], acc_b, 0.0), 1)
+                                             kv_row + start_n, col_a, col_b, BLOCK_N, HEAD_A, HEAD_B, DESC_4D,
+                                             dot_ty, Out.dtype.element_ty)
 
         offs_m = m0 + tl.arange(0, BLOCK_M)
         m_mask = offs_m < N_Q
@@ -686,7 +661,7 @@ def _launch(q, k, v, out, b, h, n_q, n_kv, d, scale, config, split_mode, loads):
         descs = (*_tma_descriptors(q, four_d), *_tma_descriptors(k, four_d), *_tma_descriptors(v, four_d))
         args = (*descs, out, out.stride(0), out.stride(1), out.stride(2), h, n_q, n_kv, qk_scale)
         meta = dict(HEAD_DIM=d, ALIGN=_alignment(out), HEAD_A=head_a, HEAD_B=head_b, DESC_4D=four_d,
-                    DOT_F32=dot_f32, SUM_BY_MMA=ROW_SUM_BY_MMA and head_a + head_b > d)
+                    DOT_F32=dot_f32)
         fixed, tuned = _attn_fwd_tma_fixed, _attn_fwd_tma_tuned
     if config is not None:
         bm, bn = int(config["BLOCK_M"]), int(config["BLOCK_N"])

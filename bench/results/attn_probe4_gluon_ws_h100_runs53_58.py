@@ -1,4 +1,9 @@
-"""Probe: the warp-specialised Gluon attention kernel (kernels/attention_gluon.py) on the H100.
+"""Probe (seventh session, H100 runs 53-58): the warp-specialised Gluon attention kernel of
+attn_probe4_gluon_ws_kernel.py, next to torch SDPA (cuDNN) and the shipped Triton kernel.
+
+Nothing of it shipped; docs/kernels.md ("Seventh session") has the results. Runs 53 (ping-pong,
+commit 5e0ec6d) and 54 (a software-pipelined consumer, commit 423c8d8) used earlier versions of the
+kernel; the candidate sets "consumers" (run 55) and "d80" (run 58) and --scan (run 57) run as is.
 
 For each candidate (head-dim split, BLOCK_N, stages, ping-pong on/off) a child process checks the
 kernel against an fp32 reference on the issue's goal shapes and times it, in CUDA graphs, next to
@@ -6,7 +11,7 @@ torch SDPA (cuDNN) and the shipped Triton kernel, same process and inputs. Child
 timeout: a wrong mbarrier protocol hangs instead of crashing. One JSON line per (candidate, shape)
 goes to --out as soon as it is measured.
 
-    python3 bench/probe_attention_ws.py --out $OUT/ws.jsonl [--set consumers] [--only self]
+    python3 bench/results/attn_probe4_gluon_ws_h100_runs53_58.py --out $OUT/ws.jsonl [--set consumers] [--only self]
 """
 from __future__ import annotations
 
@@ -18,8 +23,9 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 HEADS = 8
 ONLY = os.environ.get("WS_PROBE_ONLY", "")
@@ -52,7 +58,7 @@ def child(cand: dict, out_path: str) -> None:
     import triton.testing as tt
     import torch.nn.functional as F
 
-    from kernels import attention_gluon as ag
+    import attn_probe4_gluon_ws_kernel as ag
     from kernels import attention_triton as at
 
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -101,7 +107,7 @@ def scan(out_path: str) -> None:
     import torch.nn.functional as F
     import triton.testing as tt
 
-    from kernels import attention_gluon as ag
+    import attn_probe4_gluon_ws_kernel as ag
     from kernels import attention_triton as at
 
     gen = torch.Generator(device="cuda").manual_seed(0)

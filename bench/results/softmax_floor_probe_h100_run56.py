@@ -1,4 +1,4 @@
-"""Probe: how fast can an H100 run just the softmax work of self-attention over 4096 tokens at B2 x 8 heads?
+"""Probe (seventh session, H100 run 56): how fast can an H100 run just the softmax work of self-attention over 4096 tokens at B2 x 8 heads?
 
 No matrix products and no memory traffic: each program keeps a [64, 128] fp32 score tile in
 registers and runs the online-softmax update of FlashAttention 32 times (4096 keys), the same
@@ -9,7 +9,7 @@ registers and runs the online-softmax update of FlashAttention 32 times (4096 ke
 One FFMA per element per iteration keeps the tile changing (so nothing is hoisted out of the loop).
 Prints and writes JSON: GPU time per mode (CUDA graph) next to SDPA on the real shape.
 
-    python3 bench/probe_softmax_floor.py --out $OUT/softmax_floor.json
+    python3 bench/results/softmax_floor_probe_h100_run56.py --out $OUT/softmax_floor.json
 """
 from __future__ import annotations
 

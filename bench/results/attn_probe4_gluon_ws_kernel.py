@@ -1,24 +1,29 @@
-"""Warp-specialised FlashAttention forward for Hopper (sm_90), written in Gluon.
+"""Probe (seventh session; not used by the runtime): a warp-specialised FlashAttention forward for
+Hopper (sm_90), written in Gluon. Runner: attn_probe4_gluon_ws_h100_runs53_58.py; results and the
+reasons it did not ship: docs/kernels.md, "Seventh session".
 
-Why a second attention kernel: at head dim 40 the softmax's exponentials (MUFU) cost about as much
+Why a second attention kernel was tried: at head dim 40 the softmax's exponentials (MUFU) cost about as much
 as the matrix products, and the Triton kernel in `attention_triton` runs the two one after the
 other (docs/kernels.md, "what bounds the d40 self-attention"). cuDNN and FlashAttention-3 overlap
 them. This kernel does the same with Gluon, Triton's lower-level language, which exposes Hopper's
 warpgroup MMA, TMA, mbarriers and warp specialisation directly (present in Triton 3.6 and 3.9):
 
-- one CTA owns two query tiles of one (batch, head) and runs three partitions: two consumer warp
-  groups (4 warps each, one query tile each) and a producer warp that streams K and V tiles through
-  a ring of shared-memory stages with TMA;
-- the consumers take turns on the tensor cores ("ping-pong"): a consumer waits for its turn, issues
-  Q K_j^T for this key block and P_{j-1} V_{j-1} for the previous one as asynchronous wgmma, hands
-  the turn over, and runs its softmax while the other consumer's products run;
+- one CTA owns CONSUMERS (2-4) query tiles of one (batch, head): one consumer warp group (4 warps)
+  per tile, and a producer warp that streams K and V tiles through a ring of shared-memory stages
+  with TMA;
+- the consumers take turns on the tensor cores (a ring of turn barriers; "ping-pong" for two): a
+  consumer waits for its turn, issues Q K_j^T for this key block and P_{j-1} V_{j-1} for the
+  previous one as asynchronous wgmma, hands the turn on, and runs its softmax while the others'
+  products run (PINGPONG=False: no turns);
 - the head dim is split into power-of-two slabs (`HEAD_A` + `HEAD_B`, B may be 0) like the Triton
   kernel; slab columns past the head belong to the next head (the `[B*N, H*D]` view of packed
   projections) or lie past the tensor (TMA zero fill). Q's extra columns are zeroed in shared
   memory once, so K's add nothing to S; V's reach only output columns that are never stored.
 
-Gluon has no CPU interpreter: the reference for this kernel is `attention_triton`'s float64
-reference, checked on the GPU, and CI compiles it for sm_90 offline (tests/test_kernels_compile_sm90.py).
+Gluon has no CPU interpreter: the runner checks every launch against an fp32 reference on the GPU
+(max abs error 6.7e-5 to 2.5e-4 on every candidate). It compiles offline for sm_90 with Triton 3.6 and
+3.9 (GluonASTSource + GPUTarget("cuda", 90, 32)), as tests/test_kernels_compile_sm90.py does for the
+shipped kernels.
 """
 from __future__ import annotations
 
