@@ -119,9 +119,6 @@ DEFAULT_SPLIT_MODE = "split32"
 # and batches). Where TMA cannot describe the tensors (16-byte alignment, packing, pre-Hopper GPU,
 # Triton < 3.4) a default or tuned choice falls back to "pointer"; an explicit ``loads=`` raises.
 LOAD_MODES = ("pointer", "tma2d", "tma4d")
-# TMA kernel: write the output with TMA stores (4-D [B, N, H, D] descriptor, clipped at N and D)
-# instead of masked pointer stores, where TMA can describe the output.
-TMA_STORE_OUTPUT = False
 DEFAULT_LOADS = "pointer"
 
 
@@ -427,9 +424,8 @@ if HAS_TRITON:
         Out, stride_ob, stride_oh, stride_on,  #
         N_HEADS, N_Q, N_KV,  #
         qk_scale,  # scale * log2(e)
-        o_a_desc, o_b_desc,  # [B, N, H, D] descriptors of Out for TMA_STORE (placeholders otherwise)
         HEAD_DIM: tl.constexpr,  #
-        ALIGN: tl.constexpr,  # of the output offsets (for the masked stores)
+        ALIGN: tl.constexpr,  # of the output offsets (the output is written with masked stores)
         HEAD_A: tl.constexpr,  #
         HEAD_B: tl.constexpr,  #
         EVEN_N: tl.constexpr,  #
@@ -437,7 +433,6 @@ if HAS_TRITON:
         BLOCK_N: tl.constexpr,  #
         DESC_4D: tl.constexpr,  # True: [B, H, N, D] descriptors; False: [B*N, H*D] row descriptors
         DOT_F32: tl.constexpr,  #
-        TMA_STORE: tl.constexpr = False,  # write the output tiles with TMA (it clips rows >= N_Q, cols >= D)
     ):
         """Same math as ``_attn_fwd``, with Q/K/V tiles fetched by the Hopper TMA engine.
 
@@ -491,26 +486,18 @@ if HAS_TRITON:
                                              kv_row + start_n, col_a, col_b, BLOCK_N, HEAD_A, HEAD_B, DESC_4D,
                                              dot_ty, Out.dtype.element_ty)
 
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        m_mask = offs_m < N_Q
+        o_base = Out + tl.multiple_of(b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh, ALIGN)
+        rows_o = tl.multiple_of(offs_m * stride_on, ALIGN)
         inv_l = 1.0 / l_i
-        out_a = (acc_a * inv_l[:, None]).to(Out.dtype.element_ty)
-        if TMA_STORE:
-            o_a_desc.store([b, m0, h, 0], tl.reshape(out_a, [1, BLOCK_M, 1, HEAD_A]))
-            if HEAD_B > 0:
-                out_b = (acc_b * inv_l[:, None]).to(Out.dtype.element_ty)
-                o_b_desc.store([b, m0, h, HEAD_A], tl.reshape(out_b, [1, BLOCK_M, 1, HEAD_B]))
-        else:
-            offs_m = m0 + tl.arange(0, BLOCK_M)
-            m_mask = offs_m < N_Q
-            o_base = Out + tl.multiple_of(b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh, ALIGN)
-            rows_o = tl.multiple_of(offs_m * stride_on, ALIGN)
-            offs_a = tl.arange(0, HEAD_A)
-            tl.store(o_base + rows_o[:, None] + offs_a[None, :], out_a,
-                     mask=m_mask[:, None] & (offs_a < HEAD_DIM)[None, :])
-            if HEAD_B > 0:
-                offs_b = HEAD_A + tl.arange(0, HEAD_B)
-                out_b = (acc_b * inv_l[:, None]).to(Out.dtype.element_ty)
-                tl.store(o_base + rows_o[:, None] + offs_b[None, :], out_b,
-                         mask=m_mask[:, None] & (offs_b < HEAD_DIM)[None, :])
+        offs_a = tl.arange(0, HEAD_A)
+        tl.store(o_base + rows_o[:, None] + offs_a[None, :], (acc_a * inv_l[:, None]).to(Out.dtype.element_ty),
+                 mask=m_mask[:, None] & (offs_a < HEAD_DIM)[None, :])
+        if HEAD_B > 0:
+            offs_b = HEAD_A + tl.arange(0, HEAD_B)
+            tl.store(o_base + rows_o[:, None] + offs_b[None, :], (acc_b * inv_l[:, None]).to(Out.dtype.element_ty),
+                     mask=m_mask[:, None] & (offs_b < HEAD_DIM)[None, :])
 
     # Autotune list kept small on purpose: every config is compiled and timed on the first call of
     # each (N_Q, N_KV, HEAD_DIM) key (CapHuman has ~12), so a handful keeps a fresh server's warm-up
@@ -551,9 +538,6 @@ if HAS_TRITON:
         for name, rows in (("q", bm), ("k", bn), ("v", bn)):
             nargs[f"{name}_a_desc"].block_shape = lead + [rows, ha]
             nargs[f"{name}_b_desc"].block_shape = lead + [rows, hb or ha]  # unused when HEAD_B == 0
-        if nargs.get("TMA_STORE"):  # (otherwise the output descriptors are V's, as unused placeholders)
-            nargs["o_a_desc"].block_shape = [1, bm, 1, ha]
-            nargs["o_b_desc"].block_shape = [1, bm, 1, hb or ha]
 
     _TMA_CONFIGS = [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st, pre_hook=_tma_block_shapes)
@@ -627,13 +611,6 @@ def _tma_descriptors(t, four_d: bool):
             TensorDescriptor(t, shape, strides, list(placeholder)))
 
 
-def _out_descriptors(out):
-    """Two host descriptors of the [B, H, N, D]-indexed output as [B, N, H, D] (its memory order for
-    the default buffer), one per head-dim slab; TMA clips the rows past N and the columns past D."""
-    o = out.transpose(1, 2)
-    return tuple(TensorDescriptor(o, list(o.shape), list(o.stride()), [1, 16, 1, 16]) for _ in range(2))
-
-
 def _resolve_loads(requested: str, explicit: bool, q, k, v, d) -> str:
     """``requested`` if TMA can serve it here; a default (not ``explicit``) falls back to "pointer"."""
     if requested not in LOAD_MODES:
@@ -682,17 +659,15 @@ def _launch(q, k, v, out, b, h, n_q, n_kv, d, scale, config, split_mode, loads):
     else:
         four_d = loads == "tma4d"
         descs = (*_tma_descriptors(q, four_d), *_tma_descriptors(k, four_d), *_tma_descriptors(v, four_d))
-        tma_store = TMA_STORE_OUTPUT and tma_layout_reason((out, ), d, "tma4d") is None
-        o_descs = _out_descriptors(out) if tma_store else descs[4:]
-        args = (*descs, out, out.stride(0), out.stride(1), out.stride(2), h, n_q, n_kv, qk_scale, *o_descs)
+        args = (*descs, out, out.stride(0), out.stride(1), out.stride(2), h, n_q, n_kv, qk_scale)
         meta = dict(HEAD_DIM=d, ALIGN=_alignment(out), HEAD_A=head_a, HEAD_B=head_b, DESC_4D=four_d,
-                    DOT_F32=dot_f32, TMA_STORE=tma_store)
+                    DOT_F32=dot_f32)
         fixed, tuned = _attn_fwd_tma_fixed, _attn_fwd_tma_tuned
     if config is not None:
         bm, bn = int(config["BLOCK_M"]), int(config["BLOCK_N"])
         if loads != "pointer":
-            names = ("q_a_desc", "q_b_desc", "k_a_desc", "k_b_desc", "v_a_desc", "v_b_desc", "o_a_desc", "o_b_desc")
-            _tma_block_shapes({**dict(zip(names, descs + o_descs)), **meta, "BLOCK_M": bm, "BLOCK_N": bn})
+            names = ("q_a_desc", "q_b_desc", "k_a_desc", "k_b_desc", "v_a_desc", "v_b_desc")
+            _tma_block_shapes({**dict(zip(names, descs)), **meta, "BLOCK_M": bm, "BLOCK_N": bn})
         fixed[(triton.cdiv(n_q, bm), b * h)](*args, **meta, BLOCK_M=bm, BLOCK_N=bn, **extra)
     else:
         grid = lambda cfg: (triton.cdiv(n_q, cfg["BLOCK_M"]), b * h)  # noqa: E731

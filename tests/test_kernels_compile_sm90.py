@@ -71,10 +71,7 @@ def _attention_launch(key, launch):
                for t, rows in (("q", bm), ("k", bn), ("v", bn)) for s, width in (("a", head_a), ("b", head_b or head_a))}
         sig.update({"Out": "*fp16", **{s: "i32" for s in ("stride_ob", "stride_oh", "stride_on", *ints)},
                     "qk_scale": "fp32"})
-        tma_store = at.TMA_STORE_OUTPUT  # the launcher's choice for the default [B, N, H, D] output buffer
-        for s, width in (("a", head_a), ("b", head_b or head_a)):  # output descriptors, or V's as placeholders
-            sig[f"o_{s}_desc"] = f"tensordesc<fp16[1,{bm},1,{width}]>" if tma_store else sig[f"v_{s}_desc"]
-        meta.update(DESC_4D=four_d, EVEN_N=n_kv % bn == 0, TMA_STORE=tma_store)
+        meta.update(DESC_4D=four_d, EVEN_N=n_kv % bn == 0)
         aligned = ("Out",)
     # strides, token counts: multiples of 16 elements for every CapHuman layout except 77/258 keys
     aligned += tuple(n for n in sig if n.startswith("stride_") and n.endswith(("b", "h", "n")))
