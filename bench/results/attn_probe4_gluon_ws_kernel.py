@@ -21,7 +21,7 @@ warpgroup MMA, TMA, mbarriers and warp specialisation directly (present in Trito
   memory once, so K's add nothing to S; V's reach only output columns that are never stored.
 
 Gluon has no CPU interpreter: the runner checks every launch against an fp32 reference on the GPU
-(max abs error 6.7e-5 to 2.5e-4 on every candidate). It compiles offline for sm_90 with Triton 3.6 and
+(max abs error 6.7e-5 to 5.2e-4 on every candidate). It compiles offline for sm_90 with Triton 3.6 and
 3.9 (GluonASTSource + GPUTarget("cuda", 90, 32)), as tests/test_kernels_compile_sm90.py does for the
 shipped kernels.
 """
