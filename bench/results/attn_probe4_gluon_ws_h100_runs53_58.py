@@ -35,9 +35,9 @@ SHAPES = [("self 4096 d40", 2, 4096, 4096, 40), ("cross 4096x77 d40", 2, 4096, 7
           ("self 256 d160", 2, 256, 256, 160)]
 
 
-def _cand(d, head_a, head_b, block_n, stages, consumers, pingpong=True, block_m=64, producer_regs=24):
+def _cand(d, head_a, head_b, block_n, stages, consumers, pingpong=True, block_m=64, producer_regs=24, maxnreg=None):
     return dict(head_dim=d, head_a=head_a, head_b=head_b, block_m=block_m, block_n=block_n, stages=stages,
-                consumers=consumers, pingpong=pingpong, producer_regs=producer_regs)
+                consumers=consumers, pingpong=pingpong, producer_regs=producer_regs, maxnreg=maxnreg)
 
 
 CANDIDATE_SETS = {
@@ -50,6 +50,13 @@ CANDIDATE_SETS = {
     "d80": [_cand(80, 64, 16, 128, 2, 2), _cand(80, 64, 16, 128, 3, 2), _cand(80, 64, 16, 128, 2, 2, False),
             _cand(80, 64, 16, 128, 3, 2, False), _cand(80, 64, 16, 64, 4, 2), _cand(80, 64, 16, 64, 4, 2, False),
             _cand(80, 64, 32, 128, 2, 2), _cand(80, 128, 0, 64, 3, 2)],
+    # run 61: one consumer per CTA (no turns), two CTAs per SM where maxnreg=128 fits
+    "c1": [_cand(80, 64, 16, 64, 3, 1, producer_regs=56, maxnreg=128),
+           _cand(80, 64, 16, 64, 4, 1, producer_regs=56, maxnreg=128),
+           _cand(80, 64, 16, 128, 2, 1, producer_regs=56, maxnreg=128),
+           _cand(80, 64, 16, 64, 3, 1, producer_regs=56), _cand(80, 64, 16, 128, 2, 1, producer_regs=56),
+           _cand(40, 32, 16, 64, 3, 1, producer_regs=56, maxnreg=128),
+           _cand(40, 32, 16, 128, 2, 1, producer_regs=56)],
 }
 
 
@@ -76,7 +83,8 @@ def child(cand: dict, out_path: str) -> None:
         try:
             ws = lambda: ag.launch_ws(qt, kt, vt, out, scale, cand["head_a"], cand["head_b"],  # noqa: E731
                                       cand["block_m"], cand["block_n"], cand["stages"], cand["consumers"],
-                                      cand["pingpong"], producer_regs=cand["producer_regs"])
+                                      cand["pingpong"], producer_regs=cand["producer_regs"],
+                                      maxnreg=cand.get("maxnreg"))
             ws()
             torch.cuda.synchronize()
             ref = F.scaled_dot_product_attention(qt.float(), kt.float(), vt.float())

@@ -309,7 +309,14 @@ def _attn_fwd_ws(q_a_desc, q_b_desc, k_a_desc, k_b_desc, v_a_desc, v_b_desc, Out
     kv_row = b * N_KV
     # Consumer c takes query rows [seq_row0 + c*BLOCK_M, +BLOCK_M) and passes the turn to c+1.
     # (Gluon builds the partition list at compile time, one branch per supported count.)
-    if CONSUMERS == 2:
+    if CONSUMERS == 1:  # one query tile per CTA; two CTAs share an SM when registers allow
+        gl.warp_specialize([
+            (_consumer, (0, q_a, q_b, k_a, k_b, v_a, v_b, q_bar, k_ready, k_empty, v_ready, v_empty, turns, Out,
+                         out_base, seq_row0, N_Q, N_KV, stride_on, qk_scale, HEAD_DIM, HEAD_A, HEAD_B, BLOCK_M,
+                         BLOCK_N, STAGES, EVEN_N, CONSUMERS, PINGPONG)),
+            (_producer, (q_a_desc, q_b_desc, k_a_desc, k_b_desc, v_a_desc, v_b_desc, q_a, q_b, k_a, k_b, v_a, v_b, q_bar, k_ready, k_empty, v_ready, v_empty, q_row, kv_row, col, N_KV, HEAD_A, HEAD_B, BLOCK_M, BLOCK_N, STAGES, CONSUMERS)),
+        ], [PRODUCER_WARPS], [PRODUCER_REGS])
+    elif CONSUMERS == 2:
         gl.warp_specialize([
             (_consumer, (0, q_a, q_b, k_a, k_b, v_a, v_b, q_bar, k_ready, k_empty, v_ready, v_empty, turns, Out,
                          out_base, seq_row0, N_Q, N_KV, stride_on, qk_scale, HEAD_DIM, HEAD_A, HEAD_B, BLOCK_M,
@@ -333,7 +340,7 @@ def _attn_fwd_ws(q_a_desc, q_b_desc, k_a_desc, k_b_desc, v_a_desc, v_b_desc, Out
             (_producer, (q_a_desc, q_b_desc, k_a_desc, k_b_desc, v_a_desc, v_b_desc, q_a, q_b, k_a, k_b, v_a, v_b, q_bar, k_ready, k_empty, v_ready, v_empty, q_row, kv_row, col, N_KV, HEAD_A, HEAD_B, BLOCK_M, BLOCK_N, STAGES, CONSUMERS)),
         ], [CONSUMER_WARPS, CONSUMER_WARPS, PRODUCER_WARPS], [CONSUMER_REGS, CONSUMER_REGS, PRODUCER_REGS])
     else:
-        gl.static_assert(CONSUMERS == 4, "CONSUMERS must be 2, 3 or 4")
+        gl.static_assert(CONSUMERS == 4, "CONSUMERS must be 1, 2, 3 or 4")
         gl.warp_specialize([
             (_consumer, (0, q_a, q_b, k_a, k_b, v_a, v_b, q_bar, k_ready, k_empty, v_ready, v_empty, turns, Out,
                          out_base, seq_row0, N_Q, N_KV, stride_on, qk_scale, HEAD_DIM, HEAD_A, HEAD_B, BLOCK_M,
@@ -369,7 +376,7 @@ def _row_descriptor(t, block_shape):
 
 def launch_ws(q, k, v, out, scale: float, head_a: int, head_b: int, block_m: int = 64, block_n: int = 128,
               stages: int = 2, consumers: int = 2, pingpong: bool = True, consumer_regs: int | None = None,
-              producer_regs: int = 40):
+              producer_regs: int = 40, maxnreg: int | None = None):
     """softmax(q k^T * scale) v into ``out`` with the warp-specialised kernel.
 
     q, k, v: [B, H, N, D]-indexed views of packed [B, N, H*D] projections (what
@@ -389,5 +396,5 @@ def launch_ws(q, k, v, out, scale: float, head_a: int, head_b: int, block_m: int
                        float(scale) * _LOG2E, HEAD_DIM=d, HEAD_A=head_a, HEAD_B=head_b, BLOCK_M=block_m,
                        BLOCK_N=block_n, STAGES=stages, EVEN_N=n_kv % block_n == 0, CONSUMERS=consumers,
                        PINGPONG=pingpong, CONSUMER_REGS=consumer_regs, PRODUCER_REGS=producer_regs,
-                       num_warps=CONSUMER_WARPS.value)
+                       num_warps=CONSUMER_WARPS.value, **({} if maxnreg is None else {"maxnreg": maxnreg}))
     return out
