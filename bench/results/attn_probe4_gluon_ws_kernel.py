@@ -1,5 +1,5 @@
 """Probe (seventh session; not used by the runtime): a warp-specialised FlashAttention forward for
-Hopper (sm_90), written in Gluon. Runner: attn_probe4_gluon_ws_h100_runs53_58.py; results and the
+Hopper (sm_90), written in Gluon. Runner: attn_probe4_gluon_ws_h100_runs53_61.py; results and the
 reasons it did not ship: docs/kernels.md, "Seventh session".
 
 Why a second attention kernel was tried: at head dim 40 the softmax's exponentials (MUFU) cost about as much

@@ -1,9 +1,10 @@
-"""Probe (seventh session, H100 runs 53-58): the warp-specialised Gluon attention kernel of
+"""Probe (seventh session, H100 runs 53-58 and 61): the warp-specialised Gluon attention kernel of
 attn_probe4_gluon_ws_kernel.py, next to torch SDPA (cuDNN) and the shipped Triton kernel.
 
 Nothing of it shipped; docs/kernels.md ("Seventh session") has the results. Runs 53 (ping-pong,
 commit 5e0ec6d) and 54 (a software-pipelined consumer, commit 423c8d8) used earlier versions of the
-kernel; the candidate sets "consumers" (run 55) and "d80" (run 58) and --scan (run 57) run as is.
+kernel; the candidate sets "consumers" (run 55), "d80" (run 58) and "c1" (run 61) and --scan (run 57)
+run as is.
 
 For each candidate (head-dim split, BLOCK_N, stages, ping-pong on/off) a child process checks the
 kernel against an fp32 reference on the issue's goal shapes and times it, in CUDA graphs, next to
@@ -11,7 +12,7 @@ torch SDPA (cuDNN) and the shipped Triton kernel, same process and inputs. Child
 timeout: a wrong mbarrier protocol hangs instead of crashing. One JSON line per (candidate, shape)
 goes to --out as soon as it is measured.
 
-    python3 bench/results/attn_probe4_gluon_ws_h100_runs53_58.py --out $OUT/ws.jsonl [--set consumers] [--only self]
+    python3 bench/results/attn_probe4_gluon_ws_h100_runs53_61.py --out $OUT/ws.jsonl [--set consumers] [--only self]
 """
 from __future__ import annotations
 
