@@ -8,7 +8,7 @@ other (docs/kernels.md, "what bounds the d40 self-attention"). cuDNN and FlashAt
 them. This kernel does the same with Gluon, Triton's lower-level language, which exposes Hopper's
 warpgroup MMA, TMA, mbarriers and warp specialisation directly (present in Triton 3.6 and 3.9):
 
-- one CTA owns CONSUMERS (2-4) query tiles of one (batch, head): one consumer warp group (4 warps)
+- one CTA owns CONSUMERS (1-4) query tiles of one (batch, head): one consumer warp group (4 warps)
   per tile, and a producer warp that streams K and V tiles through a ring of shared-memory stages
   with TMA;
 - the consumers take turns on the tensor cores (a ring of turn barriers; "ping-pong" for two): a
@@ -382,7 +382,7 @@ def launch_ws(q, k, v, out, scale: float, head_a: int, head_b: int, block_m: int
     q, k, v: [B, H, N, D]-indexed views of packed [B, N, H*D] projections (what
     ``attention_triton.tma_layout_reason(..., "tma2d")`` accepts), fp16 or bf16, on an sm_90 GPU.
     out: [B, H, Nq, D]-indexed with a contiguous head dim. head_a/head_b: the head-dim slabs
-    (``attention_triton.split_head_dim``). consumers: query tiles (warp groups) per CTA, 2 to 4."""
+    (``attention_triton.split_head_dim``). consumers: query tiles (warp groups) per CTA, 1 to 4."""
     b, h, n_q, d = q.shape
     n_kv = k.shape[2]
     hb = head_b or head_a
