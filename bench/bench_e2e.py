@@ -26,10 +26,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from export.config import load_config, packaged_config  # noqa: E402
-from export.models import VAE, CapHumanDenoiser  # noqa: E402
-from kernels import attention_triton  # noqa: E402
-from runtime.sampling import ddim_sample, dpmpp_2m_sample, guided_eps  # noqa: E402
+from caphuman.export.config import load_config, packaged_config  # noqa: E402
+from caphuman.export.models import VAE, CapHumanDenoiser  # noqa: E402
+from caphuman.kernels import attention_triton  # noqa: E402
+from caphuman.runtime.sampling import ddim_sample, dpmpp_2m_sample, guided_eps  # noqa: E402
 
 RESULTS: dict = {}
 SAVE_DIR: Path | None = None  # set by main: bench_step saves after every mode
@@ -93,7 +93,7 @@ INDUCTOR_UNET_OPTIONS = {"conv_1x1_as_mm": True, "coordinate_descent_tuning": Tr
 
 def bench_step(cfg, device, size: int, repeat: int, modes: list[str]) -> dict:
     """One denoising step (CapFace + UNet with guidance 7) in each mode."""
-    from engines.torch_engine import TorchDenoiserEngine
+    from caphuman.engines.torch_engine import TorchDenoiserEngine
     out: dict = {}
     fp16 = torch.float16 if device.type == "cuda" else torch.float32
 
@@ -255,22 +255,22 @@ def bench_end_to_end(cfg, device, reference: str, pose: str, repeat: int, compil
     the GPU (once when the 512 frame is the photo itself); FaceNet, BiSeNet, CLIP image and text
     towers and DECA's encoder (both photos in one batch) replayed from CUDA graphs; the empty
     negative prompt encoded once per process; the torch engine (one CUDA graph per step, Triton
-    attention); the VAE decoder compiled (`vae_mode`); `runtime.outputs.encode_png`."""
+    attention); the VAE decoder compiled (`vae_mode`); `caphuman.runtime.outputs.encode_png`."""
     from PIL import Image
 
-    from engines.torch_engine import TorchDenoiserEngine
-    from export.clip import ImageEncoder, TextEncoder
-    from export.face.bisenet import BiSeNet
-    from export.face.deca_encoder import DecaEncoder
-    from export.face.facenet import InceptionResnetV1
-    from runtime.condition.builder import ConditionBuilder
-    from runtime.condition.faces import FaceAnalyzer
-    from runtime.condition.graphs import CudaGraphed
-    from runtime.condition.hint import cuda_renderer
-    from runtime.condition.identity import identity_context
-    from runtime.condition.text import PromptEncoder
-    from runtime.outputs import encode_png
-    from runtime.pipeline import latents_to_uint8
+    from caphuman.engines.torch_engine import TorchDenoiserEngine
+    from caphuman.export.clip import ImageEncoder, TextEncoder
+    from caphuman.export.face.bisenet import BiSeNet
+    from caphuman.export.face.deca_encoder import DecaEncoder
+    from caphuman.export.face.facenet import InceptionResnetV1
+    from caphuman.runtime.condition.builder import ConditionBuilder
+    from caphuman.runtime.condition.faces import FaceAnalyzer
+    from caphuman.runtime.condition.graphs import CudaGraphed
+    from caphuman.runtime.condition.hint import cuda_renderer
+    from caphuman.runtime.condition.identity import identity_context
+    from caphuman.runtime.condition.text import PromptEncoder
+    from caphuman.runtime.outputs import encode_png
+    from caphuman.runtime.pipeline import latents_to_uint8
 
     out: dict = {}
     gpu = device.type == "cuda"
@@ -286,7 +286,7 @@ def bench_end_to_end(cfg, device, reference: str, pose: str, repeat: int, compil
         m["den"] = make_denoiser(cfg, device, dtype)
         return m
 
-    from kernels.raster_reference import render_hint
+    from caphuman.kernels.raster_reference import render_hint
     renderer = cuda_renderer(device) if gpu else render_hint
 
     def reference_png(img):

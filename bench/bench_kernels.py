@@ -33,8 +33,8 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from kernels import attention_triton as at  # noqa: E402
-from kernels import raster_cuda  # noqa: E402
+from caphuman.kernels import attention_triton as at  # noqa: E402
+from caphuman.kernels import raster_cuda  # noqa: E402
 
 HEADS = 8
 # (name, B, Nq, Nk, D, calls per step in the UNet (B=2), calls per step in CapFace (B=1))
@@ -388,7 +388,7 @@ def step_totals(rows: list[dict], kv: dict) -> dict:
                         speedup_with_kv_cache=(before + kv["per_step_us"]) / after)
     out["attention_calls_per_step"] = sum(r["unet_calls"] + r["capface_calls"] for r in rows)
     try:  # what enable_fast_attention's AUTO rule runs inside a CUDA graph: Triton where preferred
-        from export.attention_processors import triton_preferred
+        from caphuman.export.attention_processors import triton_preferred
 
         auto = sum((r["unet_calls"] + r["capface_calls"]) *
                    (r["triton_us_graph"] if triton_preferred(r["n_q"], r["n_kv"], True, r["head_dim"], r["batch"] * HEADS,
@@ -421,7 +421,7 @@ GEGLU_CANDIDATES = [(128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (128, 128, 64, 8,
 def bench_geglu() -> dict:
     """Fused GEGLU kernel vs what the engine runs without it: torch.compile of Linear -> chunk ->
     value * gelu(gate) (cuBLAS GEMM + one fused inductor kernel), both timed in CUDA graphs."""
-    from kernels import geglu_triton as gg
+    from caphuman.kernels import geglu_triton as gg
 
     def unfused(x, w, b):
         value, gate = F.linear(x, w, b).chunk(2, dim=-1)
@@ -531,7 +531,7 @@ def load_albedo(path: Path | None, size: int = 256) -> np.ndarray:
 
 
 def bench_raster(mesh_path: Path, albedo_path: Path | None) -> dict:
-    from kernels import raster_reference as ref
+    from caphuman.kernels import raster_reference as ref
 
     verts, vts, faces, fts = load_obj(mesh_path)
     face_uvs = vts[fts]  # [F, 3, 2]

@@ -4,13 +4,13 @@
     python bench/bench_serving.py --device cpu --duration 5 --warmup 2           # CPU smoke: tiny, 256, 2 steps
 
 1. Baseline: the single-stream rate of the same pipeline and engine in this process, on the same device
-   (`tritonserver.weights.random_pipeline` + `tritonserver.generation.engine_pipeline`, then
+   (`caphuman.tritonserver.weights.random_pipeline` + `caphuman.tritonserver.generation.engine_pipeline`, then
    `CapHumanPipeline.generate` one request after the other; identity context and hint given, as the
    server's caches give them after a person's first request).
 2. A server (tritonserver/launcher.py) on a copy of the model repository: `caphuman` on the GPU, the
    identity and head models on the CPU unless --aux-gpu (after the first request both are cache hits),
    random weights at the official sizes (CAPHUMAN_RANDOM_CONFIG).
-3. For each concurrency C: C closed-loop gRPC clients (tritonserver.client, streaming) send requests with
+3. For each concurrency C: C closed-loop gRPC clients (caphuman.tritonserver.client, streaming) send requests with
    the same reference photo and a prompt and seed that change per request, for --warmup seconds (not
    counted), then --duration seconds. Images/s = requests completed in the measured window / its length;
    latency = request sent -> its image received, of the requests completed in the window.
@@ -85,9 +85,9 @@ def baseline(args, cuda: bool) -> dict:
     """Single-stream rate of the same pipeline and engine in this process."""
     import torch
 
-    from runtime.pipeline import GenerationRequest, sphere_hint
-    from tritonserver.generation import engine_pipeline
-    from tritonserver.weights import random_pipeline
+    from caphuman.runtime.pipeline import GenerationRequest, sphere_hint
+    from caphuman.tritonserver.generation import engine_pipeline
+    from caphuman.tritonserver.weights import random_pipeline
 
     device = "cuda:0" if cuda else "cpu"
     t0 = time.perf_counter()
@@ -129,7 +129,7 @@ def run_ahead_probe(pipe, request, repeats: int = 5) -> dict:
     """What the serving loop's bounded run-ahead costs and buys, in this process with the serving engine:
     the sampling loop's time (issue to GPU idle) and the GPU work left after a cancel a quarter of the
     way in (raise to GPU idle), with `run_ahead_steps` 2 and without a bound (the earlier behaviour)."""
-    from tritonserver.generation import BatchGenerator, Job
+    from caphuman.tritonserver.generation import BatchGenerator, Job
 
     class Stop(Exception):
         pass
@@ -172,8 +172,8 @@ def run_ahead_probe(pipe, request, repeats: int = 5) -> dict:
 
 # ------------------------------------------------------------------------------------- serving
 def make_repository(args, cuda: bool, dst: Path) -> Path:
-    from tritonserver.deploy_configs import generate
-    from tritonserver.launcher import DEFAULT_MODEL_REPOSITORY
+    from caphuman.tritonserver.deploy_configs import generate
+    from caphuman.tritonserver.launcher import DEFAULT_MODEL_REPOSITORY
     if cuda:
         keep = () if args.aux_gpu else ("identity", "head_condition")
         generate(DEFAULT_MODEL_REPOSITORY, dst, [0], {"*": 1}, keep)
@@ -194,7 +194,7 @@ def make_repository(args, cuda: bool, dst: Path) -> Path:
 
 
 def run_level(url: str, reference: bytes, concurrency: int, args, seed0: int) -> dict:
-    from tritonserver.client import CapHumanClient
+    from caphuman.tritonserver.client import CapHumanClient
 
     records: list[tuple[float, float, dict]] = []
     errors: list[str] = []
@@ -247,9 +247,9 @@ def run_level(url: str, reference: bytes, concurrency: int, args, seed0: int) ->
 def serve_and_measure(args, cuda: bool, results: dict, save) -> None:
     import tritonclient.grpc as grpcclient
 
-    from tritonserver.client import CapHumanClient
-    from tritonserver.launcher import ServerConfig, TritonServer, free_port
-    from tritonserver.weights import RANDOM_CONFIG_ENV
+    from caphuman.tritonserver.client import CapHumanClient
+    from caphuman.tritonserver.launcher import ServerConfig, TritonServer, free_port
+    from caphuman.tritonserver.weights import RANDOM_CONFIG_ENV
 
     work = Path(tempfile.mkdtemp(prefix="caphuman-bench-serving-"))
     repo = make_repository(args, cuda, work / "model_repository")

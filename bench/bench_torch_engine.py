@@ -44,7 +44,7 @@ def image_parity(work: Path, steps: int) -> dict:
     np.save(ident, np.random.default_rng(7).standard_normal((1, 258, 32)).astype(np.float32))
     for name, extra in runs.items():
         out = work / name
-        cmd = [sys.executable, "-m", "runtime.cli", "generate", "--seed", "7", "--steps", str(steps),
+        cmd = [sys.executable, "-m", "caphuman.runtime.cli", "generate", "--seed", "7", "--steps", str(steps),
                "--device", "cuda", "--identity-context", str(ident), "--out", str(out), *extra]
         t0 = time.perf_counter()
         subprocess.run(cmd, check=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
@@ -58,11 +58,11 @@ def image_parity(work: Path, steps: int) -> dict:
 
 
 def fp16_eps_error() -> dict:
-    from export.config import load_config, packaged_config
-    from export.models import CapHumanDenoiser
-    from export.onnx_export import distinct_random_
-    from export.onnx_specs import graph_specs
-    from engines.torch_engine import TorchDenoiserEngine
+    from caphuman.export.config import load_config, packaged_config
+    from caphuman.export.models import CapHumanDenoiser
+    from caphuman.export.onnx_export import distinct_random_
+    from caphuman.export.onnx_specs import graph_specs
+    from caphuman.engines.torch_engine import TorchDenoiserEngine
 
     cfg = load_config(packaged_config("cldm_v15"))
     torch.manual_seed(1)

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent / "results"))
-from kernels import attention_triton as at  # noqa: E402
+from caphuman.kernels import attention_triton as at  # noqa: E402
 
 SHAPES = [(2, 4096, 4096, 40), (2, 4096, 77, 40), (2, 4096, 258, 40), (2, 1024, 1024, 80)]
 

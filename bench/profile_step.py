@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.bench_e2e import INDUCTOR_UNET_OPTIONS, environment, inputs, make_denoiser, timed  # noqa: E402
-from export.config import load_config, packaged_config  # noqa: E402
+from caphuman.export.config import load_config, packaged_config  # noqa: E402
 
 VARIANTS = {
     "graph_eager_kernels": dict(fast_attention=False, rewrite_networks=False, conv_autotune=False),
@@ -100,7 +100,7 @@ def timeline(prof) -> list:
 
 
 def run_variant(name: str, cfg, device, size: int, repeat: int) -> dict:
-    from engines.torch_engine import TorchDenoiserEngine
+    from caphuman.engines.torch_engine import TorchDenoiserEngine
 
     kw = dict(VARIANTS[name])
     if kw.pop("tuned", False):

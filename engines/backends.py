@@ -1,6 +1,6 @@
 """Put a pipeline's denoiser on a backend: `attach_backend(pipe, "torch" | "onnxruntime" | "tensorrt")`.
 
-The pipeline (`runtime.pipeline.CapHumanPipeline`) keeps its text encoder and VAE; its DDIM loop
+The pipeline (`caphuman.runtime.pipeline.CapHumanPipeline`) keeps its text encoder and VAE; its DDIM loop
 runs through `pipe.sampler`, which this sets:
 - torch: `TorchDenoiserEngine.sample` (fp16 or fp32, Triton attention, one CUDA graph per step);
 - onnxruntime: `EngineSampler` over the `capface` and `unet` graphs (+ `denoiser` for --cfg serial),
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from export.onnx_specs import graph_specs
+from caphuman.export.onnx_specs import graph_specs
 
 from .base import EngineError
 
@@ -27,7 +27,7 @@ _ORT_GRAPHS = ("capface", "unet", "denoiser")
 
 
 def _onnx_dir(pipe, engine_dir: str | Path | None) -> Path:
-    from export.onnx_export import ExportSources, export_graphs
+    from caphuman.export.onnx_export import ExportSources, export_graphs
 
     if engine_dir is not None and all((Path(engine_dir) / f"{g}.onnx").is_file() for g in _ORT_GRAPHS):
         log.info("using the ONNX graphs in %s (they must come from the same weights)", engine_dir)

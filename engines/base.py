@@ -1,8 +1,8 @@
 """The one engine interface every backend implements.
 
-An engine runs one exported graph (`export.onnx_specs.GraphSpec`): named inputs and outputs with
+An engine runs one exported graph (`caphuman.export.onnx_specs.GraphSpec`): named inputs and outputs with
 static specs, `run(feed) -> outputs` on torch tensors, and device buffers it owns. The pipeline
-and the sampler (`engines.sampler`) call engines without knowing the backend.
+and the sampler (`caphuman.engines.sampler`) call engines without knowing the backend.
 
 Output aliasing: TensorRT engines with CUDA graphs return views of their static output buffers,
 valid until the next `run`; ONNX Runtime and torch engines return fresh tensors. Callers that keep
@@ -14,7 +14,7 @@ from abc import ABC, abstractmethod
 
 import torch
 
-from export.onnx_specs import GraphSpec, ShapeError, TensorSpec
+from caphuman.export.onnx_specs import GraphSpec, ShapeError, TensorSpec
 
 
 class EngineError(RuntimeError):

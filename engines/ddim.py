@@ -1,7 +1,7 @@
 """The official DDIM arithmetic (`src/cldm/ddim_hacked.py`): timestep list, per-step coefficients and
 the update, computed in float32 in the official operation order.
 
-It lives below both the samplers (`runtime.sampling`) and the engines, which capture the update in
+It lives below both the samplers (`caphuman.runtime.sampling`) and the engines, which capture the update in
 their CUDA graphs, so both use one definition.
 """
 from __future__ import annotations

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from export.onnx_specs import GraphSpec
+from caphuman.export.onnx_specs import GraphSpec
 
 from .base import Engine, EngineError
 

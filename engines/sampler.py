@@ -1,6 +1,6 @@
 """DDIM over engines: the official sampler's loop with CapFace and the UNet as two engines.
 
-Same contract and numerics as `runtime.sampling.ddim_sample` (it reuses `ddim_schedule`,
+Same contract and numerics as `caphuman.runtime.sampling.ddim_sample` (it reuses `ddim_schedule`,
 `ddim_update` and the per-sample noise of that module), with the networks replaced by any
 `Engine` pair: CapFace once per step at batch N, the UNet once at batch 2N on the [cond, uncond]
 pair with the residuals and mask repeated (guidance 1 runs the cond branch alone, as the official

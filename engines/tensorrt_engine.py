@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from export.onnx_specs import GraphSpec, ShapeError
+from caphuman.export.onnx_specs import GraphSpec, ShapeError
 
 from .base import Engine, EngineError
 
@@ -116,11 +116,11 @@ def unet_refit_weights(onnx_dir: str | Path, graph: str, config, sd_checkpoint: 
                        dtype: np.dtype | None = None) -> dict[str, np.ndarray]:
     """New UNet initializers of `graph` ("unet" or "denoiser") from another SD1.x checkpoint: the
     base-model swap a refit does without a rebuild. Pure numpy/torch; no TensorRT needed."""
-    from export import keymap
-    from export.checkpoints import UNET_PREFIX, load_module, read_official
-    from export.networks import build_unet
-    from export.onnx_export import REFIT_GRAPHS
-    from export.onnx_refit import load_refit_map, refit_weights
+    from caphuman.export import keymap
+    from caphuman.export.checkpoints import UNET_PREFIX, load_module, read_official
+    from caphuman.export.networks import build_unet
+    from caphuman.export.onnx_export import REFIT_GRAPHS
+    from caphuman.export.onnx_refit import load_refit_map, refit_weights
 
     if graph not in REFIT_GRAPHS:
         raise ValueError(f"graph {graph!r} holds no UNet; refit graphs: {sorted(REFIT_GRAPHS)}")
@@ -154,7 +154,7 @@ def build_engine(onnx_path: str | Path, spec: GraphSpec, out_dir: str | Path, se
     The plan is `<graph>-<precision>-<sm>-<key>.plan` with a JSON sidecar of the key's fields; the
     timing cache (`timing.cache` in out_dir by default) is read before and written after the build.
     """
-    from export.onnx_export import graph_hash
+    from caphuman.export.onnx_export import graph_hash
 
     trt = import_tensorrt()
     onnx_path, out_dir = Path(onnx_path), Path(out_dir)
@@ -204,8 +204,8 @@ def build_engine(onnx_path: str | Path, spec: GraphSpec, out_dir: str | Path, se
 
 def build_engines(onnx_dir: Path, names: list[str], out_dir: Path, settings: BuildSettings) -> dict[str, Path]:
     """`caphuman build`: every named graph of an export folder; writes `engines.json` (graph -> plan)."""
-    from export.config import load_config, packaged_config
-    from export.onnx_specs import graph_specs
+    from caphuman.export.config import load_config, packaged_config
+    from caphuman.export.onnx_specs import graph_specs
 
     import_tensorrt()
     manifest = json.loads((onnx_dir / "manifest.json").read_text())
@@ -234,7 +234,7 @@ class TensorRTEngine(Engine):
     `run(feed)` copies the feed into static input buffers, sets the input shapes, binds every
     tensor address and enqueues `execute_async_v3` on the current torch stream. With
     `cuda_graph=True` the first run of a shape is eager, the second captures the enqueue into a
-    CUDA graph, later runs replay it. Outputs are views of the static buffers (see engines.base).
+    CUDA graph, later runs replay it. Outputs are views of the static buffers (see caphuman.engines.base).
     """
 
     backend = "tensorrt"

@@ -1,11 +1,11 @@
 """The torch engine: the fast path on the GPU we can reach.
 
 One denoising step -- CapFace at batch N, the UNet at batch 2N on the [cond, uncond] pair, guidance
-and the DDIM update (`engines.ddim.ddim_update`, the official formulas) -- runs as ONE CUDA
+and the DDIM update (`caphuman.engines.ddim.ddim_update`, the official formulas) -- runs as ONE CUDA
 graph over static buffers, captured once per (batch, height, width, guidance on/off, eta on/off,
 tau on/off) and replayed every step; per step only the scalars (timestep, alphas, sigma, tau gate)
 are written into their buffers. Networks run in fp16 (or fp32), channels-last, with the Triton
-attention processors of `export.attention_processors` where that module is present.
+attention processors of `caphuman.export.attention_processors` where that module is present.
 
 Cross-attention K/V are computed once per request: `StaticCrossKV` holds one K and one V buffer
 per cross-attention layer; a request writes the text pair's and the identity context's
@@ -25,10 +25,10 @@ from typing import Callable, Sequence
 
 import torch
 
-from export.models import CapHumanDenoiser
-from export.networks import hard_mask_like, run_unet, unet_decode, unet_encode
-from export.onnx_specs import graph_specs
-from export.time_projections import fuse_time_projections
+from caphuman.export.models import CapHumanDenoiser
+from caphuman.export.networks import hard_mask_like, run_unet, unet_decode, unet_encode
+from caphuman.export.onnx_specs import graph_specs
+from caphuman.export.time_projections import fuse_time_projections
 from .ddim import ddim_schedule, ddim_update, step_noise, validate_sampling_args
 
 from .base import Engine, EngineError
@@ -39,7 +39,7 @@ def _kernel_module(name: str):
     """One of export's kernel hook-ups (attention processors, fused GEGLU), or None where its
     dependencies (triton, diffusers) are missing: the engine then runs the networks unchanged."""
     try:
-        return importlib.import_module(f"export.{name}")
+        return importlib.import_module(f"caphuman.export.{name}")
     except ImportError:
         return None
 
@@ -378,7 +378,7 @@ class TorchDenoiserEngine(Engine):
                strength: float | Sequence[float] = 1.0, tau: float = 0, *, cfg: str = "batched",
                generators: Sequence[torch.Generator] | None = None,
                callback: Callable[[int, int, torch.Tensor], None] | None = None) -> torch.Tensor:
-        """Final DDIM latents; same contract and numerics as `runtime.sampling.ddim_sample` with
+        """Final DDIM latents; same contract and numerics as `caphuman.runtime.sampling.ddim_sample` with
         batched CFG (`cfg="serial"` computes the same value, so it is accepted and batched)."""
         validate_sampling_args(steps, guidance, eta, strength, tau)
         if cfg not in ("batched", "serial"):

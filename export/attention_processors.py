@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
-from kernels import attention_triton
+from caphuman.kernels import attention_triton
 
 __all__ = [
     "AttnBackend",

@@ -19,9 +19,9 @@ import torch.nn.functional as F
 from diffusers.models.activations import GEGLU
 from torch import nn
 
-from export.attention_processors import in_graph_capture
-from kernels import geglu_triton
-from kernels.attention_triton import device_capability
+from caphuman.export.attention_processors import in_graph_capture
+from caphuman.kernels import geglu_triton
+from caphuman.kernels.attention_triton import device_capability
 
 __all__ = ["FusedGEGLU", "disable_fused_geglu", "enable_fused_geglu", "geglu_op"]
 

@@ -3,7 +3,7 @@
 diffusers' UNet2DConditionModel, ControlNetModel and AutoencoderKL compute what ldm's UNetModel,
 ControlNet and AutoencoderKL compute (same blocks, [cos, sin] timestep embedding, GroupNorm eps,
 1x1-conv transformer projections), so we use them and map the official keys onto them
-(`export.keymap`). What diffusers lacks is written here: CapFace's head-mask predictor on the
+(`caphuman.export.keymap`). What diffusers lacks is written here: CapFace's head-mask predictor on the
 guided hint, and the hard-masked, per-residual-scaled injection of the side network's residuals.
 """
 from __future__ import annotations

@@ -14,7 +14,7 @@ graph inputs afterwards.
 
 Each graph lands as `<out>/<name>.onnx` (+ `<name>.onnx.data` above 2 GB), with `manifest.json`
 describing every graph's I/O, dtype, opset, hash and validation error, and `<name>.refit.json` for
-the UNet-bearing graphs (`export.onnx_refit`).
+the UNet-bearing graphs (`caphuman.export.onnx_refit`).
 """
 from __future__ import annotations
 
@@ -97,7 +97,7 @@ def face_modules_available() -> dict[str, bool]:
     out = {}
     for graph, mod in (("facenet", "facenet"), ("bisenet", "bisenet"), ("deca_encoder", "deca_encoder")):
         try:
-            __import__(f"export.face.{mod}")
+            __import__(f"caphuman.export.face.{mod}")
             out[graph] = True
         except ImportError:
             out[graph] = False

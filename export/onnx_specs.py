@@ -4,7 +4,7 @@ A `GraphSpec` names each input and output once, with its dtype and dimensions. D
 or symbols: "B" (the graph's batch), "H"/"W" (the image height/width in pixels) optionally divided
 by a power of two ("H/8" is the latent height, "H/64" the deepest UNet level). From the spec we
 derive the ONNX `input_names`/`output_names`/`dynamic_axes`, sample inputs for export and
-validation, the TensorRT optimization profiles (`engines.tensorrt_engine`) and buffer shapes.
+validation, the TensorRT optimization profiles (`caphuman.engines.tensorrt_engine`) and buffer shapes.
 
 Names are permanent on day one (diffusers' `attention_head_dim` lesson): see docs/engines.md.
 """

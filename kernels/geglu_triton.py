@@ -28,7 +28,7 @@ except ImportError:  # pragma: no cover - exercised only where triton is absent
     tl = None
     HAS_TRITON = False
 
-from kernels.attention_triton import HAS_TMA, TensorDescriptor, device_capability, interpreter_enabled
+from caphuman.kernels.attention_triton import HAS_TMA, TensorDescriptor, device_capability, interpreter_enabled
 
 __all__ = ["HAS_TRITON", "TUNED_GEGLU", "GegluLaunch", "geglu_linear", "geglu_reference", "geglu_supports",
            "tuned_geglu"]

@@ -9,11 +9,11 @@ import sys
 
 # Subcommand modules, in the order `caphuman --help` lists them.
 SUBCOMMANDS = [
-    "runtime.generate_cli",
-    "runtime.condition_cli",
-    "runtime.export_cli",
-    "runtime.serve_cli",
-    "runtime.client_cli",
+    "caphuman.runtime.generate_cli",
+    "caphuman.runtime.condition_cli",
+    "caphuman.runtime.export_cli",
+    "caphuman.runtime.serve_cli",
+    "caphuman.runtime.client_cli",
 ]
 
 

@@ -58,11 +58,11 @@ def _head_poses(args) -> list[tuple[float, float, float]] | None:
 def run(args) -> int:
     from tqdm import tqdm
 
-    from runtime.cli import UserError
-    from runtime.outputs import save_png_with_sidecar
+    from caphuman.runtime.cli import UserError
+    from caphuman.runtime.outputs import save_png_with_sidecar
 
     try:
-        from tritonserver.client import CapHumanClient, Progress, ServerError
+        from caphuman.tritonserver.client import CapHumanClient, Progress, ServerError
     except ImportError as e:
         raise UserError(f"the client needs tritonclient: pip install -e '.[serve]' ({e})") from None
     if not args.reference.is_file():

@@ -67,8 +67,8 @@ def add_head_arguments(p, reference_required: bool) -> None:
 
 def build_condition(args, renderer=None):
     """ConditionBuilder from the parsed options -> (condition, reference photo, pose photo, builder, controls)."""
-    from runtime.cli import UserError
-    from runtime.condition import ConditionBuilder, HeadControls, NoFaceError, PhotoError
+    from caphuman.runtime.cli import UserError
+    from caphuman.runtime.condition import ConditionBuilder, HeadControls, NoFaceError, PhotoError
     try:
         controls = HeadControls(yaw=args.yaw, pitch=args.pitch, roll=args.roll, jaw=args.jaw,
                                 expression=args.expression, center=tuple(args.center) if args.center else None,
@@ -100,7 +100,7 @@ def write_outputs(out_dir: Path, cond, frame: np.ndarray, meta: dict) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from runtime.cli import UserError
+    from caphuman.runtime.cli import UserError
 
     out = Path(args.out)
     if out.exists() and not out.is_dir():

@@ -67,9 +67,9 @@ def _parse_triple(text: str, what: str) -> tuple[int, int, int]:
 
 
 def run_export(args) -> int:
-    from export.config import packaged_config
-    from export.onnx_export import export_graphs, face_modules_available, load_sources
-    from export.onnx_specs import FACE_GRAPHS, NETWORK_GRAPHS
+    from caphuman.export.config import packaged_config
+    from caphuman.export.onnx_export import export_graphs, face_modules_available, load_sources
+    from caphuman.export.onnx_specs import FACE_GRAPHS, NETWORK_GRAPHS
 
     names = [n.strip() for n in args.only.split(",")] if args.only else list(NETWORK_GRAPHS)
     unknown = [n for n in names if n not in NETWORK_GRAPHS + FACE_GRAPHS]
@@ -100,7 +100,7 @@ def run_export(args) -> int:
 
 
 def run_build(args) -> int:
-    from engines.tensorrt_engine import BuildSettings, TensorRTUnavailable, build_engines
+    from caphuman.engines.tensorrt_engine import BuildSettings, TensorRTUnavailable, build_engines
 
     onnx_dir = Path(args.onnx_dir)
     manifest = onnx_dir / "manifest.json"

@@ -103,10 +103,10 @@ def load_npy(path: str, what: str, ndim: tuple[int, ...]) -> torch.Tensor:
 
 
 def _identity_from_photo(args, pipe, photo) -> torch.Tensor:
-    """FaceNet + BiSeNet-parsed CLIP tokens of the reference photo, projected (runtime.condition.identity)."""
-    from export.face.bisenet import BiSeNet, load_bisenet
-    from export.face.facenet import InceptionResnetV1, load_facenet
-    from runtime.condition.identity import identity_context
+    """FaceNet + BiSeNet-parsed CLIP tokens of the reference photo, projected (caphuman.runtime.condition.identity)."""
+    from caphuman.export.face.bisenet import BiSeNet, load_bisenet
+    from caphuman.export.face.facenet import InceptionResnetV1, load_facenet
+    from caphuman.runtime.condition.identity import identity_context
     if pipe.image_encoder is None:
         raise ValueError("the identity from a photo needs the CLIP image encoder (in caphuman.ckpt)")
     if not pipe.random_weights and not (args.facenet_weights and args.bisenet_weights):
@@ -156,8 +156,8 @@ def _identity(args, pipe, rng_seed: int, photo=None) -> torch.Tensor:
 def _add_controlnet(args, pipe, size) -> None:
     from PIL import Image
 
-    from export.config import packaged_config
-    from export.models import load_controlnet
+    from caphuman.export.config import packaged_config
+    from caphuman.export.models import load_controlnet
     if not args.controlnet_hint:
         raise ValueError("--controlnet-checkpoint needs --controlnet-hint (its condition image)")
     if not np.isfinite(args.controlnet_strength):
@@ -182,7 +182,7 @@ def _add_controlnet(args, pipe, size) -> None:
 def _hint_from_photos(args):
     """The head hint from --reference/--pose and head controls, or the template head (frontal) without
     photos. Rendered at 512x512 as the official code does (other sizes: `caphuman condition` + --hint)."""
-    from runtime.condition import HeadControls
+    from caphuman.runtime.condition import HeadControls
     if args.resolution != 512 and (args.reference or args.resolution % 64 or not 256 <= args.resolution <= 1024):
         raise ValueError(f"--resolution must be 512 with --reference (the official hint size), or a multiple of 64 "
                          f"in [256, 1024] for the template head; got {args.resolution}")
@@ -193,10 +193,10 @@ def _hint_from_photos(args):
         return torch.from_numpy(np.asarray(cond.hint, dtype=np.float32))[None], ref
     if args.pose:
         raise ValueError("--pose needs --reference")
-    from runtime.condition.codes import HeadCode
-    from runtime.condition.controls import DEFAULT_LIGHT, light_sh
-    from runtime.condition.head import load_head_model
-    from runtime.condition.hint import build_head_condition
+    from caphuman.runtime.condition.codes import HeadCode
+    from caphuman.runtime.condition.controls import DEFAULT_LIGHT, light_sh
+    from caphuman.runtime.condition.head import load_head_model
+    from caphuman.runtime.condition.hint import build_head_condition
     controls = HeadControls(yaw=args.yaw, pitch=args.pitch, roll=args.roll, jaw=args.jaw, expression=args.expression,
                             center=tuple(args.center) if args.center else None, scale=args.scale, light=args.light)
     head = load_head_model(args.flame_model, args.flame_texture)
@@ -216,7 +216,7 @@ def run(args) -> int:
         print(RANDOM_WEIGHTS_NOTICE)
         pipe = tiny_random_pipeline(device=args.device)
     else:
-        from export.config import packaged_config
+        from caphuman.export.config import packaged_config
         pipe = load_pipeline(args.config or packaged_config("cldm_v15"), args.checkpoint, args.sd_checkpoint,
                              args.vae_checkpoint, args.clip_dir, device=args.device, dtype=dtype,
                              with_image_encoder=bool(args.reference) and not args.identity_context)
@@ -224,7 +224,7 @@ def run(args) -> int:
     if args.backend != "eager":
         if getattr(args, "controlnet_checkpoint", None):
             raise ValueError(f"extra ControlNets run on --backend eager only, not {args.backend}")
-        from engines.backends import attach_backend
+        from caphuman.engines.backends import attach_backend
         attach_backend(pipe, args.backend, dtype if args.backend == "torch" else None, args.engine_dir)
 
     photo = None

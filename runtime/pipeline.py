@@ -3,7 +3,7 @@
     pipe = load_pipeline(config, "caphuman.ckpt", sd_checkpoint=..., vae_checkpoint=...)
     result = pipe.generate(GenerationRequest(prompt="a photo of a woman", hint=hint, identity_context=ctx))
 
-Building the hint and the identity context from photos lives in `runtime.condition`; this module
+Building the hint and the identity context from photos lives in `caphuman.runtime.condition`; this module
 takes them as tensors.
 """
 from __future__ import annotations
@@ -19,10 +19,10 @@ from typing import TYPE_CHECKING, Callable, Sequence
 import numpy as np
 import torch
 
-from export.checkpoints import VISION_PREFIX, read_official
-from export.clip import ImageEncoder, TextEncoder
-from export.config import CapHumanConfig, load_config, packaged_config
-from export.models import (VAE, CapHumanDenoiser, clip_folder_state, denoiser_from_state, image_encoder_from_state,
+from caphuman.export.checkpoints import VISION_PREFIX, read_official
+from caphuman.export.clip import ImageEncoder, TextEncoder
+from caphuman.export.config import CapHumanConfig, load_config, packaged_config
+from caphuman.export.models import (VAE, CapHumanDenoiser, clip_folder_state, denoiser_from_state, image_encoder_from_state,
                            text_encoder_from_state, vae_from_state)
 
 from .sampling import ddim_sample, validate_sampling_args
@@ -119,11 +119,11 @@ class CapHumanPipeline:
         self.device = torch.device(device)
         self.model_hashes = model_hashes or {}
         self.random_weights = random_weights
-        # Engine-backed DDIM (`engines.sampler.EngineSampler`, `TorchDenoiserEngine.sample`): same
+        # Engine-backed DDIM (`caphuman.engines.sampler.EngineSampler`, `TorchDenoiserEngine.sample`): same
         # signature as `ddim_sample` without the model. None: `ddim_sample` on `self.denoiser`.
         self.sampler: Callable | None = None
         self.backend = "eager"
-        # Prompts through `runtime.condition.text.PromptEncoder` (the empty negative prompt encoded once;
+        # Prompts through `caphuman.runtime.condition.text.PromptEncoder` (the empty negative prompt encoded once;
         # on CUDA the text tower replayed from a graph where that is bit-identical), rebuilt when the
         # text encoder moves to another device or dtype (`attach_backend`, `engine_pipeline`).
         self._prompts: tuple[tuple, PromptEncoder] | None = None
@@ -245,8 +245,8 @@ def tiny_random_pipeline(seed: int = 0, device="cpu") -> CapHumanPipeline:
 def sphere_hint(size: int = 512, light: Sequence[float] | None = None) -> torch.Tensor:
     """A cheap stand-in head condition (warm-ups, tests): a centred ellipsoid's normals, a flat skin
     albedo and SH-shaded Lambertian, in the hint's raw layout [1, 9, size, size]. Real hints come from
-    `runtime.condition` (the FLAME template head or model)."""
-    from kernels.raster_reference import sh_shading
+    `caphuman.runtime.condition` (the FLAME template head or model)."""
+    from caphuman.kernels.raster_reference import sh_shading
     ys, xs = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size), indexing="ij")
     u, v = xs / 0.36, (ys + 0.05) / 0.48
     inside = (u ** 2 + v ** 2) < 1

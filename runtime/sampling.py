@@ -10,7 +10,7 @@ the same inputs in both branches (only the text differs), so `cfg="batched"` (de
 once per step and the UNet once on the [cond, uncond] batch -- mathematically identical.
 `cfg="serial"` is the official way, kept as our reference mode.
 
-The per-step arithmetic (timestep list, coefficients, update) is `engines.ddim`, shared with the
+The per-step arithmetic (timestep list, coefficients, update) is `caphuman.engines.ddim`, shared with the
 engines that capture it in CUDA graphs; it is re-exported here as the public sampling API.
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from engines.ddim import (NUM_TRAIN_TIMESTEPS, DDIMSchedule, ddim_schedule, ddim_timesteps, ddim_update,
+from caphuman.engines.ddim import (NUM_TRAIN_TIMESTEPS, DDIMSchedule, ddim_schedule, ddim_timesteps, ddim_update,
                           step_noise, validate_sampling_args)
 
 __all__ = ["NUM_TRAIN_TIMESTEPS", "DDIMSchedule", "ddim_schedule", "ddim_timesteps", "ddim_update", "step_noise",

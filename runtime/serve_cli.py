@@ -38,9 +38,9 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from runtime.cli import UserError
-    from tritonserver.launcher import DEFAULT_MODEL_REPOSITORY, LaunchError, ServerConfig, TritonServer
-    from tritonserver.weights import RANDOM_CONFIG_ENV
+    from caphuman.runtime.cli import UserError
+    from caphuman.tritonserver.launcher import DEFAULT_MODEL_REPOSITORY, LaunchError, ServerConfig, TritonServer
+    from caphuman.tritonserver.weights import RANDOM_CONFIG_ENV
 
     for name in ("grpc_port", "http_port", "metrics_port"):
         if not 1 <= getattr(args, name) <= 65535:

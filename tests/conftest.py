@@ -6,20 +6,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from export.config import load_config, packaged_config
+from caphuman.export.config import load_config, packaged_config
 
-from .ldm_reference import CapHumanReference, official_alphas_cumprod, randomize_
+from tests.ldm_reference import CapHumanReference, official_alphas_cumprod, randomize_
+from tests.paths import ROOT
 
 torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
-
-SHARED = Path(__file__).resolve().parents[2] / "shared"
 
 
 def load_bench(name: str):
     """A benchmark script under bench/ (not a package) as a module, for tests of its pure parts."""
     import importlib.util
 
-    path = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
+    path = ROOT / "bench" / f"{name}.py"
     spec = importlib.util.spec_from_file_location(name, path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
@@ -32,7 +31,7 @@ def run_interpreted(script: str, *args: str, timeout: int = 600) -> str:
     import subprocess
     import sys
 
-    root = Path(__file__).resolve().parents[1]
+    root = ROOT
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(root))
     proc = subprocess.run([sys.executable, "-c", script, *args], env=env, cwd=root, capture_output=True,
                           text=True, timeout=timeout)

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from export.config import CapHumanConfig, UNetSpec, VAESpec
+from caphuman.export.config import CapHumanConfig, UNetSpec, VAESpec
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: int = 10000) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """Python client for a CapHuman-RT server (Triton gRPC, streaming).
 
-    from tritonserver.client import CapHumanClient
+    from caphuman.tritonserver.client import CapHumanClient
     client = CapHumanClient("localhost:8001")
     images = client.generate(open("me.jpg", "rb").read(), ["a photo of a man at the beach"], steps=20,
                              head_pose=[(20, 0, 0)], on_progress=lambda p: print(p.step, "/", p.total))

@@ -3,7 +3,7 @@
 The model repository under `tritonserver/model_repository/` is the one the server tests load, with CPU
 instance groups. On a GPU host the deployment serves a copy of it in which only `instance_group` differs:
 
-    python -m tritonserver.deploy_configs --gpus 4 --out /tmp/caphuman/model_repository
+    python -m caphuman.tritonserver.deploy_configs --gpus 4 --out /tmp/caphuman/model_repository
 
 Every top-level `instance_group` of every model's config.pbtxt becomes one group per GPU,
 `{ count: C kind: KIND_GPU gpus: [ g ] }`. C is 1 unless `--count N` (every model) or `--count MODEL=N` says
@@ -312,7 +312,7 @@ def generate(src: Path, out: Path, gpus: list[int], counts: dict[str, int] | Non
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m tritonserver.deploy_configs",
+    ap = argparse.ArgumentParser(prog="python -m caphuman.tritonserver.deploy_configs",
                                  description="Copy the model repository with one KIND_GPU instance group per GPU.")
     ap.add_argument("--gpus", required=True, help="GPU count (4: GPUs 0..3) or comma-separated device ids (0,2)")
     ap.add_argument("--out", required=True, help="folder for the generated repository (replaced if this tool made it)")

@@ -20,7 +20,7 @@ ever captured, or through the eager sampler (CPU). For one job it computes exact
 the bucket it ran in at fp16 rounding level (other batch sizes pick other kernels), not on its neighbours.
 
 `engine_pipeline` makes the pipeline the orchestrator and the serving benchmark run on CUDA: fp16
-networks and `engines.torch_engine.TorchDenoiserEngine` as its sampler.
+networks and `caphuman.engines.torch_engine.TorchDenoiserEngine` as its sampler.
 """
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ class Cancelled(Exception):
 # -------------------------------------------------------------------------------------------- jobs
 @dataclass
 class Job:
-    """One item of one request: its `runtime.pipeline.GenerationRequest` (num_samples 1, hint and
+    """One item of one request: its `caphuman.runtime.pipeline.GenerationRequest` (num_samples 1, hint and
     identity context on the CPU, already validated), the caller's per-request object and the item index."""
     gen: object
     owner: object = None
@@ -83,14 +83,14 @@ def parse_buckets(text: str) -> tuple[int, ...]:
 
 
 def tensor_hash(t: torch.Tensor) -> str:
-    """`runtime.pipeline`'s short content hash of a tensor (the metadata's hint/identity hashes)."""
+    """`caphuman.runtime.pipeline`'s short content hash of a tensor (the metadata's hint/identity hashes)."""
     return hashlib.sha256(t.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
 
 
 def item_parameters(pipe, gen, hint_sha256: str | None = None, identity_sha256: str | None = None) -> dict:
     """The `parameters` that `CapHumanPipeline.generate` reports for this request (same keys and values).
     The two hashes may be passed in when known (the orchestrator caches them with the tensors)."""
-    from runtime.pipeline import GenerationRequest
+    from caphuman.runtime.pipeline import GenerationRequest
     skip = ("hint", "identity_context", "noise")
     params = {f.name: getattr(gen, f.name) for f in fields(GenerationRequest) if f.name not in skip}
     h, w = gen.hint.shape[-2:]
@@ -109,7 +109,7 @@ def engine_pipeline(pipe, device: str, compile: bool = False, cpu: bool = False)
     """On CUDA: the pipeline's networks in fp16 and `TorchDenoiserEngine` (one CUDA graph per step,
     Triton attention) as its sampler. Returns the engine; None on the CPU (the eager sampler stays) unless
     `cpu` (the same engine in fp32 without graphs: tests of the serving path on CPU machines)."""
-    from engines.torch_engine import TorchDenoiserEngine
+    from caphuman.engines.torch_engine import TorchDenoiserEngine
     if not str(device).startswith("cuda"):
         if not cpu:
             return None
@@ -191,8 +191,8 @@ class BatchGenerator:
         cost ~15 ms per request on the H100: bench/results/serving_h100_run34.json). Whenever there is no
         per-step wait, at most `self.run_ahead` issued steps are unfinished when the callback runs, so a
         callback that raises (cancellation) leaves at most that many to run."""
-        from runtime.pipeline import initial_noise
-        from runtime.sampling import ddim_sample
+        from caphuman.runtime.pipeline import initial_noise
+        from caphuman.runtime.sampling import ddim_sample
 
         if not jobs or any(j.key != jobs[0].key for j in jobs):
             raise ValueError("a batch needs one or more jobs of the same key")
@@ -227,13 +227,13 @@ class BatchGenerator:
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> np.ndarray:
         """uint8 [H, W, 3] of one sample's latents [1, 4, h, w] (the official conversion)."""
-        from runtime.pipeline import latents_to_uint8
+        from caphuman.runtime.pipeline import latents_to_uint8
         return latents_to_uint8(self.pipe.vae.decode(latents.to(self.pipe.dtype)))[0]
 
     def warm_up(self, resolutions: tuple[int, ...], max_batch: int, steps: int = 2) -> dict:
         """Run every bucket a batch of up to max_batch can use, once at each resolution (captures their
         CUDA graphs). Returns {what: seconds}."""
-        from runtime.pipeline import GenerationRequest, sphere_hint
+        from caphuman.runtime.pipeline import GenerationRequest, sphere_hint
         ctx = torch.zeros(1, 258, self.pipe.config.context_dim)
         times = {}
         for res in resolutions:

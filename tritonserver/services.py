@@ -2,9 +2,9 @@
 
 Photos arrive as untrusted bytes: size-checked before decoding, pixel count checked from the header
 before the pixels are decoded, every decoder error turned into a RequestError. The networks are the
-ones of `runtime.condition` (MTCNN, FaceNet, BiSeNet, CLIP image encoder; DECA/FLAME or the template
+ones of `caphuman.runtime.condition` (MTCNN, FaceNet, BiSeNet, CLIP image encoder; DECA/FLAME or the template
 head and the reference rasterizer); each model calls ONE function of it:
-`runtime.condition.identity.identity_context` and `ConditionBuilder.build`.
+`caphuman.runtime.condition.identity.identity_context` and `ConditionBuilder.build`.
 """
 from __future__ import annotations
 
@@ -84,7 +84,7 @@ def decode_photo(data: bytes, what: str, settings: ServerSettings) -> Image.Imag
 
 
 def photo_from_bytes(analyzer, data: bytes, what: str, settings: ServerSettings):
-    """`runtime.condition.Photo` of encoded bytes (what `FaceAnalyzer.analyze` does for a file: a
+    """`caphuman.runtime.condition.Photo` of encoded bytes (what `FaceAnalyzer.analyze` does for a file: a
     512x512 photo, which is its own DECA frame, is detected once)."""
     return analyzer.analyze_image(decode_photo(data, what, settings), _NO_FILE / what)
 
@@ -104,8 +104,8 @@ class IdentityService:
     @torch.no_grad()
     def context(self, data: bytes) -> tuple[np.ndarray, bool, float]:
         """(context [258, C] float32, cache hit, milliseconds)."""
-        from runtime.condition import NoFaceError
-        from runtime.condition.identity import identity_context
+        from caphuman.runtime.condition import NoFaceError
+        from caphuman.runtime.condition.identity import identity_context
 
         t0 = time.perf_counter()
         key = sha256(data) if isinstance(data, bytes) else None
@@ -150,7 +150,7 @@ class HeadConditionService:
     def hint(self, reference: bytes, pose: bytes | None, head_pose: tuple[float, float, float] | None,
              modes: str, light: str, resolution: int) -> tuple[np.ndarray, bool, float, list[str]]:
         """(hint [9, R, R] float32, cache hit, milliseconds, notes)."""
-        from runtime.condition import HeadControls, NoFaceError
+        from caphuman.runtime.condition import HeadControls, NoFaceError
 
         t0 = time.perf_counter()
         if resolution % 64 or not 256 <= resolution <= 1024:

@@ -84,22 +84,22 @@ def random_config(environ=os.environ) -> str:
 
 
 def random_pipeline(config_name: str, seed: int = TINY_SEED, device: str = "cpu"):
-    """`runtime.pipeline.random_pipeline` with the serving default seed: seeded RANDOM weights."""
-    from runtime.pipeline import random_pipeline as build
+    """`caphuman.runtime.pipeline.random_pipeline` with the serving default seed: seeded RANDOM weights."""
+    from caphuman.runtime.pipeline import random_pipeline as build
     return build(config_name, seed=seed, device=device)
 
 
 def load_generation_pipeline(files: WeightFiles | None, device: str, with_image_encoder: bool = False):
     """The CapHumanPipeline of the orchestrator (and, with the image encoder, the identity model)."""
-    from runtime.pipeline import load_pipeline
+    from caphuman.runtime.pipeline import load_pipeline
     if files is None:
         pipe = random_pipeline(random_config(), seed=TINY_SEED, device=device)
         if with_image_encoder:
-            from export.clip import ImageEncoder
+            from caphuman.export.clip import ImageEncoder
             torch.manual_seed(TINY_SEED + 1)
             pipe.image_encoder = ImageEncoder(pipe.config.vision_clip).eval().requires_grad_(False).to(device)
         return pipe
-    from export.config import packaged_config
+    from caphuman.export.config import packaged_config
     dtype = torch.float16 if device.startswith("cuda") else torch.float32
     return load_pipeline(packaged_config("cldm_v15"), files.checkpoint, files.sd_checkpoint, files.vae_checkpoint,
                          files.clip_dir, device=device, dtype=dtype, with_image_encoder=with_image_encoder)
@@ -107,8 +107,8 @@ def load_generation_pipeline(files: WeightFiles | None, device: str, with_image_
 
 def load_face_networks(files: WeightFiles | None, device: str):
     """(FaceNet, BiSeNet) for the identity context: official weights, or seeded random ones (tiny mode)."""
-    from export.face.bisenet import BiSeNet, load_bisenet
-    from export.face.facenet import InceptionResnetV1, load_facenet
+    from caphuman.export.face.bisenet import BiSeNet, load_bisenet
+    from caphuman.export.face.facenet import InceptionResnetV1, load_facenet
     if files is None:
         torch.manual_seed(TINY_SEED + 2)
         return InceptionResnetV1().eval().to(device), BiSeNet().eval().to(device)
@@ -119,7 +119,7 @@ def load_face_networks(files: WeightFiles | None, device: str):
 
 
 def load_condition_builder(files: WeightFiles | None):
-    from runtime.condition import ConditionBuilder
+    from caphuman.runtime.condition import ConditionBuilder
     if files is None:
         return ConditionBuilder()
     return ConditionBuilder(files.deca, files.flame_model, files.flame_texture)

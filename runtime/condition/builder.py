@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from export.face.deca_encoder import DecaEncoder, decompose_code, load_deca_encoder
+from caphuman.export.face.deca_encoder import DecaEncoder, decompose_code, load_deca_encoder
 
 from .codes import HeadCode, parse_modes
 from .controls import DEFAULT_LIGHT, HeadControls, light_sh

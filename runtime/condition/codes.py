@@ -31,7 +31,7 @@ class HeadCode:
 
     @staticmethod
     def from_deca(code: dict, tform_rows: np.ndarray) -> "HeadCode":
-        """From `export.face.deca_encoder.decompose_code` output (batch 1 tensors)."""
+        """From `caphuman.export.face.deca_encoder.decompose_code` output (batch 1 tensors)."""
         g = lambda k: code[k][0].detach().double().cpu().numpy()  # noqa: E731
         return HeadCode(g("shape"), g("tex"), g("exp"), g("pose"), g("light"), g("cam"), np.asarray(tform_rows), True)
 

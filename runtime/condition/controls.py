@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kernels.raster_reference import SH_CONSTANTS
+from caphuman.kernels.raster_reference import SH_CONSTANTS
 
 LIMITS = {"yaw": 90.0, "pitch": 60.0, "roll": 90.0}
 JAW_RANGE = (0.0, 40.0)

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from export.face.mtcnn import MTCNN, Detection
+from caphuman.export.face.mtcnn import MTCNN, Detection
 
 from .graphs import CudaGraphed
 from .images import PhotoError, load_photo, resize_like_deca

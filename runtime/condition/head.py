@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from export.face.flame import Flame, flame_albedo, load_flame_model, load_flame_texture, vertex_normals
+from caphuman.export.face.flame import Flame, flame_albedo, load_flame_model, load_flame_texture, vertex_normals
 
 from .controls import axis_angle_to_matrix
 from .template import (head_template, landmark_embedding, landmarks_from_vertices, mean_texture_albedo,

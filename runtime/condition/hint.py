@@ -2,7 +2,7 @@
 
 `build_head_condition` takes the codes of the reference and (optionally) the pose photo, mixes
 them by the official modes, applies explicit `HeadControls`, frames the head and renders
-``kernels.raster_reference.render_hint`` -> [9, H, W] = [normal | albedo | rendered], raw values.
+``caphuman.kernels.raster_reference.render_hint`` -> [9, H, W] = [normal | albedo | rendered], raw values.
 
 Framing, in order of precedence:
 1. explicit ``center``/``scale`` controls (the head is placed in the frame directly);
@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from kernels.raster_reference import render_hint
+from caphuman.kernels.raster_reference import render_hint
 
 from .codes import HeadCode, mix_codes
 from .controls import HeadControls, axis_angle_to_matrix, euler_to_matrix, light_sh, matrix_to_axis_angle, matrix_to_euler
@@ -32,10 +32,10 @@ log = logging.getLogger(__name__)
 
 
 def cuda_renderer(device="cuda") -> Callable:
-    """`render_hint` on the GPU (kernels.raster_cuda, same semantics): returns a [9, H, W] CUDA tensor."""
+    """`render_hint` on the GPU (caphuman.kernels.raster_cuda, same semantics): returns a [9, H, W] CUDA tensor."""
     import torch
 
-    from kernels.raster_cuda import render_hint_cuda
+    from caphuman.kernels.raster_cuda import render_hint_cuda
     cache: dict = {}
 
     def render(verts, faces, normals, face_uvs, albedo, light, height, width):

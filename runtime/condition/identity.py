@@ -12,8 +12,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from export.face.bisenet import IMAGENET_MEAN, IMAGENET_STD, KEPT_LABELS, BiSeNet
-from export.face.facenet import InceptionResnetV1
+from caphuman.export.face.bisenet import IMAGENET_MEAN, IMAGENET_STD, KEPT_LABELS, BiSeNet
+from caphuman.export.face.facenet import InceptionResnetV1
 
 from .faces import FaceAnalyzer, Photo
 
@@ -79,10 +79,10 @@ def identity_context(denoiser, facenet: InceptionResnetV1, bisenet: BiSeNet, ima
                      fallback: bool = False) -> torch.Tensor:
     """[1, 258, ctx] CapFace context of a reference photo.
 
-    `denoiser` is an `export.models.CapHumanDenoiser` (its `project_identity`), `image_encoder` an
-    `export.clip.ImageEncoder`.
+    `denoiser` is an `caphuman.export.models.CapHumanDenoiser` (its `project_identity`), `image_encoder` an
+    `caphuman.export.clip.ImageEncoder`.
     """
-    from export.clip import clip_preprocess
+    from caphuman.export.clip import clip_preprocess
 
     id_feat = facenet_embedding(facenet, photo, fallback=fallback)
     parsed = parse_face(bisenet, photo.image)

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from export.face.flame import load_landmark_embedding
+from caphuman.export.face.flame import load_landmark_embedding
 
 ASSETS = Path(__file__).parent / "assets"
 TEMPLATE_OBJ = ASSETS / "head_template.obj"

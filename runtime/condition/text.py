@@ -1,6 +1,6 @@
 """Prompt embeddings for the UNet's cross-attention, without repeated work.
 
-`PromptEncoder` wraps `export.clip.TextEncoder`:
+`PromptEncoder` wraps `caphuman.export.clip.TextEncoder`:
 
 * the prompts named `constant` (by default the empty negative prompt, the official default
   ``n_prompt = ""``) are encoded once per process and served from memory afterwards: CLIP's text
@@ -21,7 +21,7 @@ import threading
 import torch
 from torch import nn
 
-from export.clip import MAX_TOKENS, TextEncoder
+from caphuman.export.clip import MAX_TOKENS, TextEncoder
 
 from .graphs import CudaGraphed
 

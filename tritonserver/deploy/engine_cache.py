@@ -1,6 +1,6 @@
 """The container's start step: TensorRT engines for this node's GPU, built once and kept on a volume.
 
-    python -m tritonserver.deploy.engine_cache --weights /weights --cache /engines
+    python -m caphuman.tritonserver.deploy.engine_cache --weights /weights --cache /engines
 
 1. ONNX graphs of the mounted weights, exported once per weight set into `<cache>/onnx/<fingerprint>/`
    (`caphuman export`; the graphs do not depend on the GPU, so every node shares them).
@@ -56,7 +56,7 @@ def fingerprint(paths: list[Path]) -> str:
 
 
 def export_args(files) -> list[str]:
-    """`caphuman export` flags for a tritonserver.weights.WeightFiles (the files the served models load)."""
+    """`caphuman export` flags for a caphuman.tritonserver.weights.WeightFiles (the files the served models load)."""
     args = ["--checkpoint", str(files.checkpoint)]
     for flag, path in (("--sd-checkpoint", files.sd_checkpoint), ("--vae-checkpoint", files.vae_checkpoint),
                        ("--clip-dir", files.clip_dir)):
@@ -131,7 +131,7 @@ def prepare(cache: Path, weights: Path | None, run=subprocess.run, environ=os.en
     if reason:
         print(f"engine cache: skipped: {reason}", flush=True)
         return 0
-    from tritonserver.weights import WeightFiles
+    from caphuman.tritonserver.weights import WeightFiles
     files = WeightFiles.discover(weights)
     with locked(cache / ".lock"):
         for what, cmd, creates in plan(cache, files, gpu, environ):
@@ -153,7 +153,7 @@ def prepare(cache: Path, weights: Path | None, run=subprocess.run, environ=os.en
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m tritonserver.deploy.engine_cache", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m caphuman.tritonserver.deploy.engine_cache", description=__doc__.split("\n")[0])
     ap.add_argument("--weights", default=os.environ.get("CAPHUMAN_WEIGHTS") or None, help="official weights folder")
     ap.add_argument("--cache", default=os.environ.get("CAPHUMAN_ENGINE_CACHE", "/engines"), help="engine cache volume")
     ap.add_argument("--record", help="file to write the engine folder to (only when engines are ready)")

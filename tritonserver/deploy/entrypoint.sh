@@ -41,7 +41,7 @@ build_engines() {
     local record="${CAPHUMAN_RUN_DIR}/engine_dir"
     rm -f "${record}"
     mkdir -p "${CAPHUMAN_RUN_DIR}"
-    python3 -m tritonserver.deploy.engine_cache --weights "${CAPHUMAN_WEIGHTS}" \
+    python3 -m caphuman.tritonserver.deploy.engine_cache --weights "${CAPHUMAN_WEIGHTS}" \
         --cache "${CAPHUMAN_ENGINE_CACHE}" --record "${record}"
     if [ -s "${record}" ]; then
         # The models' contract: TensorRT engines (and engines.json) for this GPU and weight set are here.
@@ -67,7 +67,7 @@ model_repository() {
     for spec in ${CAPHUMAN_INSTANCES_PER_GPU}; do
         counts+=(--count "${spec}")
     done
-    python3 -m tritonserver.deploy_configs --model-repository "${CAPHUMAN_MODEL_REPOSITORY}" \
+    python3 -m caphuman.tritonserver.deploy_configs --model-repository "${CAPHUMAN_MODEL_REPOSITORY}" \
         --gpus "${gpus}" --out "${out}" "${counts[@]}" >&2
     log "per-GPU model configs for GPUs '${gpus}' in ${out}"
     echo "${out}"

@@ -1,8 +1,8 @@
 """Render the Kubernetes manifests from one values file (a tiny, offline stand-in for `helm template`).
 
-    python -m tritonserver.deploy.render                        # defaults -> tritonserver/deploy/k8s/rendered/
-    python -m tritonserver.deploy.render --values mine.yaml --set image.tag=0.2.0 --out out/
-    python -m tritonserver.deploy.render --check                # exit 1 if rendered/ is out of date (CI)
+    python -m caphuman.tritonserver.deploy.render                        # defaults -> tritonserver/deploy/k8s/rendered/
+    python -m caphuman.tritonserver.deploy.render --values mine.yaml --set image.tag=0.2.0 --out out/
+    python -m caphuman.tritonserver.deploy.render --check                # exit 1 if rendered/ is out of date (CI)
 
 `k8s/values.yaml` holds every value a user changes. A values file given with --values is merged over it
 (maps merge key by key, everything else replaces), then each --set KEY.PATH=VALUE (VALUE read as YAML).
@@ -105,7 +105,7 @@ def render(values: dict) -> dict[str, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m tritonserver.deploy.render", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m caphuman.tritonserver.deploy.render", description=__doc__.split("\n")[0])
     ap.add_argument("--values", action="append", default=[], help="values file merged over k8s/values.yaml")
     ap.add_argument("--set", action="append", default=[], dest="sets", help="KEY.PATH=VALUE (repeatable)")
     ap.add_argument("--out", default=str(RENDERED), help="output folder")
@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         stale = [name for name, text in files.items()
                  if not (out / name).is_file() or (out / name).read_text() != text]
         for name in stale:
-            print(f"{out / name} is out of date: run python -m tritonserver.deploy.render", file=sys.stderr)
+            print(f"{out / name} is out of date: run python -m caphuman.tritonserver.deploy.render", file=sys.stderr)
         return 1 if stale else 0
     out.mkdir(parents=True, exist_ok=True)
     for name, text in files.items():

@@ -18,12 +18,12 @@ import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
-from tritonserver.backend import error_from_bls, log, model_setup, triton_error
-from tritonserver.generation import (BatchGenerator, Cancelled, Job, Scheduler, bucket_size, engine_pipeline,
+from caphuman.tritonserver.backend import error_from_bls, log, model_setup, triton_error
+from caphuman.tritonserver.generation import (BatchGenerator, Cancelled, Job, Scheduler, bucket_size, engine_pipeline,
                                      item_parameters, parse_buckets, tensor_hash)
-from tritonserver.params import HEAD_MODEL, IDENTITY_MODEL, RequestError, parse_request
-from tritonserver.services import LRU, sha256
-from tritonserver.weights import RANDOM_WEIGHTS_NOTICE, load_generation_pipeline, weight_files
+from caphuman.tritonserver.params import HEAD_MODEL, IDENTITY_MODEL, RequestError, parse_request
+from caphuman.tritonserver.services import LRU, sha256
+from caphuman.tritonserver.weights import RANDOM_WEIGHTS_NOTICE, load_generation_pipeline, weight_files
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 # config.pbtxt parameters of this model (besides torch_threads); values are strings.
@@ -149,7 +149,7 @@ class TritonPythonModel:
                               f"run-ahead {run_ahead} steps")
 
     def _warm_up(self, resolutions, max_batch):
-        from runtime.pipeline import GenerationRequest, sphere_hint
+        from caphuman.runtime.pipeline import GenerationRequest, sphere_hint
         t0 = time.perf_counter()
         if self.engine is None:  # eager (CPU): one 2-step generation at 256x256
             ctx = torch.zeros(1, 258, self.pipe.config.context_dim)
@@ -217,7 +217,7 @@ class TritonPythonModel:
 
     def _prepare(self, request, state: _Request) -> list:
         """Steps 1-3 for every item: the jobs. Raises RequestError for a bad request."""
-        from runtime.pipeline import GenerationRequest
+        from caphuman.runtime.pipeline import GenerationRequest
 
         t_start = time.perf_counter()
         arrays = {t.name(): t.as_numpy() for t in request.inputs()}

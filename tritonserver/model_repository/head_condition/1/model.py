@@ -4,9 +4,9 @@ import time
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from tritonserver.backend import log, model_setup, triton_error
-from tritonserver.services import HeadConditionService
-from tritonserver.weights import RANDOM_WEIGHTS_NOTICE, load_condition_builder, weight_files
+from caphuman.tritonserver.backend import log, model_setup, triton_error
+from caphuman.tritonserver.services import HeadConditionService
+from caphuman.tritonserver.weights import RANDOM_WEIGHTS_NOTICE, load_condition_builder, weight_files
 
 
 def _optional(request, name):
@@ -24,7 +24,7 @@ class TritonPythonModel:
         self._warm_up()
 
     def _warm_up(self):
-        from runtime.condition import HeadControls, Photo
+        from caphuman.runtime.condition import HeadControls, Photo
         from PIL import Image
         t0 = time.perf_counter()
         frame = np.full((512, 512, 3), 128, np.uint8)

@@ -5,9 +5,9 @@ import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
-from tritonserver.backend import log, model_setup, triton_error
-from tritonserver.services import IdentityService
-from tritonserver.weights import RANDOM_WEIGHTS_NOTICE, load_face_networks, load_generation_pipeline, weight_files
+from caphuman.tritonserver.backend import log, model_setup, triton_error
+from caphuman.tritonserver.services import IdentityService
+from caphuman.tritonserver.weights import RANDOM_WEIGHTS_NOTICE, load_face_networks, load_generation_pipeline, weight_files
 
 
 class TritonPythonModel:
@@ -16,7 +16,7 @@ class TritonPythonModel:
         files = weight_files()
         if files is None:
             log(pb_utils, "warn", f"identity: {RANDOM_WEIGHTS_NOTICE}")
-        from runtime.condition import FaceAnalyzer
+        from caphuman.runtime.condition import FaceAnalyzer
         pipe = load_generation_pipeline(files, device, with_image_encoder=True)
         facenet, bisenet = load_face_networks(files, device)
         self.service = IdentityService(pipe, facenet, bisenet, FaceAnalyzer(), settings)

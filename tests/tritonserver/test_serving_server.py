@@ -1,0 +1,346 @@
+"""The real Triton Inference Server on the CPU with the tiny random-weight models, over gRPC.
+
+One server for the whole module (started once, ~20-40 s on 2 cores). Requests use 256x256 and 2-4
+steps to keep CI fast. Photos come from shared/testdata/faces (skipped with a reason if absent).
+"""
+from __future__ import annotations
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytest.importorskip("tritonclient.grpc", reason="tritonclient[grpc] not installed (pip install -e '.[serve]')")
+pytest.importorskip("pytriton", reason="nvidia-pytriton (bundled tritonserver) not installed (pip install -e '.[serve]')")
+
+from caphuman.tritonserver.client import CapHumanClient, GeneratedImage, Progress, ServerError  # noqa: E402
+from caphuman.tritonserver.launcher import ServerConfig, TritonServer, free_port  # noqa: E402
+from tests.paths import ROOT, face_photo
+
+FAST = dict(steps=2, resolution=256)
+CAPHUMAN = [sys.executable, "-c", "import sys; from caphuman.runtime.cli import main; sys.exit(main())"]  # `caphuman`
+CONCURRENT_CLIENTS = 16
+CONCURRENCY_SECONDS = float(os.environ.get("CAPHUMAN_SERVING_LOAD_SECONDS", "60"))
+
+
+def face(name: str) -> bytes:
+    return face_photo(name).read_bytes()
+
+
+def png(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    cfg = ServerConfig(host="127.0.0.1", grpc_port=free_port(), http_port=free_port(), metrics_port=free_port(),
+                       log_file=tmp_path_factory.mktemp("triton") / "tritonserver.log")
+    srv = TritonServer(cfg)
+    srv.start()
+    try:
+        srv.wait_ready(timeout=300)
+    except BaseException:
+        srv.stop()
+        raise
+    yield srv
+    code = srv.stop()
+    assert code == 0, f"tritonserver exited with {code}:\n{srv.log_tail()}"
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return CapHumanClient(server.grpc_url, timeout=300)
+
+
+def assert_good_image(img: GeneratedImage, size: int = 256):
+    assert img.image.dtype == np.uint8 and img.image.shape == (size, size, 3)
+    assert img.metadata["random_weights"] is True and "RANDOM" in img.metadata["notice"]
+
+
+# ------------------------------------------------------------------------------------ generation
+def test_full_generation_is_deterministic(client):
+    ref = face("reference_196251.png")
+    a = client.generate(ref, "a photo of a person", seed=7, **FAST)
+    b = client.generate(ref, "a photo of a person", seed=7, **FAST)
+    c = client.generate(ref, "a photo of a person", seed=8, **FAST)
+    assert len(a) == 1
+    assert_good_image(a[0])
+    meta = a[0].metadata
+    assert meta["seed"] == 7 and meta["steps"] == 2 and meta["prompt"] == "a photo of a person"
+    for key in ("parse_ms", "identity_ms", "identity_cache", "head_condition_ms", "sampling_ms", "vae_decode_ms",
+                "item_ms"):
+        assert key in meta["timings"], key
+    assert np.array_equal(a[0].image, b[0].image), "same request, same seed: same image"
+    assert not np.array_equal(a[0].image, c[0].image), "another seed: another image"
+
+
+def test_streamed_generation_sends_progress_then_image(client):
+    msgs = list(client.stream(face("reference_196251.png"), "a portrait", steps=4, resolution=256,
+                              preview_size=32))
+    progress = [m for m in msgs if isinstance(m, Progress)]
+    images = [m for m in msgs if isinstance(m, GeneratedImage)]
+    assert [p.step for p in progress] == [1, 2, 3, 4] and all(p.total == 4 for p in progress)
+    assert all(p.preview is not None and p.preview.shape == (32, 32, 3) for p in progress)
+    assert len(images) == 1 and isinstance(msgs[-1], GeneratedImage)
+    assert_good_image(images[0])
+    quiet = list(client.stream(face("reference_196251.png"), "a portrait", progress=False, **FAST))
+    assert len(quiet) == 1 and isinstance(quiet[0], GeneratedImage)
+
+
+def test_batch_request_results_in_order_and_match_single_requests(client):
+    ref = face("reference_196251.png")
+    prompts = ["a photo of a person", "a person at the beach", "a person in a garden"]
+    poses = [(0.0, 0.0, 0.0), (25.0, 0.0, 0.0), (-20.0, 10.0, 5.0)]
+    batch = client.generate(ref, prompts, head_pose=poses, seed=100, **FAST)
+    assert [g.index for g in batch] == [0, 1, 2]
+    assert [g.metadata["prompt"] for g in batch] == prompts
+    assert [g.metadata["seed"] for g in batch] == [100, 101, 102]
+    single = client.generate(ref, prompts[1], head_pose=[poses[1]], seed=101, **FAST)
+    assert np.array_equal(batch[1].image, single[0].image), "item 1 of a batch == the same request alone"
+    # one identity, several pose photos
+    pose_batch = client.generate(ref, "a photo", pose_image=[face("pose1.png"), face("pose2.png")], **FAST)
+    assert [g.index for g in pose_batch] == [0, 1] and all(g.metadata["pose_image"] for g in pose_batch)
+
+
+def test_identity_cache_hit_on_second_request(client):
+    ref = face("exp_3.jpg")  # used by no other test before this one
+    first = client.generate(ref, "a photo", **FAST)[0].metadata["timings"]
+    second = client.generate(ref, "a photo", **FAST)[0].metadata["timings"]
+    assert first["identity_cache"] == "miss"
+    assert second["identity_cache"] in ("orchestrator", "identity-model"), second
+    assert second["identity_ms"] < first["identity_ms"]
+    assert second["head_condition_cache"] == "hit"
+
+
+def test_long_prompt_is_truncated_with_a_warning(client):
+    out = client.generate(face("reference_196251.png"), "a photo of a person " * 30, **FAST)
+    assert any("truncated" in w for w in out[0].metadata["warnings"])
+
+
+def test_identity_and_head_models_are_callable_directly(server):
+    """The separately scalable models answer plain (non-streaming) gRPC inference; identity batches dynamically."""
+    import concurrent.futures
+
+    import tritonclient.grpc as grpcclient
+
+    def identity(photo: bytes):
+        with grpcclient.InferenceServerClient(server.grpc_url) as c:
+            t = grpcclient.InferInput("IMAGE", [1, 1], "BYTES")
+            t.set_data_from_numpy(np.array([[photo]], dtype=object))
+            r = c.infer("identity", [t])
+            return r.as_numpy("CONTEXT"), bool(r.as_numpy("CACHE_HIT").reshape(-1)[0])
+
+    photos = [face("reference_196251.png"), face("IMG_0392_inputs.jpg")] * 2
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(identity, photos))
+    assert all(ctx.shape[:2] == (1, 258) and np.isfinite(ctx).all() for ctx, _ in results)
+    assert np.array_equal(results[0][0], results[2][0]) and not np.array_equal(results[0][0], results[1][0])
+    with grpcclient.InferenceServerClient(server.grpc_url) as c:
+        ins = []
+        for name, shape, dtype, value in (("REFERENCE_IMAGE", [1], "BYTES", np.array([photos[0]], dtype=object)),
+                                          ("HEAD_POSE", [3], "FP32", np.array([15, 0, 0], np.float32)),
+                                          ("RESOLUTION", [1], "INT32", np.array([256], np.int32))):
+            t = grpcclient.InferInput(name, shape, dtype)
+            t.set_data_from_numpy(value)
+            ins.append(t)
+        hint = c.infer("head_condition", ins).as_numpy("HINT")
+    assert hint.shape == (9, 256, 256) and np.isfinite(hint).all() and np.abs(hint).max() > 0
+
+
+# ------------------------------------------------------------------------------------ bad requests
+def _no_face_png() -> bytes:
+    y, x = np.mgrid[0:256, 0:256]
+    return png(np.stack([x, y, (x + y) // 2], -1).astype(np.uint8))
+
+
+def _huge_pixels_png() -> bytes:
+    buf = io.BytesIO()
+    Image.new("L", (4200, 4200)).save(buf, format="PNG")  # 17.6 M pixels, ~20 kB
+    return buf.getvalue()
+
+
+BAD_REQUESTS = {
+    "corrupt image bytes": (lambda: (b"\x89PNG\r\n\x1a\nnot really a png", "a", {}), "not a readable image"),
+    "truncated image": (lambda: (face("reference_196251.png")[:5000], "a", {}), "not a readable image"),
+    "photo with no face": (lambda: (_no_face_png(), "a", {}), "no face found"),
+    "image over the byte limit": (lambda: (os.urandom(17 << 20), "a", {}), "MiB limit"),
+    "image over the pixel limit": (lambda: (_huge_pixels_png(), "a", {}), "pixel limit"),
+    "pose photo with no face": (lambda: (face("reference_196251.png"), "a", {"pose_image": _no_face_png()}),
+                                "no face found in POSE_IMAGE"),
+    "steps 0": (lambda: (face("reference_196251.png"), "a", {"steps": 0}), "STEPS must be"),
+    "unusable DDIM steps": (lambda: (face("reference_196251.png"), "a", {"steps": 3}), "steps=3 is not usable"),
+    "NaN guidance": (lambda: (face("reference_196251.png"), "a", {"guidance": float("nan")}), "GUIDANCE must be"),
+    "infinite strength": (lambda: (face("reference_196251.png"), "a", {"strength": float("inf")}), "STRENGTH"),
+    "bad resolution": (lambda: (face("reference_196251.png"), "a", {"resolution": 100}), "RESOLUTION must be"),
+    "yaw out of range": (lambda: (face("reference_196251.png"), "a", {"head_pose": [(500, 0, 0)]}), "yaw=500"),
+    "too many items": (lambda: (face("reference_196251.png"), ["a"] * 9, {}), "at most 8"),
+    "mismatched batch": (lambda: (face("reference_196251.png"), ["a", "b"], {"head_pose": [(0, 0, 0)] * 3}),
+                         "1 or N=3"),
+    "unknown light": (lambda: (face("reference_196251.png"), "a", {"light": "disco"}), "LIGHT must be"),
+    "bad modes": (lambda: (face("reference_196251.png"), "a", {"modes": "everything"}), "mode"),
+}
+
+
+def _raw(client, drop: str, name: str, shape, dtype: str, value):
+    import tritonclient.grpc as grpcclient
+    inputs = [i for i in client.inputs(face("reference_196251.png"), "a", **FAST) if i.name() != drop]
+    if name:
+        t = grpcclient.InferInput(name, list(shape), dtype)
+        t.set_data_from_numpy(value)
+        inputs.append(t)
+    return inputs
+
+
+RAW_BAD = {
+    "STEPS as FP32": (("STEPS", "STEPS", [1], "FP32", np.array([2.0], np.float32)), "expects 'INT32'"),
+    "PROMPT of shape [1,1]": (("PROMPT", "PROMPT", [1, 1], "BYTES", np.array([[b"a"]], dtype=object)),
+                              "unexpected shape"),
+    "HEAD_POSE of 2 columns": (("", "HEAD_POSE", [1, 2], "FP32", np.zeros((1, 2), np.float32)), "unexpected shape"),
+    "missing REFERENCE_IMAGE": (("REFERENCE_IMAGE", "", None, None, None), "REFERENCE_IMAGE"),
+    "unknown input": (("", "GUIDENCE", [1], "FP32", np.array([7.0], np.float32)), "GUIDENCE"),
+}
+
+
+def _good_request_works(client):
+    out = client.generate(face("reference_196251.png"), "a photo", seed=3, **FAST)
+    assert len(out) == 1
+    assert_good_image(out[0])
+
+
+@pytest.mark.parametrize("case", list(BAD_REQUESTS))
+def test_bad_request_gets_clear_error_then_server_serves(client, case):
+    make, expected = BAD_REQUESTS[case]
+    ref, prompts, fields = make()
+    with pytest.raises(ServerError) as e:
+        client.generate(ref, prompts, **{**FAST, **fields})
+    assert expected in str(e.value), str(e.value)
+    assert e.value.bad_request, f"not flagged as a bad request: {e.value}"
+    _good_request_works(client)
+
+
+@pytest.mark.parametrize("case", list(RAW_BAD))
+def test_wrong_tensor_type_or_shape_is_rejected(client, case):
+    args, expected = RAW_BAD[case]
+    with pytest.raises(ServerError) as e:
+        client.generate(b"", "", raw_inputs=_raw(client, *args))
+    assert expected in str(e.value), str(e.value)
+    _good_request_works(client)
+
+
+def test_client_disconnect_mid_stream_does_not_wedge(client, server):
+    ref = face("reference_196251.png")
+    for _ in range(2):  # both orchestrator instances may take one
+        stream = client.stream(ref, "a long one", steps=200, resolution=256)
+        for msg in stream:
+            if isinstance(msg, Progress) and msg.step >= 2:
+                break
+        stream.close()  # cancels the request and drops the stream
+    t0 = time.monotonic()
+    for seed in range(3):
+        out = client.generate(ref, "a photo", seed=seed, **FAST)
+        assert_good_image(out[0])
+    assert time.monotonic() - t0 < 60, "requests after a disconnect waited for the abandoned generation"
+    deadline = time.monotonic() + 10
+    while "cancelled by the client" not in server.log_path.read_text() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert "cancelled by the client" in server.log_path.read_text()
+
+
+def test_prometheus_metrics_are_on(server):
+    text = urllib.request.urlopen(server.endpoints()["metrics"].replace("localhost", "127.0.0.1"), timeout=10).read()
+    assert b'nv_inference_request_success{model="caphuman"' in text
+
+
+# ------------------------------------------------------------------------------------ load
+def test_16_concurrent_clients_for_60_seconds(client):
+    ref = face("reference_196251.png")
+    variants = [("a photo of a person", 11, (0.0, 0.0, 0.0)), ("a person smiling", 12, (20.0, 0.0, 0.0)),
+                ("a person at night", 13, (-15.0, 5.0, 0.0)), ("a painting of a person", 14, (0.0, 0.0, 10.0))]
+    expected = {}
+    for prompt, seed, pose in variants:
+        expected[seed] = client.generate(ref, prompt, seed=seed, head_pose=[pose], **FAST)[0].image
+    errors: list[str] = []
+    counts = [0] * CONCURRENT_CLIENTS
+    stop_at = time.monotonic() + CONCURRENCY_SECONDS
+
+    def worker(k: int):
+        c = CapHumanClient(client.url, timeout=300)
+        i = k
+        while time.monotonic() < stop_at:
+            prompt, seed, pose = variants[i % len(variants)]
+            i += 1
+            try:
+                out = c.generate(ref, prompt, seed=seed, head_pose=[pose], progress=(k % 2 == 0), **FAST)
+                if len(out) != 1 or out[0].metadata["seed"] != seed or out[0].metadata["prompt"] != prompt:
+                    errors.append(f"client {k}: wrong response {[g.metadata.get('seed') for g in out]}")
+                elif not np.array_equal(out[0].image, expected[seed]):
+                    errors.append(f"client {k}: image differs from the reference image of seed {seed}")
+                counts[k] += 1
+            except Exception as e:  # noqa: BLE001 - every failure is reported
+                errors.append(f"client {k}: {type(e).__name__}: {e}")
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(CONCURRENT_CLIENTS)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=CONCURRENCY_SECONDS + 300)
+    assert not any(t.is_alive() for t in threads), "a client hung"
+    assert not errors, errors[:5]
+    assert all(n >= 1 for n in counts), f"some clients got no response: {counts}"
+    print(f"\n{sum(counts)} requests by {CONCURRENT_CLIENTS} clients in {CONCURRENCY_SECONDS:.0f} s: {counts}")
+
+
+# ------------------------------------------------------------------------------------ caphuman serve
+def test_caphuman_serve_starts_prints_endpoints_and_stops_on_ctrl_c(tmp_path):
+    """The CLI's life cycle (start, wait for ready, endpoints, Ctrl-C) on an empty model repository, so it
+    does not load the models a second time (the module's server shows that they load)."""
+    repo = tmp_path / "empty_repository"
+    repo.mkdir()
+    ports = [str(free_port()) for _ in range(3)]
+    proc = subprocess.Popen([*CAPHUMAN, "serve", "--host", "127.0.0.1",
+                             "--model-repository", str(repo),
+                             "--grpc-port", ports[0], "--http-port", ports[1], "--metrics-port", ports[2],
+                             "--log-file", str(tmp_path / "serve.log")],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            cwd=ROOT)
+    lines = []
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            if line.startswith("Ctrl-C stops"):
+                break
+        text = "".join(lines)
+        assert f"gRPC     localhost:{ports[0]}" in text and "/metrics" in text, text
+        assert "RANDOM" in text
+        import tritonclient.grpc as grpcclient
+        with grpcclient.InferenceServerClient(f"127.0.0.1:{ports[0]}") as c:
+            assert c.is_server_ready()
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+        assert proc.returncode == 0, text + out
+        assert "stopped (status 0)" in out, out
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_caphuman_serve_reports_a_missing_binary(tmp_path):
+    out = subprocess.run([*CAPHUMAN, "serve", "--tritonserver", str(tmp_path / "nope")],
+                         capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert out.returncode == 2 and "tritonserver binary not found" in out.stderr, out.stderr
