@@ -24,7 +24,6 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 from caphuman.export.config import load_config, packaged_config  # noqa: E402
 from caphuman.export.models import VAE, CapHumanDenoiser  # noqa: E402
@@ -410,9 +409,9 @@ def main() -> int:
     ap.add_argument("--modes", default="reference,eager,graph_eager_kernels,graph_eager_kernels_autotuned,optimized")
     ap.add_argument("--compile-modes", default="graph_torch_compile,graph_torch_compile_1x1,optimized_compiled")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
-    shared = ROOT.parent / "shared" / "testdata" / "faces"
-    ap.add_argument("--reference", default=str(shared / "reference_196251.png"), help="reference photo (e2e)")
-    ap.add_argument("--pose", default=str(shared / "pose1.png"), help="pose photo (e2e)")
+    faces = ROOT / "tests" / "data" / "faces"  # real photos shipped with the tests
+    ap.add_argument("--reference", default=str(faces / "reference_196251.png"), help="reference photo (e2e)")
+    ap.add_argument("--pose", default=str(faces / "pose1.png"), help="pose photo (e2e)")
     ap.add_argument("--e2e-repeat", type=int, default=3)
     ap.add_argument("--e2e-compile", action="store_true", help="end to end with the compiled torch engine (minutes to set up)")
     ap.add_argument("--e2e-vae", default="compile", choices=["compile", "graph", "eager", "channels_last"],

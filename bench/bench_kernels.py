@@ -31,7 +31,6 @@ import torch
 import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 from caphuman.kernels import attention_triton as at  # noqa: E402
 from caphuman.kernels import raster_cuda  # noqa: E402
@@ -620,8 +619,8 @@ def bench_raster(mesh_path: Path, albedo_path: Path | None) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, default=ROOT / "bench/results/kernels_h100.json")
-    ap.add_argument("--mesh", type=Path, default=ROOT / ".devdata/flame/head_template.obj")
-    ap.add_argument("--albedo", type=Path, default=ROOT / ".devdata/flame/mean_texture.jpg")
+    ap.add_argument("--mesh", type=Path, default=ROOT / "runtime/condition/assets/head_template.obj")
+    ap.add_argument("--albedo", type=Path, default=ROOT / "runtime/condition/assets/mean_texture.jpg")
     ap.add_argument("--skip-attention", action="store_true")
     ap.add_argument("--skip-raster", action="store_true")
     ap.add_argument("--skip-geglu", action="store_true")

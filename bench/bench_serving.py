@@ -1,6 +1,6 @@
 """CapHuman-RT serving benchmark: images per second and p50/p99 latency through the Triton server.
 
-    python bench/bench_serving.py --out bench/results/serving_h100.json          # CUDA: 512x512, 20 steps
+    python bench/bench_serving.py --out bench/results/serving_h200.json          # CUDA: 512x512, 20 steps
     python bench/bench_serving.py --device cpu --duration 5 --warmup 2           # CPU smoke: tiny, 256, 2 steps
 
 1. Baseline: the single-stream rate of the same pipeline and engine in this process, on the same device
@@ -36,7 +36,6 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 PROMPTS = ("a photo of a person, best quality", "a person at the beach, best quality",
            "a person in a garden, best quality", "a portrait of a person at night, best quality")
@@ -355,9 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--server-env", action="append", default=[], help="KEY=VALUE for the server (repeatable)")
     ap.add_argument("--server-log", default=None, help="where the server writes its log")
     ap.add_argument("--start-timeout", type=float, default=420.0)
-    shared = ROOT.parent / "shared" / "testdata" / "faces" / "reference_196251.png"
-    local = ROOT / ".devdata" / "faces" / "reference_196251.png"
-    ap.add_argument("--reference", default=str(shared if shared.is_file() else local))
+    ap.add_argument("--reference", default=str(ROOT / "tests" / "data" / "faces" / "reference_196251.png"))
     ap.add_argument("--out", default=None, help="JSON path (default bench/results/serving_<device>.json)")
     args = ap.parse_args(argv)
 

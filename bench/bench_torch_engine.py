@@ -23,7 +23,6 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # run as a script from a checkout without installing
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import sys
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -26,7 +25,6 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 from bench.bench_e2e import INDUCTOR_UNET_OPTIONS, environment, inputs, make_denoiser, timed  # noqa: E402
 from caphuman.export.config import load_config, packaged_config  # noqa: E402

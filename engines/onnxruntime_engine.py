@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from caphuman.export.extras import require
 from caphuman.export.onnx_specs import GraphSpec
 
 from .base import Engine, EngineError
@@ -15,8 +16,7 @@ _NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64
 
 
 def default_providers() -> list[str]:
-    import onnxruntime as ort
-
+    ort = require("onnxruntime", "the onnxruntime backend")
     have = ort.get_available_providers()
     return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in have]
 
@@ -32,8 +32,7 @@ class OnnxRuntimeEngine(Engine):
 
     def __init__(self, path: str | Path, spec: GraphSpec, providers: list[str] | None = None,
                  intra_op_threads: int = 0):
-        import onnxruntime as ort
-
+        ort = require("onnxruntime", "the onnxruntime backend")
         path = Path(path)
         if not path.is_file():
             raise EngineError(f"ONNX graph not found: {path} (run `caphuman export` first)")

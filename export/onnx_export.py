@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import onnx
 import torch
 from torch import nn
 
@@ -38,11 +37,14 @@ from . import onnx_wrappers as W
 from .checkpoints import VISION_PREFIX, read_official
 from .clip import ImageEncoder, TextEncoder
 from .config import CapHumanConfig, load_config
+from .extras import require
 from .models import (VAE, CapHumanDenoiser, clip_folder_state, denoiser_from_state, image_encoder_from_state,
                      text_encoder_from_state, vae_from_state)
 from .onnx_refit import RefitError, build_refit_map, save_refit_map
 from .onnx_specs import FACE_GRAPHS, NETWORK_GRAPHS, GraphSpec, graph_specs
 from .trt_ops import check_model
+
+onnx = require("onnx", "ONNX export and graph checks")
 
 log = logging.getLogger(__name__)
 
@@ -382,7 +384,7 @@ def validate_graph(path: Path, module: nn.Module, spec: GraphSpec, *, float_dtyp
                    providers: list[str] | None = None) -> dict[str, float]:
     """Run the graph under ONNX Runtime and the wrapper in PyTorch on the same random inputs (a batch
     and a size other than the traced ones, so the dynamic axes are exercised); relative error per output."""
-    import onnxruntime as ort
+    ort = require("onnxruntime", "checking ONNX graphs against PyTorch")
 
     h, w = spec.fixed_size or size
     feed = spec.sample_inputs(batch, h, w, float_dtype, seed=seed)

@@ -19,9 +19,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import onnx
 import torch
-from onnx import numpy_helper
+
+from .extras import require
+
+onnx = require("onnx", "ONNX export and graph checks")
+numpy_helper = onnx.numpy_helper
 
 
 class RefitError(ValueError):

@@ -15,7 +15,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import onnx
+from .extras import require
+
+onnx = require("onnx", "ONNX export and graph checks")
 
 TRT_MATRIX_SOURCE = ("onnx/onnx-tensorrt docs/operators.md @ release/10.1-GA "
                      "(96e781103cfc4adf4a6bb557e94bac8e693f6f4c)")

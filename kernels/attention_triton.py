@@ -146,7 +146,7 @@ class TunedLaunch:
 # nine cross-attention entries (# run47) are the pointer kernel with its narrow tail key block, the best of
 # 8 configs screened clean wherever their shared memory fits (kernels_h100_run47_tail_loop.json, sixth
 # session; cross 4096x258 at batch 1 keeps run 46's (128,64,8,3), 0.8% from run 47's best). Every
-# entry passed the full-size GPU test at its own shape (gpu_tests_h100_run33.log; run48 after run47).
+# entry passed the full-size GPU test at its own shape (tests/kernels/test_kernels_attention.py, -m gpu).
 # Used for fp16 only (bf16 was not screened). A fixed choice per shape instead of autotune:
 # deterministic, no tuning on a fresh server, and autotune's own timing (launch overhead included)
 # picked configs up to 1.45x slower on the small problems.

@@ -7,6 +7,8 @@ import importlib
 import logging
 import sys
 
+from caphuman.export.extras import MissingExtra
+
 # Subcommand modules, in the order `caphuman --help` lists them.
 SUBCOMMANDS = [
     "caphuman.runtime.generate_cli",
@@ -42,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except (UserError, ValueError, FileNotFoundError) as e:
+    except (UserError, MissingExtra, ValueError, FileNotFoundError) as e:
         print(f"caphuman {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -61,10 +61,7 @@ def run(args) -> int:
     from caphuman.runtime.cli import UserError
     from caphuman.runtime.outputs import save_png_with_sidecar
 
-    try:
-        from caphuman.tritonserver.client import CapHumanClient, Progress, ServerError
-    except ImportError as e:
-        raise UserError(f"the client needs tritonclient: pip install -e '.[serve]' ({e})") from None
+    from caphuman.tritonserver.client import CapHumanClient, Progress, ServerError
     if not args.reference.is_file():
         raise UserError(f"--reference photo not found: {args.reference}")
     for pose in args.pose or []:

@@ -22,6 +22,8 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from caphuman.export.extras import require
+
 from .params import MODEL_NAME, NUMPY_DTYPES, INPUT_BY_NAME, request_arrays
 
 
@@ -70,7 +72,7 @@ class CapHumanClient:
         self.url, self.model, self.timeout = url, model, timeout
 
     def _client(self):
-        import tritonclient.grpc as grpcclient
+        grpcclient = require("tritonclient.grpc", "the gRPC client")
         return grpcclient.InferenceServerClient(self.url)
 
     def is_ready(self) -> bool:
@@ -81,7 +83,7 @@ class CapHumanClient:
             return False
 
     def inputs(self, reference: bytes | str | Path, prompts: str | list[str], **fields):
-        import tritonclient.grpc as grpcclient
+        grpcclient = require("tritonclient.grpc", "the gRPC client")
         if "pose_image" in fields and fields["pose_image"] is not None:
             pi = fields["pose_image"]
             fields["pose_image"] = [_photo_bytes(p) for p in ([pi] if isinstance(pi, (bytes, str, Path)) else pi)]

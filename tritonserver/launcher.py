@@ -28,6 +28,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from caphuman.export.extras import install_hint
+
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL_REPOSITORY = Path(__file__).resolve().parent / "model_repository"
@@ -54,7 +56,7 @@ def wheel_server() -> WheelServer:
         import pytriton  # noqa: F401  (only to find the wheel's files; its launcher is not used)
     except ImportError as e:
         raise LaunchError("no tritonserver given and the nvidia-pytriton wheel is not installed: "
-                          "`pip install -e '.[serve]'`, or pass --tritonserver /opt/tritonserver/bin/tritonserver") from e
+                          f"{install_hint('serve')}, or pass --tritonserver /opt/tritonserver/bin/tritonserver") from e
     root = Path(pytriton.__file__).resolve().parent
     ts = root / "tritonserver"
     server = WheelServer(ts / "bin" / "tritonserver", ts / "backends", ts / "python_backend_stubs",

@@ -16,7 +16,7 @@ from caphuman.runtime.condition.head import FlameHead, TemplateHead
 from caphuman.runtime.condition.hint import build_head_condition
 
 from tests.paths import DATA, face_photo
-from .test_face_flame import write_flame_pickle
+from tests.export.test_face_flame import write_flame_pickle
 
 
 @pytest.fixture(scope="module")

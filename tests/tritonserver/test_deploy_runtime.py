@@ -36,11 +36,13 @@ def box(tmp_path):
     for name, text in (("tritonserver", FAKE_TRITON), ("nvidia-smi", FAKE_SMI)):
         (bin_dir / name).write_text(text)
         (bin_dir / name).chmod(0o755)
-    (bin_dir / "python3").symlink_to(sys.executable)
+    # a wrapper, not a symlink: a venv's python found through a symlink elsewhere loses the venv
+    (bin_dir / "python3").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    (bin_dir / "python3").chmod(0o755)
     out = tmp_path / "out"
     out.mkdir()
     env = {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "HOME": str(tmp_path), "FAKE_OUT": str(out),
-           "FAKE_GPUS": "2", "PYTHONPATH": str(ROOT), "CAPHUMAN_MODEL_REPOSITORY": str(REPO),
+           "FAKE_GPUS": "2", "CAPHUMAN_MODEL_REPOSITORY": str(REPO),
            "CAPHUMAN_RUN_DIR": str(tmp_path / "run"), "CAPHUMAN_ENGINE_CACHE": str(tmp_path / "engines"),
            "CAPHUMAN_WEIGHTS": str(tmp_path / "weights")}
 

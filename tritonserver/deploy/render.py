@@ -17,6 +17,8 @@ from pathlib import Path
 
 import yaml
 
+from caphuman.export.extras import require
+
 HERE = Path(__file__).resolve().parent
 K8S = HERE / "k8s"
 DEFAULT_VALUES = K8S / "values.yaml"
@@ -87,7 +89,7 @@ def load_values(files: list[Path] = (), sets: list[str] = ()) -> dict:
 
 def render(values: dict) -> dict[str, str]:
     """{output file name: text} for every template."""
-    import jinja2
+    jinja2 = require("jinja2", "rendering the Kubernetes manifests")
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATES)), undefined=jinja2.StrictUndefined,
                              keep_trailing_newline=True, autoescape=False)
     env.policies["json.dumps_kwargs"] = {"sort_keys": False}
