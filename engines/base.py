@@ -1,8 +1,8 @@
-"""The one engine interface every backend implements.
+"""Graph engines: one exported graph (`caphuman.export.onnx_specs.GraphSpec`) under a runtime.
 
-An engine runs one exported graph (`caphuman.export.onnx_specs.GraphSpec`): named inputs and outputs with
-static specs, `run(feed) -> outputs` on torch tensors, and device buffers it owns. The pipeline
-and the sampler (`caphuman.engines.sampler`) call engines without knowing the backend.
+An engine runs named inputs and outputs with static specs, `run(feed) -> outputs` on torch tensors, and
+owns its device buffers. ONNX Runtime and TensorRT implement it; `caphuman.engines.graph_engine` builds
+the denoiser contract (`caphuman.engines.denoiser`) on a CapFace and a UNet graph engine.
 
 Output aliasing: TensorRT engines with CUDA graphs return views of their static output buffers,
 valid until the next `run`; ONNX Runtime and torch engines return fresh tensors. Callers that keep
@@ -19,6 +19,23 @@ from caphuman.export.onnx_specs import GraphSpec, ShapeError, TensorSpec
 
 class EngineError(RuntimeError):
     """An engine could not be built, loaded or run."""
+
+
+def check_feed(spec: GraphSpec, feed: dict[str, torch.Tensor]) -> None:
+    """Every input present by name, no unknown names, ranks as specified."""
+    names = set(spec.input_names)
+    missing, unknown = sorted(names - set(feed)), sorted(set(feed) - names)
+    if missing or unknown:
+        raise ShapeError(f"engine {spec.name!r}: missing inputs {missing}, unknown inputs {unknown}; "
+                         f"expected {spec.input_names}")
+    for t in spec.inputs:
+        x = feed[t.name]
+        if x.ndim != len(t.shape):
+            raise ShapeError(f"engine {spec.name!r}: input {t.name} has shape {tuple(x.shape)}, expected rank "
+                             f"{len(t.shape)} {t.shape}")
+        for d, (want, got) in enumerate(zip(t.shape, x.shape)):
+            if isinstance(want, int) and want != got:
+                raise ShapeError(f"engine {spec.name!r}: input {t.name} dim {d} is {got}, expected {want}")
 
 
 class Engine(ABC):
@@ -40,20 +57,7 @@ class Engine(ABC):
         return self.spec.outputs
 
     def check_feed(self, feed: dict[str, torch.Tensor]) -> None:
-        """Every input present by name, no unknown names, ranks as specified."""
-        names = set(self.spec.input_names)
-        missing, unknown = sorted(names - set(feed)), sorted(set(feed) - names)
-        if missing or unknown:
-            raise ShapeError(f"engine {self.name!r}: missing inputs {missing}, unknown inputs {unknown}; "
-                             f"expected {self.spec.input_names}")
-        for t in self.spec.inputs:
-            x = feed[t.name]
-            if x.ndim != len(t.shape):
-                raise ShapeError(f"engine {self.name!r}: input {t.name} has shape {tuple(x.shape)}, expected rank "
-                                 f"{len(t.shape)} {t.shape}")
-            for d, (want, got) in enumerate(zip(t.shape, x.shape)):
-                if isinstance(want, int) and want != got:
-                    raise ShapeError(f"engine {self.name!r}: input {t.name} dim {d} is {got}, expected {want}")
+        check_feed(self.spec, feed)
 
     @abstractmethod
     def run(self, feed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -1,10 +1,10 @@
 """The torch engine: the fast path on the GPU we can reach.
 
 One denoising step -- CapFace at batch N, the UNet at batch 2N on the [cond, uncond] pair, guidance
-and the DDIM update (`caphuman.engines.ddim.ddim_update`, the official formulas) -- runs as ONE CUDA
-graph over static buffers, captured once per (batch, height, width, guidance on/off, eta on/off,
-tau on/off) and replayed every step; per step only the scalars (timestep, alphas, sigma, tau gate)
-are written into their buffers. Networks run in fp16 (or fp32), channels-last, with the Triton
+and the sampler's update (`caphuman.engines.samplers`) -- runs as ONE CUDA graph over static buffers,
+captured once per (batch, height, width, sampler, guidance on/off, noise on/off, tau on/off) and replayed
+every step; per step only the timestep, the sampler's scalars and the tau gate are written into their
+buffers (device-side copies: the host never waits for the GPU). Networks run in fp16 (or fp32), channels-last, with the Triton
 attention processors of `caphuman.export.attention_processors` where that module is present.
 
 Cross-attention K/V are computed once per request: `StaticCrossKV` holds one K and one V buffer
@@ -13,7 +13,7 @@ projections into them (outside the graph) and the captured graph reads them. ID 
 multiplies CapFace's cached K/V by a 0/1 gate, which equals projecting the gated context because
 SD's `to_k`/`to_v` have no bias.
 
-Aliasing: `sample` returns a fresh tensor; the per-step `callback` receives a clone.
+Aliasing: `step` returns the static buffers (x and the sampler's state), valid until the next step.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ import contextlib
 import importlib
 import types
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable
 
 import torch
 
@@ -29,10 +29,10 @@ from caphuman.export.models import CapHumanDenoiser
 from caphuman.export.networks import hard_mask_like, run_unet, unet_decode, unet_encode
 from caphuman.export.onnx_specs import graph_specs
 from caphuman.export.time_projections import fuse_time_projections
-from .ddim import ddim_schedule, ddim_update, step_noise, validate_sampling_args
 
-from .base import Engine, EngineError
-from .sampler import per_residual_strength
+from .base import EngineError, check_feed
+from .denoiser import NUM_IDENTITY_TOKENS, Conditioning, DenoiserEngine
+from .samplers import Plan, Sampler
 
 
 def _kernel_module(name: str):
@@ -92,7 +92,7 @@ class StaticCrossKV:
 
 @dataclass
 class _StepState:
-    """Static buffers and the captured graph of one (batch, h, w, flags) key."""
+    """Static buffers and the captured graph of one (batch, size, sampler, flags) key."""
     x: torch.Tensor
     t: torch.Tensor
     text: torch.Tensor
@@ -101,25 +101,25 @@ class _StepState:
     ctx: torch.Tensor
     strength: torch.Tensor
     guidance: torch.Tensor
-    a_t: torch.Tensor
-    a_prev: torch.Tensor
-    sigma: torch.Tensor
-    sqrt_1m: torch.Tensor
+    model_scale: torch.Tensor | None   # the sampler's input scale (None: the model sees x as it is)
+    coeffs: torch.Tensor               # the sampler's per-step scalars
+    state: tuple                       # the sampler's carried tensors
     noise: torch.Tensor | None
     gate: torch.Tensor | None
+    control_hints: list                # one per extra ControlNet, at the UNet's batch (both branches)
     kv: StaticCrossKV = field(default_factory=StaticCrossKV)
     graph: torch.cuda.CUDAGraph | None = None
 
 
 # inductor options of `compile=True` unless `compile_options` is given: 1x1 convolutions (proj_in,
-# proj_out, zero convs, shortcuts) as matrix products, which inductor fuses with their neighbours;
-# measured 6.91 against 7.01 ms per step on the H100 (bench/results/e2e_h100_run16_*.json)
+# proj_out, zero convs, shortcuts) as matrix products, which inductor fuses with their neighbours
+# (6.91 against 7.01 ms per step on the H100)
 DEFAULT_INDUCTOR_OPTIONS = {"conv_1x1_as_mm": True}
 
 
-class TorchDenoiserEngine(Engine):
-    """The CapHuman denoiser in PyTorch: `run` for the `denoiser` graph's I/O, `sample` for whole
-    DDIM loops (the `ddim_sample` signature without the model)."""
+class TorchDenoiserEngine(DenoiserEngine):
+    """The CapHuman denoiser in PyTorch, fast: `step` replays one CUDA graph per step (see the module
+    docstring); `run` computes the `denoiser` graph's I/O (one eps, no guidance) for checks."""
 
     backend = "torch"
 
@@ -137,12 +137,17 @@ class TorchDenoiserEngine(Engine):
         schedule = den.alphas_cumprod.detach().float().cpu().clone()  # .to(fp16) would round the schedule
         self.den = den.to(self.device, dtype).eval().requires_grad_(False)
         self.den.alphas_cumprod = schedule.to(self.device)
+        self.alphas_cumprod = schedule
         self.spec = graph_specs(den.config)["denoiser"]
+        self.hint_channels = den.config.capface.hint_channels
         self.num_residuals = den.num_residuals
+        if compile:
+            self.backend = "torch-compiled"
         self.channels_last = channels_last if channels_last is not None else on_gpu
         if self.channels_last:
             self.den.unet.to(memory_format=torch.channels_last)
             self.den.capface.to(memory_format=torch.channels_last)
+            self.den.controlnets.to(memory_format=torch.channels_last)
         # Same-math rewrites of the networks, with fused weight copies made from the weights as
         # they are now (held outside the modules: the state dict keeps its keys): the blocks' time
         # projections as one GEMM, transformer outputs left in channels-last, and (below, with our
@@ -177,9 +182,7 @@ class TorchDenoiserEngine(Engine):
         self._capface_fn = self.den.capface
         self._capface_res_fn = self._capface_residuals
         self._unet_enc_fn = self._unet_first_half
-        self._unet_dec_fn = self._unet_second_half_and_update
-        # The per-request K/V "fill" step runs these eagerly; each key compiles them once ("use").
-        self._eager_step_fns = (self._capface_res_fn, self._unet_enc_fn, self._unet_dec_fn)
+        self._compiled = None
         if compile:
             # one compiled graph per (batch, size, flags) key and function: a server's buckets and
             # request variants pass dynamo's default limit of 8, after which it runs them eagerly
@@ -193,11 +196,12 @@ class TorchDenoiserEngine(Engine):
             def compiled(fn):
                 return torch.compile(fn, dynamic=False, backend=compile_backend, options=options)
 
+            self._compiled = compiled
             self._unet_fn = compiled(self.den.unet)
             self._capface_fn = compiled(self.den.capface)
             self._capface_res_fn = compiled(self._capface_residuals)
             self._unet_enc_fn = compiled(self._unet_enc_fn)
-            self._unet_dec_fn = compiled(self._unet_dec_fn)
+        self._decoders: dict[str, tuple[Callable, Callable]] = {}  # sampler name -> (eager, fast) decode+update
         # cuDNN picks each convolution's algorithm by timing them (cudnn.benchmark) during the
         # warm-up before a CUDA-graph capture; the capture replays those choices
         self.conv_autotune = conv_autotune
@@ -209,11 +213,15 @@ class TorchDenoiserEngine(Engine):
             raise EngineError("parallel_side_network needs a CUDA device (it uses a second CUDA stream)")
         self._side_stream = torch.cuda.Stream(self.device) if parallel else None
         self._states: dict[tuple, _StepState] = {}
+        self._active: _StepState | None = None       # the prepared request's state
+        self._branches = 2
+        self._cond: Conditioning | None = None
+        self._plan_on_device: tuple | None = None   # (plan, coeffs, model_scale) uploaded once per request
 
-    # -- the Engine interface: one fused denoiser call ------------------------------------------
+    # -- the denoiser graph's I/O: one fused call, no guidance (checks against the ONNX graph) ------
     @torch.no_grad()
     def run(self, feed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        self.check_feed(feed)
+        check_feed(self.spec, feed)
         self._proxy.target = None
         f = {k: v.to(self.device) for k, v in feed.items()}
         f = {k: (v.to(self.dtype) if v.is_floating_point() and k != "strength" else v) for k, v in f.items()}
@@ -221,78 +229,180 @@ class TorchDenoiserEngine(Engine):
         scaled = [(r * f["strength"][i]) * hard_mask_like(mask, r) for i, r in enumerate(res)]
         return {"eps": run_unet(self._unet_fn, f["sample"], f["timestep"], f["text_embeddings"], scaled)}
 
-    # -- whole DDIM loops ---------------------------------------------------------------------------
-    def _step(self, s: _StepState, branches: int) -> None:
+    # -- the DenoiserEngine contract ----------------------------------------------------------------
+    def _prepare(self, cond: Conditioning, n: int, h: int, w: int, sampler: Sampler, plan: Plan) -> None:
+        """Fill this request's buffers; on a new key, warm up (Triton JIT, cuDNN) and capture the step."""
+        branches = 1 if cond.guidance == 1.0 else 2
+        scaled_input = bool((plan.model_scale != 1).any())
+        key = (n, h, w, branches, sampler.name, plan.noisy, bool(cond.tau), scaled_input,
+               len(self.den.extra_controls))
+        first = key not in self._states
+        # a new key's state is kept only once its warm-up and capture succeeded
+        s = self._states[key] if not first else self._state(n, h, w, branches, sampler, plan, bool(cond.tau),
+                                                            scaled_input)
+        dt = self.dtype
+        c = cond.text_cond.to(self.device, dt).expand(n, -1, -1)
+        s.text.copy_(c if branches == 1 else torch.cat([c, cond.text_uncond.to(self.device, dt).expand(n, -1, -1)]))
+        self._fill_hints(s, cond.hint.to(self.device, dt).expand(n, -1, -1, -1))
+        s.ctx.copy_(cond.identity_context.to(self.device, dt).expand(n, -1, -1))
+        s.strength.copy_(cond.strength_vector(self.num_residuals))
+        s.guidance.fill_(float(cond.guidance))
+        self._cond, self._branches = cond, branches
+        self._decoder(sampler)
+        self._setup_kv(s, sampler, branches, first, plan)
+        if first:
+            self._states[key] = s
+        self._active = s
+        self._plan_on_device = None
+
+    def finish(self) -> None:
+        self._proxy.target = None
+        self._active, self._cond, self._plan_on_device = None, None, None
+
+    def step(self, x: torch.Tensor, state: tuple, plan: Plan, sampler: Sampler, i: int,
+             noise: torch.Tensor | None) -> tuple[torch.Tensor, tuple]:
+        s = self._active
+        if self._plan_on_device is None or self._plan_on_device[0] is not plan:
+            # one upload per request; per step only device-to-device copies and fills (no host sync)
+            self._plan_on_device = (plan, plan.coeffs.to(self.device), plan.model_scale.to(self.device))
+        _, coeffs, scale = self._plan_on_device
+        if x is not s.x:
+            s.x.copy_(x)
+        for buf, value in zip(s.state, state):
+            if value is not buf:
+                buf.copy_(value)
+        t = plan.timesteps[i]
+        s.t.fill_(t)
+        s.coeffs.copy_(coeffs[i])
+        if s.model_scale is not None:
+            s.model_scale.copy_(scale[i])
+        if s.gate is not None:
+            s.gate.fill_(1.0 if self._cond.identity_on(t) else 0.0)
+        if s.noise is not None:
+            s.noise.copy_(noise)
+        if s.graph is not None:
+            s.graph.replay()
+        else:
+            self._step(s, self._branches, sampler)
+        return s.x, s.state
+
+    @torch.no_grad()
+    def guided_eps(self, x: torch.Tensor, t: int) -> torch.Tensor:
+        """The guided eps alone (no sampler update), eagerly on the prepared request's buffers."""
+        s, branches = self._active, self._branches
+        s.x.copy_(x)
+        s.t.fill_(t)
+        if s.model_scale is not None:
+            s.model_scale.fill_(1.0)
+        if s.gate is not None:
+            s.gate.fill_(1.0 if self._cond.identity_on(t) else 0.0)
+        scaled = self._capface_residuals(s.x, s.t, s.guided, s.ctx, s.strength, s.hard, s.model_scale)
+        enc = self._unet_first_half(s.x, s.t, s.text, branches, s.model_scale)
+        return self._guided(enc, self._with_controls(s, scaled, branches), s.guidance, s.x.shape[0], branches)
+
+    # -- one step ------------------------------------------------------------------------------------
+    def _step(self, s: _StepState, branches: int, sampler: Sampler) -> None:
         """One denoising step on the static buffers (captured as a CUDA graph)."""
         if self._first_self_attn is None:
-            self._step_body(s, branches)
+            self._step_body(s, branches, sampler)
             return
         # a Python flag, read while running/tracing/capturing this step only (`run` takes any input)
         self._first_self_attn.identical_batch_halves = branches == 2
         try:
-            self._step_body(s, branches)
+            self._step_body(s, branches, sampler)
         finally:
             self._first_self_attn.identical_batch_halves = False
 
-    def _step_body(self, s: _StepState, branches: int) -> None:
+    def _step_body(self, s: _StepState, branches: int, sampler: Sampler) -> None:
         """CapFace (on the side stream when there is one, concurrent with the UNet's down and mid
-        blocks), the UNet's two halves, guidance and the DDIM update: three (compiled) functions
+        blocks), the UNet's two halves, guidance and the sampler's update: three (compiled) functions
         that read the static buffers, so the casts, CFG concatenations and the update fuse into
         the networks' kernels."""
         side = self._side_stream
+        eager_dec, fast_dec = self._decoder(sampler)
         if s.kv.mode == "fill":
-            capface_fn, enc_fn, dec_fn = self._eager_step_fns
+            capface_fn, enc_fn, dec_fn = self._capface_residuals, self._unet_first_half, eager_dec
         else:
-            capface_fn, enc_fn, dec_fn = self._capface_res_fn, self._unet_enc_fn, self._unet_dec_fn
+            capface_fn, enc_fn, dec_fn = self._capface_res_fn, self._unet_enc_fn, fast_dec
         if side is not None:
             main = torch.cuda.current_stream(self.device)
             side.wait_stream(main)
             with torch.cuda.stream(side):
-                scaled = capface_fn(s.x, s.t, s.guided, s.ctx, s.strength, s.hard)
+                scaled = capface_fn(s.x, s.t, s.guided, s.ctx, s.strength, s.hard, s.model_scale)
             # made on the side stream, read on main: keep the allocator from reusing them early
             for r in scaled:
                 r.record_stream(main)
         else:
-            scaled = capface_fn(s.x, s.t, s.guided, s.ctx, s.strength, s.hard)
-        enc = enc_fn(s.x, s.t, s.text, branches)
+            scaled = capface_fn(s.x, s.t, s.guided, s.ctx, s.strength, s.hard, s.model_scale)
+        enc = enc_fn(s.x, s.t, s.text, branches, s.model_scale)
         if side is not None:
             main.wait_stream(side)
-        x_prev = dec_fn(enc, scaled, s.x, s.guidance, s.a_t, s.a_prev, s.sigma, s.sqrt_1m, s.noise, branches)
-        s.x.copy_(x_prev)
+        scaled = self._with_controls(s, scaled, branches)
+        x_next, state = dec_fn(enc, scaled, s.x, s.guidance, s.coeffs, s.state, s.noise, branches)
+        s.x.copy_(x_next)
+        for buf, value in zip(s.state, state):
+            if value is not buf:
+                buf.copy_(value)
+
+    def _model_input(self, x: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+        return (x if scale is None else x * scale).to(self.dtype)
 
     def _capface_residuals(self, x: torch.Tensor, t: torch.Tensor, guided: torch.Tensor, ctx: torch.Tensor,
-                           strength: torch.Tensor, hard: dict) -> list[torch.Tensor]:
+                           strength: torch.Tensor, hard: dict, scale: torch.Tensor | None = None) -> list[torch.Tensor]:
         """CapFace's residuals, scaled and hard-masked as the official code does (one compiled
         function with the network, so the scaling fuses into its last kernels)."""
-        res = self.den.capface.encode(x.to(self.dtype), t, guided, ctx)
+        res = self.den.capface.encode(self._model_input(x, scale), t, guided, ctx)
         return [(r * strength[i]) * hard[tuple(r.shape[-2:])] for i, r in enumerate(res)]
 
-    def _unet_first_half(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, branches: int):
+    def _unet_first_half(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, branches: int,
+                         scale: torch.Tensor | None = None):
         """The UNet's down and mid blocks on the fp32 latents, both CFG branches in one batch (with
         the network rewrites, the text-free prefix runs once for both: `unet_encode`'s branches)."""
-        xi = x.to(self.dtype)
+        xi = self._model_input(x, scale)
         if branches == 2 and self.rewrite_networks:
             return unet_encode(self.den.unet, xi, t, text, branches=2)
         if branches == 2:
             xi, t = torch.cat([xi, xi]), torch.cat([t, t])
         return unet_encode(self.den.unet, xi, t, text)
 
-    def _unet_second_half_and_update(self, enc, residuals: list[torch.Tensor], x: torch.Tensor,
-                                     guidance: torch.Tensor, a_t: torch.Tensor, a_prev: torch.Tensor,
-                                     sigma: torch.Tensor, sqrt_1m: torch.Tensor, noise: torch.Tensor | None,
-                                     branches: int) -> torch.Tensor:
-        """The UNet's up blocks (residuals of batch n tiled over the branches), guidance and the
-        DDIM update: the next latents."""
+    def _with_controls(self, s: _StepState, scaled: list[torch.Tensor], branches: int) -> list[torch.Tensor]:
+        """CapFace's residuals plus the extra ControlNets' (unmasked, scaled, each CFG branch with its own
+        text), at the UNet's batch."""
+        if not s.control_hints:
+            return scaled
+        x = self._model_input(s.x, s.model_scale)
+        xb, tb = (torch.cat([x, x]), torch.cat([s.t, s.t])) if branches == 2 else (x, s.t)
+        out = [r.repeat(branches, 1, 1, 1) if branches > 1 else r for r in scaled]
+        for extra, hint in zip(self.den.extra_controls, s.control_hints):
+            res, _ = extra.network(xb, tb, hint, s.text)
+            out = [a + r * extra.scale for a, r in zip(out, res)]
+        return out
+
+    def _guided(self, enc, residuals: list[torch.Tensor], guidance: torch.Tensor, n: int, branches: int):
+        """The UNet's up blocks (residuals of batch n tiled over the branches) and guidance: float32 eps."""
         out = unet_decode(self.den.unet, enc, residuals)
         if branches == 1:
-            eps = out
-        else:
-            n = x.shape[0]
-            eps_c, eps_u = out[:n], out[n:]
-            eps = eps_u + guidance * (eps_c - eps_u)
-        return ddim_update(x, eps.to(torch.float32), a_t, a_prev, sigma, sqrt_1m, noise)
+            return out.to(torch.float32)
+        eps_c, eps_u = out[:n], out[n:]
+        return (eps_u + guidance * (eps_c - eps_u)).to(torch.float32)
 
-    def _state(self, key: tuple, n: int, h: int, w: int, branches: int, eta_on: bool, tau_on: bool) -> _StepState:
+    def _decoder(self, sampler: Sampler) -> tuple[Callable, Callable]:
+        """(eager, compiled or eager) functions: the UNet's second half, guidance and `sampler`'s update."""
+        pair = self._decoders.get(sampler.name)
+        if pair is None or pair[2] is not sampler.update:
+            update = sampler.update
+
+            def decode_and_update(enc, residuals, x, guidance, coeffs, state, noise, branches):
+                eps = self._guided(enc, residuals, guidance, x.shape[0], branches)
+                return update(x, eps, coeffs, state, noise)
+
+            fast = self._compiled(decode_and_update) if self._compiled is not None else decode_and_update
+            pair = (decode_and_update, fast, update)
+            self._decoders[sampler.name] = pair
+        return pair[:2]
+
+    def _state(self, n: int, h: int, w: int, branches: int, sampler: Sampler, plan: Plan, tau_on: bool,
+               scaled_input: bool) -> _StepState:
         dev, dt, cfg = self.device, self.dtype, self.den.config
         lat = cfg.unet.in_channels
 
@@ -307,36 +417,46 @@ class TorchDenoiserEngine(Engine):
         for _ in cfg.capface.channel_mult:  # residual resolutions: each downsample (3x3, stride 2, pad 1) rounds up
             hard[(rh, rw)] = torch.zeros(n, 1, rh, rw, device=dev, dtype=dt)
             rh, rw = -(-rh // 2), -(-rw // 2)
-        s = _StepState(x=torch.zeros(n, lat, h // 8, w // 8, device=dev), t=torch.zeros(n, dtype=torch.long, device=dev),
+        latents = lambda: torch.zeros(n, lat, h // 8, w // 8, device=dev)  # noqa: E731
+        controls = [torch.zeros(n * branches, c.hint.shape[1], h, w, device=dev, dtype=dt)
+                    for c in self.den.extra_controls]
+        s = _StepState(x=latents(), t=torch.zeros(n, dtype=torch.long, device=dev),
                        text=torch.zeros(n * branches, 77, cfg.context_dim, device=dev, dtype=dt),
                        guided=guided, hard=hard,
-                       ctx=torch.zeros(n, 258, cfg.context_dim, device=dev, dtype=dt),
-                       strength=torch.zeros(self.num_residuals, device=dev), guidance=scalar(), a_t=scalar(),
-                       a_prev=scalar(), sigma=scalar(), sqrt_1m=scalar(),
-                       noise=torch.zeros(n, lat, h // 8, w // 8, device=dev) if eta_on else None,
-                       gate=scalar(dt) if tau_on else None)
+                       ctx=torch.zeros(n, NUM_IDENTITY_TOKENS, cfg.context_dim, device=dev, dtype=dt),
+                       strength=torch.zeros(self.num_residuals, device=dev), guidance=scalar(),
+                       model_scale=scalar() if scaled_input else None,
+                       coeffs=torch.zeros(plan.coeffs.shape[1], device=dev),
+                       state=tuple(latents() for _ in range(sampler.state_size)),
+                       noise=latents() if plan.noisy else None,
+                       gate=scalar(dt) if tau_on else None, control_hints=controls)
         s.kv.sources = {"text": s.text, "identity": s.ctx}
         s.kv.gate = s.gate
         return s
 
-    def _fill_hint(self, s: _StepState, hint: torch.Tensor) -> None:
-        """The per-request hint work, outside the per-step graph: CapFace's guided hint and its
-        hard head masks at every residual resolution (the same ops as in CapFace's forward)."""
+    def _fill_hints(self, s: _StepState, hint: torch.Tensor) -> None:
+        """The per-request hint work, outside the per-step graph: CapFace's guided hint and its hard
+        head masks at every residual resolution (the same ops as in CapFace's forward), and the extra
+        ControlNets' hints at the UNet's batch."""
         guided, mask = self.den.capface.embed_hint(hint)
         s.guided.copy_(guided)
         for buf in s.hard.values():
             buf.copy_(hard_mask_like(mask, buf))
+        for extra, buf in zip(self.den.extra_controls, s.control_hints):
+            buf.copy_(extra.hint.to(buf).expand(buf.shape[0], -1, -1, -1))
 
-    def _prepare(self, s: _StepState, branches: int, first: bool) -> None:
+    def _setup_kv(self, s: _StepState, sampler: Sampler, branches: int, first: bool, plan: Plan) -> None:
         """Fill K/V for this request; on a new key, warm up (Triton JIT, cuDNN) and capture."""
         self._proxy.target = s.kv
         if not first:
             s.kv.refill()
             return
         x0 = s.x.clone()
-        a = (s.a_t, s.a_prev, s.sqrt_1m)
-        for buf in a:
-            buf.fill_(0.5)  # a valid schedule point for the warm-up steps; overwritten per step
+        # a valid step for the warm-up runs (their results are discarded)
+        s.coeffs.copy_(plan.coeffs[0])
+        if s.model_scale is not None:
+            s.model_scale.fill_(float(plan.model_scale[0]))
+        s.t.fill_(plan.timesteps[0])
         if s.gate is not None:
             s.gate.fill_(1.0)
         s.kv.mode = "fill"
@@ -344,15 +464,17 @@ class TorchDenoiserEngine(Engine):
             benchmark = torch.backends.cudnn.benchmark
             torch.backends.cudnn.benchmark = benchmark or self.conv_autotune
             try:
-                self._warm_up_and_capture(s, branches, x0)
+                self._warm_up_and_capture(s, branches, sampler, x0)
             finally:
                 torch.backends.cudnn.benchmark = benchmark
         else:
-            self._step(s, branches)
-            s.x.copy_(x0)
+            self._step(s, branches, sampler)
             s.kv.mode = "use"
+        s.x.copy_(x0)
+        for buf in s.state:
+            buf.zero_()
 
-    def _warm_up_and_capture(self, s: _StepState, branches: int, x0: torch.Tensor) -> None:
+    def _warm_up_and_capture(self, s: _StepState, branches: int, sampler: Sampler, x0: torch.Tensor) -> None:
         """Warm up exactly as the capture will run (Triton JIT and autotune, cuDNN algorithm search
         happen here, never inside the capture), then capture one step."""
         side = torch.cuda.Stream(self.device)
@@ -362,73 +484,14 @@ class TorchDenoiserEngine(Engine):
                 if self._attn is not None or self._fused_ff is not None else contextlib.nullcontext())
         with torch.cuda.stream(side), warm:
             for _ in range(2):
-                self._step(s, branches)
+                self._step(s, branches, sampler)
                 s.x.copy_(x0)
                 s.kv.mode = "use"
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            self._step(s, branches)
+            self._step(s, branches, sampler)
         s.graph = graph  # only a completed capture is ever replayed
-        s.x.copy_(x0)
-
-    @torch.no_grad()
-    def sample(self, noise: torch.Tensor, text_cond: torch.Tensor, text_uncond: torch.Tensor, hint: torch.Tensor,
-               identity_context: torch.Tensor, steps: int = 20, guidance: float = 7.0, eta: float = 0.0,
-               strength: float | Sequence[float] = 1.0, tau: float = 0, *, cfg: str = "batched",
-               generators: Sequence[torch.Generator] | None = None,
-               callback: Callable[[int, int, torch.Tensor], None] | None = None) -> torch.Tensor:
-        """Final DDIM latents; same contract and numerics as `caphuman.runtime.sampling.ddim_sample` with
-        batched CFG (`cfg="serial"` computes the same value, so it is accepted and batched)."""
-        validate_sampling_args(steps, guidance, eta, strength, tau)
-        if cfg not in ("batched", "serial"):
-            raise ValueError(f"cfg must be 'batched' or 'serial', got {cfg!r}")
-        if noise.ndim != 4:
-            raise ValueError(f"noise must be [N, C, h, w], got shape {tuple(noise.shape)}")
-        n, h, w = noise.shape[0], noise.shape[-2] * 8, noise.shape[-1] * 8
-        if tuple(hint.shape[-2:]) != (h, w):
-            raise ValueError(f"hint is {tuple(hint.shape[-2:])}, expected 8x the latent size {tuple(noise.shape[-2:])}")
-        hint_channels = self.den.config.capface.hint_channels
-        if hint.ndim != 4 or hint.shape[1] != hint_channels:
-            raise ValueError(f"hint must be [N, {hint_channels}, H, W], got shape {tuple(hint.shape)}")
-        branches = 1 if guidance == 1.0 else 2
-        key = (n, h, w, branches, eta > 0, bool(tau))
-        first = key not in self._states
-        # a new key's state is kept only once its warm-up and capture succeeded (_prepare below)
-        s = self._states[key] if not first else self._state(key, n, h, w, branches, eta > 0, bool(tau))
-        dt = self.dtype
-        cond = text_cond.to(self.device, dt).expand(n, -1, -1)
-        s.text.copy_(cond if branches == 1 else torch.cat([cond, text_uncond.to(self.device, dt).expand(n, -1, -1)]))
-        self._fill_hint(s, hint.to(self.device, dt).expand(n, -1, -1, -1))
-        s.ctx.copy_(identity_context.to(self.device, dt).expand(n, -1, -1))
-        s.strength.copy_(per_residual_strength(strength, self.num_residuals))
-        s.guidance.fill_(float(guidance))
-        s.x.copy_(noise.to(self.device, torch.float32))
-        self._prepare(s, branches, first)
-        if first:
-            self._states[key] = s
-
-        sched = ddim_schedule(self.den.alphas_cumprod, steps, eta)
-        total = len(sched.timesteps)
-        for i, index in enumerate(reversed(range(total))):
-            t = sched.timesteps[index]
-            s.t.fill_(t)
-            s.a_t.fill_(sched.alphas[index].item())
-            s.a_prev.fill_(sched.alphas_prev[index].item())
-            s.sigma.fill_(sched.sigmas[index].item())
-            s.sqrt_1m.fill_(sched.sqrt_one_minus_alphas[index].item())
-            if s.gate is not None:
-                s.gate.fill_(1.0 if t <= tau else 0.0)
-            if s.noise is not None:
-                s.noise.copy_(step_noise(s.x, generators))
-            if s.graph is not None:
-                s.graph.replay()
-            else:
-                self._step(s, branches)
-            if callback is not None:
-                callback(i, total, s.x.clone())
-        self._proxy.target = None
-        return s.x.clone()
 
     def close(self) -> None:
         if self._attn is not None:
@@ -438,6 +501,7 @@ class TorchDenoiserEngine(Engine):
             for net in (self.den.unet, self.den.capface.net):
                 self._fused_ff.disable_fused_geglu(net)
         self._states.clear()
+        self._active = None
 
 
 def _transformer_output_channels_last(self, hidden_states, residual, batch_size, height, width, inner_dim):

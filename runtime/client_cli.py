@@ -5,6 +5,8 @@ import argparse
 import logging
 from pathlib import Path
 
+from caphuman.engines.samplers import DEFAULT_SAMPLER, SAMPLERS
+
 log = logging.getLogger(__name__)
 
 
@@ -29,6 +31,7 @@ def register(sub) -> None:
     h.add_argument("--modes", default="position,pose", help="what the pose photo gives (official modes)")
     h.add_argument("--light", default="", help="lighting preset: front, left, right, top, bottom, flat")
     s = p.add_argument_group("sampling")
+    s.add_argument("--sampler", choices=sorted(SAMPLERS), default=DEFAULT_SAMPLER, help="denoising sampler")
     s.add_argument("--steps", type=int, default=20)
     s.add_argument("--guidance", type=float, default=7.0)
     s.add_argument("--eta", type=float, default=0.0)
@@ -69,7 +72,7 @@ def run(args) -> int:
             raise UserError(f"--pose photo not found: {pose}")
     client = CapHumanClient(args.url, timeout=args.timeout)
     fields = dict(negative_prompt=args.negative_prompt, added_prompt=args.added_prompt, modes=args.modes,
-                  light=args.light, steps=args.steps, guidance=args.guidance, eta=args.eta, strength=args.strength,
+                  light=args.light, sampler=args.sampler, steps=args.steps, guidance=args.guidance, eta=args.eta, strength=args.strength,
                   tau=args.tau, seed=args.seed, resolution=args.resolution, progress=not args.no_progress,
                   head_pose=_head_poses(args), pose_image=args.pose or None)
     bar = None

@@ -10,9 +10,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from caphuman.engines.factory import BACKENDS
+from caphuman.engines.samplers import DEFAULT_SAMPLER, SAMPLERS, check_sampler_args, make_plan
+
 from .condition_cli import add_head_arguments, build_condition
 from .outputs import save_png_with_sidecar
-from .pipeline import GenerationRequest, load_pipeline, tiny_random_pipeline
+from . import limits
+from .pipeline import GenerationRequest, build_pipeline, load_networks, random_networks
 
 log = logging.getLogger(__name__)
 
@@ -61,9 +65,11 @@ def register(sub) -> None:
     h.add_argument("--facenet-weights", help="FaceNet VGGFace2 weights (20180402-114759-vggface2.pt) for the identity")
     h.add_argument("--bisenet-weights", help="BiSeNet face parsing weights (79999_iter.pth) for the identity")
     s = p.add_argument_group("sampling")
-    s.add_argument("--steps", type=int, default=20, help="DDIM steps (official: 20)")
+    s.add_argument("--sampler", choices=sorted(SAMPLERS), default=DEFAULT_SAMPLER,
+                   help="; ".join(f"{name}: {SAMPLERS[name].doc}" for name in sorted(SAMPLERS)))
+    s.add_argument("--steps", type=int, default=20, help="denoising steps (official DDIM: 20)")
     s.add_argument("--guidance", type=float, default=7.0, help="classifier-free guidance scale")
-    s.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
+    s.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic)")
     s.add_argument("--strength", type=float, default=1.0, help="CapFace residual scale")
     s.add_argument("--tau", type=float, default=0.0, help="ID dropout: identity context off for timesteps > tau (0 = off)")
     s.add_argument("--seed", type=int, default=12345, help="seed of the first sample (next ones: seed+1, ...)")
@@ -75,7 +81,7 @@ def register(sub) -> None:
     r = p.add_argument_group("runtime")
     r.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     r.add_argument("--fp16", action="store_true", help="run the networks in float16 (GPU)")
-    r.add_argument("--backend", choices=["eager", "torch", "onnxruntime", "tensorrt"], default="eager",
+    r.add_argument("--backend", choices=BACKENDS, default="eager",
                    help="denoiser backend: eager PyTorch modules (with --cfg serial: the reference mode), the torch "
                         "engine (CUDA graphs, Triton attention), ONNX Runtime, or TensorRT engines (docs/engines.md)")
     r.add_argument("--engine-dir", help="ONNX graphs (onnxruntime) or `caphuman build` engines (tensorrt)")
@@ -102,31 +108,34 @@ def load_npy(path: str, what: str, ndim: tuple[int, ...]) -> torch.Tensor:
     return t
 
 
-def _identity_from_photo(args, pipe, photo) -> torch.Tensor:
+def _identity_from_photo(args, nets, photo) -> torch.Tensor:
     """FaceNet + BiSeNet-parsed CLIP tokens of the reference photo, projected (caphuman.runtime.condition.identity)."""
-    from caphuman.export.face.bisenet import BiSeNet, load_bisenet
-    from caphuman.export.face.facenet import InceptionResnetV1, load_facenet
+    from caphuman.export.face.bisenet import load_bisenet
+    from caphuman.export.face.facenet import load_facenet
     from caphuman.runtime.condition.identity import identity_context
-    if pipe.image_encoder is None:
+    from caphuman.runtime.pipeline import random_face_networks
+    if nets.image_encoder is None:
         raise ValueError("the identity from a photo needs the CLIP image encoder (in caphuman.ckpt)")
-    if not pipe.random_weights and not (args.facenet_weights and args.bisenet_weights):
+    if not nets.random_weights and not (args.facenet_weights and args.bisenet_weights):
         raise ValueError("--reference with real weights needs --facenet-weights and --bisenet-weights "
                          "(or pass --identity-context)")
-    torch.manual_seed(0)  # the demo's random stand-ins are reproducible
-    facenet = load_facenet(args.facenet_weights) if args.facenet_weights else InceptionResnetV1().eval()
-    bisenet = load_bisenet(args.bisenet_weights) if args.bisenet_weights else BiSeNet().eval()
-    facenet, bisenet = facenet.to(pipe.device), bisenet.to(pipe.device)
+    facenet, bisenet = random_face_networks()  # the demo's random stand-ins, the server's too
+    if args.facenet_weights:
+        facenet = load_facenet(args.facenet_weights).eval()
+    if args.bisenet_weights:
+        bisenet = load_bisenet(args.bisenet_weights).eval()
+    facenet, bisenet = facenet.to(nets.device), bisenet.to(nets.device)
     with torch.no_grad():
-        return identity_context(pipe.denoiser, facenet, bisenet, pipe.image_encoder, photo).float().cpu()
+        return identity_context(nets.denoiser, facenet, bisenet, nets.image_encoder, photo).float().cpu()
 
 
-def _identity(args, pipe, rng_seed: int, photo=None) -> torch.Tensor:
-    den = pipe.denoiser
+def _identity(args, nets, rng_seed: int, photo=None) -> torch.Tensor:
+    den = nets.denoiser
     if args.identity_context:
         ctx = load_npy(args.identity_context, "identity context", (2, 3))
         ctx = ctx[None] if ctx.ndim == 2 else ctx
-        if ctx.shape[-1] != pipe.config.context_dim:
-            raise ValueError(f"identity context width {ctx.shape[-1]} != the model's {pipe.config.context_dim}")
+        if ctx.shape[-1] != nets.config.context_dim:
+            raise ValueError(f"identity context width {ctx.shape[-1]} != the model's {nets.config.context_dim}")
         return ctx
     if args.id_features or args.clip_tokens:
         if not (args.id_features and args.clip_tokens):
@@ -134,26 +143,26 @@ def _identity(args, pipe, rng_seed: int, photo=None) -> torch.Tensor:
         fid = load_npy(args.id_features, "FaceNet features", (1, 2)).reshape(1, -1)
         tokens = load_npy(args.clip_tokens, "CLIP tokens", (2, 3))
         tokens = tokens[None] if tokens.ndim == 2 else tokens
-        if fid.shape[-1] != pipe.config.id_dim or tokens.shape[-1] != pipe.config.img_linear_dim:
-            raise ValueError(f"need FaceNet [{pipe.config.id_dim}] and CLIP tokens [257,{pipe.config.img_linear_dim}], "
+        if fid.shape[-1] != nets.config.id_dim or tokens.shape[-1] != nets.config.img_linear_dim:
+            raise ValueError(f"need FaceNet [{nets.config.id_dim}] and CLIP tokens [257,{nets.config.img_linear_dim}], "
                              f"got {tuple(fid.shape)} and {tuple(tokens.shape)}")
         with torch.no_grad():
             p = next(den.parameters())
             return den.project_identity(tokens.to(p), fid.to(p)).float().cpu()
     if photo is not None:
-        return _identity_from_photo(args, pipe, photo)
-    if not pipe.random_weights:
+        return _identity_from_photo(args, nets, photo)
+    if not nets.random_weights:
         raise ValueError("real weights need an identity: --reference, --identity-context, "
                          "or --id-features with --clip-tokens")
     g = torch.Generator().manual_seed(rng_seed)
     p = next(den.parameters())
     with torch.no_grad():
-        tokens = torch.randn(1, 257, pipe.config.img_linear_dim, generator=g)
-        fid = torch.nn.functional.normalize(torch.randn(1, pipe.config.id_dim, generator=g), dim=-1)
+        tokens = torch.randn(1, 257, nets.config.img_linear_dim, generator=g)
+        fid = torch.nn.functional.normalize(torch.randn(1, nets.config.id_dim, generator=g), dim=-1)
         return den.project_identity(tokens.to(p), fid.to(p)).float().cpu()
 
 
-def _add_controlnet(args, pipe, size) -> None:
+def _add_controlnet(args, nets, size) -> None:
     from PIL import Image
 
     from caphuman.export.config import packaged_config
@@ -174,18 +183,18 @@ def _add_controlnet(args, pipe, size) -> None:
     except (OSError, Image.DecompressionBombError) as e:
         raise ValueError(f"{path} is not a readable image ({e})") from e
     net = load_controlnet(args.controlnet_config or packaged_config("controlnet_sd15_openpose"),
-                          args.controlnet_checkpoint, dtype=pipe.dtype).to(pipe.device)
-    hint = torch.from_numpy(arr.transpose(2, 0, 1).copy())[None].to(pipe.device, pipe.dtype)
-    pipe.denoiser.add_controlnet(net, hint, args.controlnet_strength)
+                          args.controlnet_checkpoint, dtype=nets.dtype).to(nets.device)
+    hint = torch.from_numpy(arr.transpose(2, 0, 1).copy())[None].to(nets.device, nets.dtype)
+    nets.denoiser.add_controlnet(net, hint, args.controlnet_strength)
 
 
 def _hint_from_photos(args):
     """The head hint from --reference/--pose and head controls, or the template head (frontal) without
     photos. Rendered at 512x512 as the official code does (other sizes: `caphuman condition` + --hint)."""
     from caphuman.runtime.condition import HeadControls
-    if args.resolution != 512 and (args.reference or args.resolution % 64 or not 256 <= args.resolution <= 1024):
-        raise ValueError(f"--resolution must be 512 with --reference (the official hint size), or a multiple of 64 "
-                         f"in [256, 1024] for the template head; got {args.resolution}")
+    if args.reference and args.resolution != 512:
+        raise ValueError(f"--resolution must be 512 with --reference (the official hint size); got {args.resolution}")
+    limits.check_resolution("--resolution", args.resolution)
     if args.reference:
         cond, ref, _pose, builder, _controls = build_condition(args)
         for note in cond.notes:
@@ -205,27 +214,33 @@ def _hint_from_photos(args):
     return torch.from_numpy(np.asarray(cond.hint, dtype=np.float32))[None], None
 
 
-def run(args) -> int:
+def _check_arguments(args) -> None:
+    """Everything that needs no model, before any is loaded."""
     if args.checkpoint is None and (args.sd_checkpoint or args.vae_checkpoint):
         raise ValueError("--sd-checkpoint/--vae-checkpoint need --checkpoint (caphuman.ckpt) too")
-    dtype = torch.float16 if args.fp16 else torch.float32
     if args.fp16 and args.device == "cpu":
         raise ValueError("--fp16 needs a GPU (--device cuda)")
+    limits.check_sampling(args.steps, args.guidance, args.eta, args.strength, args.tau, args.sampler,
+                          names={k: f"--{k}" for k in ("steps", "guidance", "eta", "strength", "tau", "sampler")})
+    check_sampler_args(args.sampler, args.steps, args.eta)
+    limits.check_seed("--seed", args.seed)
+    if not 1 <= args.num_samples <= limits.MAX_NUM_SAMPLES:
+        raise ValueError(f"--num-samples must be in [1, {limits.MAX_NUM_SAMPLES}], got {args.num_samples}")
+
+
+def run(args) -> int:
+    _check_arguments(args)
+    dtype = torch.float16 if args.fp16 else torch.float32
     t0 = time.perf_counter()
     if args.checkpoint is None:
         print(RANDOM_WEIGHTS_NOTICE)
-        pipe = tiny_random_pipeline(device=args.device)
+        nets = random_networks("cldm_tiny", device=args.device)
     else:
         from caphuman.export.config import packaged_config
-        pipe = load_pipeline(args.config or packaged_config("cldm_v15"), args.checkpoint, args.sd_checkpoint,
+        nets = load_networks(args.config or packaged_config("cldm_v15"), args.checkpoint, args.sd_checkpoint,
                              args.vae_checkpoint, args.clip_dir, device=args.device, dtype=dtype,
                              with_image_encoder=bool(args.reference) and not args.identity_context)
     log.info("models ready in %.1f s", time.perf_counter() - t0)
-    if args.backend != "eager":
-        if getattr(args, "controlnet_checkpoint", None):
-            raise ValueError(f"extra ControlNets run on --backend eager only, not {args.backend}")
-        from caphuman.engines.backends import attach_backend
-        attach_backend(pipe, args.backend, dtype if args.backend == "torch" else None, args.engine_dir)
 
     photo = None
     if args.hint:
@@ -235,17 +250,18 @@ def run(args) -> int:
         hint, photo = _hint_from_photos(args)
     noise = load_npy(args.noise, "noise", (4,)) if args.noise else None
     if args.controlnet_checkpoint:
-        _add_controlnet(args, pipe, hint.shape[-2:])
+        _add_controlnet(args, nets, hint.shape[-2:])
     req = GenerationRequest(prompt=args.prompt, added_prompt=args.added_prompt, negative_prompt=args.negative_prompt,
-                            hint=hint, identity_context=_identity(args, pipe, args.seed, photo), seed=args.seed,
+                            hint=hint, identity_context=_identity(args, nets, args.seed, photo), seed=args.seed,
                             num_samples=args.num_samples, steps=args.steps, guidance=args.guidance, eta=args.eta,
-                            strength=args.strength, tau=args.tau, noise=noise)
-    req.validate(pipe.config.unet.in_channels)
+                            strength=args.strength, tau=args.tau, sampler=args.sampler, noise=noise)
+    req.validate(nets.config.unet.in_channels)
+    pipe = build_pipeline(nets, args.backend, device=args.device, dtype=dtype, engine_dir=args.engine_dir)
 
-    bar = tqdm(total=None, desc="denoising", unit="step")
+    total = make_plan(args.sampler, nets.denoiser.alphas_cumprod, args.steps, args.eta).num_steps
+    bar = tqdm(total=total, desc=f"denoising ({pipe.backend}, {args.sampler})", unit="step")
 
-    def progress(i, total, _x):
-        bar.total = total
+    def progress(_i, _total, _x):
         bar.update(1)
 
     t1 = time.perf_counter()

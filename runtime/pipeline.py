@@ -1,17 +1,20 @@
-"""The generation pipeline: prompt + head hint + identity context -> images.
+"""The generation pipeline: prompt + head hint + identity context -> images, on any denoiser engine.
 
-    pipe = load_pipeline(config, "caphuman.ckpt", sd_checkpoint=..., vae_checkpoint=...)
+    pipe = load_pipeline(config, "caphuman.ckpt", sd_checkpoint=..., backend="torch", device="cuda")
     result = pipe.generate(GenerationRequest(prompt="a photo of a woman", hint=hint, identity_context=ctx))
+    results = pipe.generate_batch([request_a, request_b])   # compatible requests, one denoising batch
 
-Building the hint and the identity context from photos lives in `caphuman.runtime.condition`; this module
-takes them as tensors.
+`Networks` holds the loaded PyTorch modules; `build_pipeline` puts them on a device and dtype and builds
+the denoiser engine of a backend through the one factory (`caphuman.engines.factory.create_engine`). The
+pipeline keeps that engine for its lifetime. Building the hint and the identity context from photos
+lives in `caphuman.runtime.condition`; this module takes them as tensors.
 """
 from __future__ import annotations
 
-import functools
 import hashlib
 import logging
 import threading
+from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
@@ -19,20 +22,24 @@ from typing import TYPE_CHECKING, Callable, Sequence
 import numpy as np
 import torch
 
+from caphuman.engines.denoiser import Conditioning, DenoiserEngine
+from caphuman.engines.factory import create_engine
+from caphuman.engines.loop import StepCallback, sample
+from caphuman.engines.samplers import DEFAULT_SAMPLER, check_sampler_args
 from caphuman.export.checkpoints import VISION_PREFIX, read_official
 from caphuman.export.clip import ImageEncoder, TextEncoder
 from caphuman.export.config import CapHumanConfig, load_config, packaged_config
-from caphuman.export.models import (VAE, CapHumanDenoiser, clip_folder_state, denoiser_from_state, image_encoder_from_state,
-                           text_encoder_from_state, vae_from_state)
+from caphuman.export.models import (VAE, CapHumanDenoiser, clip_folder_state, denoiser_from_state,
+                                    image_encoder_from_state, text_encoder_from_state, vae_from_state)
 
-from .sampling import ddim_sample, validate_sampling_args
+from . import limits
 
 if TYPE_CHECKING:
     from .condition.text import PromptEncoder
 
 log = logging.getLogger(__name__)
 
-MAX_SEED = 2 ** 32 - 1
+MAX_SEED = limits.MAX_SEED
 
 
 @dataclass
@@ -50,6 +57,7 @@ class GenerationRequest:
     eta: float = 0.0
     strength: float = 1.0
     tau: float = 0.0
+    sampler: str = DEFAULT_SAMPLER        # a name in caphuman.engines.samplers.SAMPLERS
     noise: torch.Tensor | None = None     # explicit initial noise [N, 4, h, w] (bit-exact comparisons)
 
     def full_prompt(self) -> str:
@@ -59,22 +67,32 @@ class GenerationRequest:
         seeds = self.seeds if self.seeds is not None else [self.seed + i for i in range(self.num_samples)]
         if len(seeds) != self.num_samples:
             raise ValueError(f"{len(seeds)} seeds for num_samples={self.num_samples}")
-        for s in seeds:
-            if not 0 <= int(s) <= MAX_SEED:
-                raise ValueError(f"seed must be in [0, {MAX_SEED}], got {s}")
-        return [int(s) for s in seeds]
+        return [limits.check_seed("seed", s) for s in seeds]
+
+    @property
+    def resolution(self) -> tuple[int, int]:
+        h, w = self.hint.shape[-2:]
+        return int(h), int(w)
+
+    def batch_key(self) -> tuple:
+        """Requests with equal keys can be denoised as one batch (everything else is per sample)."""
+        return (int(self.steps), self.resolution, float(self.guidance), float(self.eta), float(self.strength),
+                float(self.tau), self.sampler)
 
     def validate(self, latent_channels: int) -> None:
-        validate_sampling_args(self.steps, self.guidance, self.eta, self.strength, self.tau)
-        if not isinstance(self.num_samples, int) or not 1 <= self.num_samples <= 64:
-            raise ValueError(f"num_samples must be an integer in [1, 64], got {self.num_samples!r}")
+        limits.check_sampling(self.steps, self.guidance, self.eta, self.strength, self.tau, self.sampler)
+        check_sampler_args(self.sampler, self.steps, self.eta)
+        if isinstance(self.num_samples, bool) or not isinstance(self.num_samples, int) \
+                or not 1 <= self.num_samples <= limits.MAX_NUM_SAMPLES:
+            raise ValueError(f"num_samples must be an integer in [1, {limits.MAX_NUM_SAMPLES}], got {self.num_samples!r}")
+        self.sample_seeds()
         if self.hint.ndim != 4 or self.hint.shape[1] != 9 or self.hint.shape[0] not in (1, self.num_samples):
             raise ValueError(f"hint must be [1, 9, H, W], got {tuple(self.hint.shape)}")
         if self.identity_context.ndim != 3 or self.identity_context.shape[0] not in (1, self.num_samples):
             raise ValueError(f"identity context must be [1, tokens, C], got {tuple(self.identity_context.shape)}")
-        h, w = self.hint.shape[-2:]
-        if h % 64 or w % 64 or not 256 <= min(h, w) or max(h, w) > 1024:
-            raise ValueError(f"resolution {w}x{h} must be multiples of 64 between 256 and 1024 (the official range)")
+        h, w = self.resolution
+        limits.check_resolution("height", h)
+        limits.check_resolution("width", w)
         if not torch.isfinite(self.hint).all():
             raise ValueError("hint contains NaN or infinite values")
         if not torch.isfinite(self.identity_context).all():
@@ -105,84 +123,8 @@ def initial_noise(seeds: Sequence[int], shape: tuple[int, int, int]) -> torch.Te
     return torch.cat([torch.randn((1, *shape), generator=torch.Generator("cpu").manual_seed(s)) for s in seeds])
 
 
-class CapHumanPipeline:
-    """Text encoder + CapHuman denoiser + VAE (+ CLIP image encoder for identity from photos)."""
-
-    def __init__(self, config: CapHumanConfig, text_encoder: TextEncoder, denoiser: CapHumanDenoiser, vae: VAE,
-                 image_encoder: ImageEncoder | None = None, *, device="cpu", model_hashes: dict | None = None,
-                 random_weights: bool = False):
-        self.config = config
-        self.text_encoder = text_encoder.to(device)
-        self.denoiser = denoiser.to(device)
-        self.vae = vae.to(device)
-        self.image_encoder = image_encoder.to(device) if image_encoder is not None else None
-        self.device = torch.device(device)
-        self.model_hashes = model_hashes or {}
-        self.random_weights = random_weights
-        # Engine-backed DDIM (`caphuman.engines.sampler.EngineSampler`, `TorchDenoiserEngine.sample`): same
-        # signature as `ddim_sample` without the model. None: `ddim_sample` on `self.denoiser`.
-        self.sampler: Callable | None = None
-        self.backend = "eager"
-        # Prompts through `caphuman.runtime.condition.text.PromptEncoder` (the empty negative prompt encoded once;
-        # on CUDA the text tower replayed from a graph where that is bit-identical), rebuilt when the
-        # text encoder moves to another device or dtype (`attach_backend`, `engine_pipeline`).
-        self._prompts: tuple[tuple, PromptEncoder] | None = None
-        self._prompts_lock = threading.Lock()
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.denoiser.parameters()).dtype
-
-    def prompt_encoder(self) -> PromptEncoder:
-        """The `PromptEncoder` of the text encoder's current device and dtype."""
-        p = next(self.text_encoder.parameters())
-        key = (p.device, p.dtype, p.data_ptr())
-        with self._prompts_lock:
-            if self._prompts is None or self._prompts[0] != key:
-                from .condition.text import PromptEncoder
-                graph = p.device.type == "cuda"
-                self._prompts = (key, PromptEncoder(self.text_encoder, graph=graph, exact=True))
-            return self._prompts[1]
-
-    @torch.no_grad()
-    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
-        """[len(prompts), 77, C] in the pipeline's dtype. One prompt (what `generate` and the serving
-        batches encode) goes through `prompt_encoder()`: the same numbers as the text encoder's."""
-        if len(prompts) == 1:
-            return self.prompt_encoder()(prompts[0]).to(self.dtype)
-        return self.text_encoder(prompts).to(self.dtype)
-
-    @torch.no_grad()
-    def generate(self, req: GenerationRequest, cfg: str = "batched",
-                 callback: Callable[[int, int, torch.Tensor], None] | None = None) -> GenerationResult:
-        latent_ch = self.config.unet.in_channels
-        req.validate(latent_ch)
-        seeds = req.sample_seeds()
-        h, w = req.hint.shape[-2:]
-        noise = req.noise if req.noise is not None else initial_noise(seeds, (latent_ch, h // 8, w // 8))
-        text_cond = self.encode_prompts([req.full_prompt()])
-        text_uncond = self.encode_prompts([req.negative_prompt])
-        hint = req.hint.to(self.device, self.dtype)
-        ctx = req.identity_context.to(self.device, self.dtype)
-        sample = self.sampler or functools.partial(ddim_sample, self.denoiser)
-        latents = sample(noise.to(self.device), text_cond, text_uncond, hint, ctx,
-                         steps=req.steps, guidance=req.guidance, eta=req.eta, strength=req.strength,
-                         tau=req.tau, cfg=cfg, callback=callback,
-                         generators=[torch.Generator("cpu").manual_seed(s + 1) for s in seeds]
-                         if req.eta > 0 else None)
-        decoded = self.vae.decode(latents.to(self.dtype))
-        params = {k: v for k, v in asdict(req).items() if k not in ("hint", "identity_context", "noise")}
-        params.update(seeds=seeds, cfg=cfg, backend=self.backend, width=int(w), height=int(h), sampler="ddim",
-                      dtype=str(self.dtype).removeprefix("torch."), config=Path(self.config.path).name,
-                      hint_sha256=_tensor_hash(req.hint), identity_sha256=_tensor_hash(req.identity_context),
-                      noise="explicit" if req.noise is not None else "cpu-generator-per-seed",
-                      models=self.model_hashes, random_weights=self.random_weights,
-                      controlnets=[{"scale": c.scale, "hint_sha256": _tensor_hash(c.hint)}
-                                   for c in self.denoiser.extra_controls])
-        return GenerationResult(latents_to_uint8(decoded), latents, seeds, params)
-
-
-def _tensor_hash(t: torch.Tensor) -> str:
+def tensor_hash(t: torch.Tensor) -> str:
+    """Short content hash of a tensor (the metadata's hint and identity hashes)."""
     return hashlib.sha256(t.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
 
 
@@ -200,8 +142,39 @@ def file_hash(path: str | Path | None) -> str | None:
     return h.hexdigest()[:16]
 
 
-def load_pipeline(config_path, checkpoint, sd_checkpoint=None, vae_checkpoint=None, clip_dir=None,
-                  device="cpu", dtype=torch.float32, with_image_encoder: bool = False) -> CapHumanPipeline:
+# ------------------------------------------------------------------------------------ networks
+@dataclass
+class Networks:
+    """The loaded PyTorch modules of a pipeline, and where their weights came from."""
+    config: CapHumanConfig
+    text_encoder: TextEncoder
+    denoiser: CapHumanDenoiser
+    vae: VAE
+    image_encoder: ImageEncoder | None = None
+    model_hashes: dict = field(default_factory=dict)
+    random_weights: bool = False
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.denoiser.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.denoiser.parameters()).dtype
+
+    def to(self, device, dtype: torch.dtype | None = None) -> "Networks":
+        """Move every module (the denoiser's schedule stays float32)."""
+        for m in (self.text_encoder, self.vae, self.image_encoder):
+            if m is not None:
+                m.to(device, dtype) if dtype is not None else m.to(device)
+        schedule = self.denoiser.alphas_cumprod.detach().float().cpu().clone()
+        self.denoiser.to(device, dtype) if dtype is not None else self.denoiser.to(device)
+        self.denoiser.alphas_cumprod = schedule.to(device)
+        return self
+
+
+def load_networks(config_path, checkpoint, sd_checkpoint=None, vae_checkpoint=None, clip_dir=None, device="cpu",
+                  dtype=torch.float32, with_image_encoder: bool = False) -> Networks:
     """All networks from the official files, in the official order and precedence."""
     config = load_config(config_path)
     state = read_official(checkpoint, sd_checkpoint, vae_checkpoint)
@@ -213,11 +186,11 @@ def load_pipeline(config_path, checkpoint, sd_checkpoint=None, vae_checkpoint=No
     image = image_encoder_from_state(config, state, dtype) if with_image_encoder else None
     hashes = {"checkpoint": file_hash(checkpoint), "sd_checkpoint": file_hash(sd_checkpoint),
               "vae_checkpoint": file_hash(vae_checkpoint)}
-    return CapHumanPipeline(config, text, den, vae, image, device=device,
-                            model_hashes={k: v for k, v in hashes.items() if v})
+    return Networks(config, text, den, vae, image, {k: v for k, v in hashes.items() if v}).to(device)
 
 
-def random_pipeline(config_name: str = "cldm_tiny", seed: int = 0, device="cpu") -> CapHumanPipeline:
+def random_networks(config_name: str = "cldm_tiny", seed: int = 0, device="cpu",
+                    with_image_encoder: bool = True) -> Networks:
     """A packaged config with seeded RANDOM weights (the demo, tests, benchmarks at the official
     sizes). Its images are noise-like patterns, not photos: it exercises the whole runtime, and
     costs the same compute, without the real weights."""
@@ -231,15 +204,183 @@ def random_pipeline(config_name: str = "cldm_tiny", seed: int = 0, device="cpu")
                 p.normal_(0, 0.02)
     text = TextEncoder(config.text_clip).eval()
     vae = VAE(config).eval()
-    image = ImageEncoder(config.vision_clip).eval().requires_grad_(False)
+    image = None
+    if with_image_encoder:
+        torch.manual_seed(seed + 1)  # its own stream: the same encoder whichever networks are built with it
+        image = ImageEncoder(config.vision_clip).eval().requires_grad_(False)
     label = "tiny" if config_name == "cldm_tiny" else config_name
-    return CapHumanPipeline(config, text, den.requires_grad_(False), vae.requires_grad_(False), image, device=device,
-                            model_hashes={"weights": f"{label}-random-seed{seed}"}, random_weights=True)
+    return Networks(config, text, den.requires_grad_(False), vae.requires_grad_(False), image,
+                    {"weights": f"{label}-random-seed{seed}"}, random_weights=True).to(device)
 
 
-def tiny_random_pipeline(seed: int = 0, device="cpu") -> CapHumanPipeline:
+def random_face_networks(seed: int = 0, device="cpu"):
+    """(FaceNet, BiSeNet) with seeded RANDOM weights: the identity networks of the random-weight demo, the same
+    in the CLI and the server."""
+    from caphuman.export.face.bisenet import BiSeNet
+    from caphuman.export.face.facenet import InceptionResnetV1
+    torch.manual_seed(seed + 2)
+    return InceptionResnetV1().eval().to(device), BiSeNet().eval().to(device)
+
+
+# ------------------------------------------------------------------------------------ pipeline
+class CapHumanPipeline:
+    """Text encoder + a denoiser engine + VAE (+ the denoiser module's identity projections and the CLIP
+    image encoder, for identity from photos). The engine is fixed at construction."""
+
+    def __init__(self, networks: Networks, engine: DenoiserEngine, text_cache_entries: int = 64):
+        self.networks = networks
+        self.engine = engine
+        self.config = networks.config
+        self.text_encoder, self.vae, self.image_encoder = networks.text_encoder, networks.vae, networks.image_encoder
+        self.denoiser = networks.denoiser
+        self.model_hashes, self.random_weights = networks.model_hashes, networks.random_weights
+        p = next(self.text_encoder.parameters())
+        self.device, self.dtype = p.device, p.dtype
+        # Prompts through `caphuman.runtime.condition.text.PromptEncoder` (the empty negative prompt encoded once;
+        # on CUDA the text tower replayed from a graph where that is bit-identical), and the last prompts' embeddings
+        self._prompts: PromptEncoder | None = None
+        self._text: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._text_entries = text_cache_entries
+        self._lock = threading.Lock()
+
+    @property
+    def backend(self) -> str:
+        return self.engine.backend
+
+    def prompt_encoder(self) -> PromptEncoder:
+        with self._lock:
+            if self._prompts is None:
+                from .condition.text import PromptEncoder
+                self._prompts = PromptEncoder(self.text_encoder, graph=self.device.type == "cuda", exact=True)
+            return self._prompts
+
+    @torch.no_grad()
+    def encode_prompt(self, prompt: str) -> torch.Tensor:
+        """[1, 77, C] in the pipeline's dtype: one prompt, encoded alone, cached by text."""
+        with self._lock:
+            emb = self._text.get(prompt)
+            if emb is not None:
+                self._text.move_to_end(prompt)
+                return emb
+        emb = self.prompt_encoder()(prompt).to(self.dtype)
+        with self._lock:
+            self._text[prompt] = emb
+            while len(self._text) > self._text_entries:
+                self._text.popitem(last=False)
+        return emb
+
+    @torch.no_grad()
+    def denoise(self, requests: Sequence[GenerationRequest], *, cfg: str = "batched", batch_size: int | None = None,
+                callback: StepCallback | None = None) -> torch.Tensor:
+        """Final latents of every sample of compatible requests (equal `batch_key`), as one batch, in order.
+        `batch_size` pads the batch (repeating its last sample) to a size the engine has prepared."""
+        latent_ch = self.config.unet.in_channels
+        if not requests:
+            raise ValueError("no requests to denoise")
+        for r in requests:
+            r.validate(latent_ch)
+        key = requests[0].batch_key()
+        if any(r.batch_key() != key for r in requests):
+            raise ValueError("requests denoised together need equal steps, resolution, guidance, eta, strength, "
+                             "tau and sampler")
+        g0 = requests[0]
+        h, w = g0.resolution
+        seeds, noise, text, hints, ctxs = [], [], [], [], []
+        for r in requests:
+            s = r.sample_seeds()
+            seeds += s
+            noise.append(r.noise if r.noise is not None else initial_noise(s, (latent_ch, h // 8, w // 8)))
+            text += [self.encode_prompt(r.full_prompt())] * r.num_samples
+            hints.append(r.hint.expand(r.num_samples, -1, -1, -1))
+            ctxs.append(r.identity_context.expand(r.num_samples, -1, -1))
+        n = len(seeds)
+        pad = (batch_size or n) - n
+        if pad < 0:
+            raise ValueError(f"{n} samples do not fit a batch of {batch_size}")
+        seeds += [seeds[-1]] * pad
+        noise = torch.cat(noise + [noise[-1][-1:]] * pad)
+        text += [text[-1]] * pad
+        hint = torch.cat(hints + [hints[-1][-1:]] * pad)
+        ctx = torch.cat(ctxs + [ctxs[-1][-1:]] * pad)
+        uncond = torch.cat([self.encode_prompt(r.negative_prompt) for r in requests for _ in range(r.num_samples)]
+                           + [self.encode_prompt(requests[-1].negative_prompt)] * pad)
+        cond = Conditioning(torch.cat(text), uncond, hint.to(self.device, self.dtype), ctx.to(self.device, self.dtype),
+                            guidance=float(g0.guidance), strength=g0.strength, tau=float(g0.tau), cfg=cfg)
+        generators = [torch.Generator("cpu").manual_seed(s + 1) for s in seeds]
+        latents = sample(self.engine, noise.to(self.device), cond, steps=g0.steps, sampler=g0.sampler, eta=g0.eta,
+                         generators=generators, callback=callback)
+        return latents[:n]
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> list[np.ndarray]:
+        """uint8 [H, W, 3] images of latents [N, 4, h, w] (the official conversion)."""
+        return latents_to_uint8(self.vae.decode(latents.to(self.device, self.dtype)))
+
+    def parameters(self, req: GenerationRequest, cfg: str = "batched", hint_sha256: str | None = None,
+                   identity_sha256: str | None = None) -> dict:
+        """The generation parameters of one request, as its images' metadata reports them (the one place
+        they are assembled; hashes may be passed in when the caller already knows them)."""
+        params = {k: v for k, v in asdict(req).items() if k not in ("hint", "identity_context", "noise")}
+        h, w = req.resolution
+        params.update(seeds=req.sample_seeds(), cfg=cfg, backend=self.backend, width=w, height=h,
+                      dtype=str(self.dtype).removeprefix("torch."), config=Path(self.config.path).name,
+                      hint_sha256=hint_sha256 or tensor_hash(req.hint),
+                      identity_sha256=identity_sha256 or tensor_hash(req.identity_context),
+                      noise="explicit" if req.noise is not None else "cpu-generator-per-seed",
+                      models=self.model_hashes, random_weights=self.random_weights,
+                      controlnets=[{"scale": c.scale, "hint_sha256": tensor_hash(c.hint)}
+                                   for c in self.denoiser.extra_controls])
+        return params
+
+    @torch.no_grad()
+    def generate_batch(self, requests: Sequence[GenerationRequest], cfg: str = "batched",
+                       callback: StepCallback | None = None) -> list[GenerationResult]:
+        """One result per request, its samples denoised together with every other request's."""
+        latents = self.denoise(requests, cfg=cfg, callback=callback)
+        images = self.decode(latents)
+        out, k = [], 0
+        for r in requests:
+            out.append(GenerationResult(images[k:k + r.num_samples], latents[k:k + r.num_samples], r.sample_seeds(),
+                                        self.parameters(r, cfg)))
+            k += r.num_samples
+        return out
+
+    def generate(self, req: GenerationRequest, cfg: str = "batched",
+                 callback: StepCallback | None = None) -> GenerationResult:
+        return self.generate_batch([req], cfg=cfg, callback=callback)[0]
+
+
+def build_pipeline(networks: Networks, backend: str = "eager", *, device=None, dtype: torch.dtype | None = None,
+                   engine_dir: str | Path | None = None, **torch_options) -> CapHumanPipeline:
+    """Put the networks on `device` in `dtype` (default: where they are) and build `backend`'s engine
+    through the factory. The graph backends run fp32 graphs; the text encoder and VAE stay in PyTorch."""
+    p = next(networks.denoiser.parameters())
+    device = torch.device(device) if device is not None else p.device
+    dtype = dtype or p.dtype
+    networks.to(device, dtype)
+    engine = create_engine(backend, networks.denoiser, device=device, dtype=dtype, engine_dir=engine_dir,
+                           **torch_options)
+    return CapHumanPipeline(networks, engine)
+
+
+def load_pipeline(config_path, checkpoint, sd_checkpoint=None, vae_checkpoint=None, clip_dir=None, device="cpu",
+                  dtype=torch.float32, with_image_encoder: bool = False, backend: str = "eager",
+                  **engine_options) -> CapHumanPipeline:
+    """`load_networks` + `build_pipeline`."""
+    nets = load_networks(config_path, checkpoint, sd_checkpoint, vae_checkpoint, clip_dir, device, dtype,
+                         with_image_encoder)
+    return build_pipeline(nets, backend, device=device, dtype=dtype, **engine_options)
+
+
+def random_pipeline(config_name: str = "cldm_tiny", seed: int = 0, device="cpu", backend: str = "eager",
+                    **engine_options) -> CapHumanPipeline:
+    """`random_networks` + `build_pipeline`: seeded RANDOM weights."""
+    return build_pipeline(random_networks(config_name, seed, device), backend, device=device, **engine_options)
+
+
+def tiny_random_pipeline(seed: int = 0, device="cpu", backend: str = "eager", **engine_options) -> CapHumanPipeline:
     """The built-in demo: the tiny config with seeded RANDOM weights."""
-    return random_pipeline("cldm_tiny", seed=seed, device=device)
+    return random_pipeline("cldm_tiny", seed=seed, device=device, backend=backend, **engine_options)
 
 
 def sphere_hint(size: int = 512, light: Sequence[float] | None = None) -> torch.Tensor:

@@ -25,6 +25,11 @@ def register(sub) -> None:
     p.add_argument("--random-config", choices=["cldm_tiny", "cldm_v15"], default="cldm_tiny",
                    help="without --weights: the size of the random-weight networks (cldm_v15: the official sizes, "
                         "for benchmarks on a GPU)")
+    p.add_argument("--backend", choices=("auto", "eager", "torch", "onnxruntime", "tensorrt"), default=None,
+                   help="the caphuman model's denoiser backend (default: its config.pbtxt, 'auto': TensorRT engines "
+                        "of --engine-dir where TensorRT runs, the torch engine on CUDA, eager on the CPU)")
+    p.add_argument("--engine-dir", type=Path, default=None,
+                   help="ONNX graphs (onnxruntime; exported there when absent) or `caphuman build` engines (tensorrt)")
     p.add_argument("--tritonserver", type=Path, default=None,
                    help="tritonserver binary (default: the one in the nvidia-pytriton wheel; in the NGC container "
                         "/opt/tritonserver/bin/tritonserver)")
@@ -37,10 +42,20 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
+def launch_env(args) -> dict[str, str]:
+    """The models' launch options, passed to tritonserver's environment."""
+    from caphuman.tritonserver.weights import BACKEND_ENV, ENGINE_DIR_ENV, RANDOM_CONFIG_ENV
+    env = {RANDOM_CONFIG_ENV: args.random_config} if args.weights is None else {}
+    if args.backend:
+        env[BACKEND_ENV] = args.backend
+    if args.engine_dir:
+        env[ENGINE_DIR_ENV] = str(args.engine_dir.resolve())
+    return env
+
+
 def run(args) -> int:
     from caphuman.runtime.cli import UserError
     from caphuman.tritonserver.launcher import DEFAULT_MODEL_REPOSITORY, LaunchError, ServerConfig, TritonServer
-    from caphuman.tritonserver.weights import RANDOM_CONFIG_ENV
 
     for name in ("grpc_port", "http_port", "metrics_port"):
         if not 1 <= getattr(args, name) <= 65535:
@@ -48,7 +63,7 @@ def run(args) -> int:
     cfg = ServerConfig(model_repository=args.model_repository or DEFAULT_MODEL_REPOSITORY, binary=args.tritonserver,
                        weights=args.weights, host=args.host, grpc_port=args.grpc_port, http_port=args.http_port,
                        metrics_port=args.metrics_port, log_file=args.log_file,
-                       extra_env={RANDOM_CONFIG_ENV: args.random_config} if args.weights is None else {})
+                       extra_env=launch_env(args))
     server = TritonServer(cfg)
     if args.weights is None:
         size = "TINY" if args.random_config == "cldm_tiny" else f"official-size ({args.random_config})"

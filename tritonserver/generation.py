@@ -1,42 +1,34 @@
 """Batching across requests for the `caphuman` orchestrator, without Triton (tested in-process).
 
-    gen = BatchGenerator(pipe, buckets=(1, 2, 4, 8))       # pipe: CapHumanPipeline (+ torch engine on CUDA)
+    batches = BatchRunner(pipe, buckets=(1, 2, 4, 8))     # pipe: CapHumanPipeline on any engine
     sched = Scheduler(run_batch, max_batch=8, gather_s=0.06)
     sched.submit([Job(request, owner, index), ...])        # from Triton's execute()
     # the scheduler thread calls run_batch(jobs) with up to 8 compatible jobs, oldest first
 
-A job is one item (one image) of one request. Jobs are compatible when every value that a denoising
-batch shares is equal: steps, resolution, guidance, eta, strength, tau (`Job.key`). Text, hint, identity
-context and seed are per sample. The scheduler takes the oldest pending job and every compatible pending
-job after it (first in, first out, up to `max_batch`). Demand is the size of the previous batch plus the
-jobs that were waiting when it ended (about the number of active clients); while fewer jobs than that are
-at hand, the batch waits up to `gather_s` for the next requests of those clients, which come back when
-their images arrive. A single stream (demand 1) is never delayed.
+A job is one item (one image) of one request. Jobs are compatible when their requests' `batch_key`s are
+equal (steps, resolution, guidance, eta, strength, tau, sampler): text, hint, identity context and seed are
+per sample. The scheduler takes the oldest pending job and every compatible pending job after it (first in,
+first out, up to `max_batch`). Demand is the size of the previous batch plus the jobs that were waiting when
+it ended (about the number of active clients); while fewer jobs than that are at hand, the batch waits up to
+`gather_s` for the next requests of those clients, which come back when their images arrive. A single stream
+(demand 1) is never delayed.
 
-`BatchGenerator.sample` runs a batch as one DDIM loop: through the torch engine (one CUDA graph per step,
-captured once per batch size) padded up to the next bucket size so that only a few batch sizes are
-ever captured, or through the eager sampler (CPU). For one job it computes exactly what
-`CapHumanPipeline.generate` computes for the same request. On the GPU, the images of a request depend on
-the bucket it ran in at fp16 rounding level (other batch sizes pick other kernels), not on its neighbours.
-
-`engine_pipeline` makes the pipeline the orchestrator and the serving benchmark run on CUDA: fp16
-networks and `caphuman.engines.torch_engine.TorchDenoiserEngine` as its sampler.
+`BatchRunner.sample` denoises a batch through the pipeline (`CapHumanPipeline.denoise`), padded up to the next
+bucket size so that the engine prepares (on the GPU: captures) only a few batch sizes. For one job it
+computes exactly what `CapHumanPipeline.generate` computes for the same request. On the GPU, the images of a
+request depend on the bucket it ran in at fp16 rounding level (other batch sizes pick other kernels), not on
+its neighbours.
 """
 from __future__ import annotations
 
-import functools
-import hashlib
 import threading
 import time
 from collections import Counter, deque
-from dataclasses import dataclass, field, fields
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
 import torch
-
-from .services import LRU
 
 DEFAULT_BUCKETS = (1, 2, 4, 8)
 
@@ -61,9 +53,7 @@ class Job:
 
     @property
     def key(self) -> tuple:
-        g = self.gen
-        return (int(g.steps), tuple(int(v) for v in g.hint.shape[-2:]), float(g.guidance), float(g.eta),
-                float(g.strength), float(g.tau))
+        return self.gen.batch_key()
 
 
 def bucket_size(n: int, buckets: tuple[int, ...]) -> int:
@@ -80,51 +70,6 @@ def parse_buckets(text: str) -> tuple[int, ...]:
     if not values or values[0] < 1 or values[0] != 1:
         raise ValueError(f"batch sizes must be positive and include 1, got {text!r}")
     return tuple(values)
-
-
-def tensor_hash(t: torch.Tensor) -> str:
-    """`caphuman.runtime.pipeline`'s short content hash of a tensor (the metadata's hint/identity hashes)."""
-    return hashlib.sha256(t.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
-
-
-def item_parameters(pipe, gen, hint_sha256: str | None = None, identity_sha256: str | None = None) -> dict:
-    """The `parameters` that `CapHumanPipeline.generate` reports for this request (same keys and values).
-    The two hashes may be passed in when known (the orchestrator caches them with the tensors)."""
-    from caphuman.runtime.pipeline import GenerationRequest
-    skip = ("hint", "identity_context", "noise")
-    params = {f.name: getattr(gen, f.name) for f in fields(GenerationRequest) if f.name not in skip}
-    h, w = gen.hint.shape[-2:]
-    params.update(seeds=gen.sample_seeds(), cfg="batched", backend=pipe.backend, width=int(w), height=int(h),
-                  sampler="ddim", dtype=str(pipe.dtype).removeprefix("torch."), config=Path(pipe.config.path).name,
-                  hint_sha256=hint_sha256 or tensor_hash(gen.hint),
-                  identity_sha256=identity_sha256 or tensor_hash(gen.identity_context),
-                  noise="cpu-generator-per-seed", models=pipe.model_hashes, random_weights=pipe.random_weights,
-                  controlnets=[{"scale": c.scale, "hint_sha256": tensor_hash(c.hint)}
-                               for c in pipe.denoiser.extra_controls])
-    return params
-
-
-# ------------------------------------------------------------------------------------- the engine
-def engine_pipeline(pipe, device: str, compile: bool = False, cpu: bool = False):
-    """On CUDA: the pipeline's networks in fp16 and `TorchDenoiserEngine` (one CUDA graph per step,
-    Triton attention) as its sampler. Returns the engine; None on the CPU (the eager sampler stays) unless
-    `cpu` (the same engine in fp32 without graphs: tests of the serving path on CPU machines)."""
-    from caphuman.engines.torch_engine import TorchDenoiserEngine
-    if not str(device).startswith("cuda"):
-        if not cpu:
-            return None
-        engine = TorchDenoiserEngine(pipe.denoiser, device=device, dtype=torch.float32, cuda_graph=False)
-        pipe.sampler, pipe.backend = engine.sample, "torch-cpu"
-        return engine
-    dtype = torch.float16
-    pipe.text_encoder.to(device, dtype)
-    pipe.vae.to(device, dtype)
-    if pipe.image_encoder is not None:
-        pipe.image_encoder.to(device, dtype)
-    engine = TorchDenoiserEngine(pipe.denoiser, device=device, dtype=dtype, compile=compile)
-    pipe.sampler = engine.sample
-    pipe.backend = "torch" + ("-compiled" if compile else "")
-    return engine
 
 
 class RunAheadLimit:
@@ -148,28 +93,19 @@ class RunAheadLimit:
             self._marks.popleft().synchronize()
 
 
-class BatchGenerator:
-    """Runs compatible jobs as one batch: text (cached by prompt), noise per seed, one DDIM loop, VAE.
+class BatchRunner:
+    """Runs compatible jobs as one batch through the pipeline, padded to a bucket size.
 
     `run_ahead`: without per-step waits (no progress streaming), how many issued denoising steps may be
     unfinished on the GPU, the running one included, when the step callback runs (see `RunAheadLimit`)."""
 
-    def __init__(self, pipe, buckets: tuple[int, ...] = (1,), text_cache_entries: int = 64, run_ahead: int = 2):
+    def __init__(self, pipe, buckets: tuple[int, ...] = (1,), run_ahead: int = 2):
         if run_ahead < 1:
             raise ValueError(f"run_ahead must be >= 1 step, got {run_ahead}")
         self.pipe = pipe
         self.buckets = tuple(sorted(buckets))
         self.cuda = pipe.device.type == "cuda"
         self.run_ahead = run_ahead
-        self._text = LRU(text_cache_entries)
-
-    def text(self, prompt: str) -> torch.Tensor:
-        """[1, 77, C] text embedding of one prompt, encoded alone (as `generate` does) and cached."""
-        emb = self._text.get(prompt)
-        if emb is None:
-            emb = self.pipe.encode_prompts([prompt])
-            self._text.put(prompt, emb)
-        return emb
 
     def synchronize(self) -> None:
         if self.cuda:
@@ -191,21 +127,8 @@ class BatchGenerator:
         cost ~15 ms per request on the H100: bench/results/serving_h100_run34.json). Whenever there is no
         per-step wait, at most `self.run_ahead` issued steps are unfinished when the callback runs, so a
         callback that raises (cancellation) leaves at most that many to run."""
-        from caphuman.runtime.pipeline import initial_noise
-        from caphuman.runtime.sampling import ddim_sample
-
         if not jobs or any(j.key != jobs[0].key for j in jobs):
             raise ValueError("a batch needs one or more jobs of the same key")
-        pipe, g0 = self.pipe, jobs[0].gen
-        padded = jobs + [jobs[-1]] * (bucket_size(len(jobs), self.buckets) - len(jobs))
-        seeds = [j.gen.sample_seeds()[0] for j in padded]
-        h, w = g0.hint.shape[-2:]
-        noise = initial_noise(seeds, (pipe.config.unet.in_channels, h // 8, w // 8))
-        cond = torch.cat([self.text(j.gen.full_prompt()) for j in padded])
-        uncond = torch.cat([self.text(j.gen.negative_prompt) for j in padded])
-        hint = torch.cat([j.gen.hint for j in padded]).to(pipe.device, pipe.dtype)
-        ctx = torch.cat([j.gen.identity_context for j in padded]).to(pipe.device, pipe.dtype)
-
         wait_each_step = sync_steps and callback is not None
         ahead = RunAheadLimit(self.run_ahead, self.record_step) if self.cuda and not wait_each_step else None
 
@@ -217,22 +140,17 @@ class BatchGenerator:
             if callback is not None:
                 callback(i, total, x)
 
-        sample = pipe.sampler or functools.partial(ddim_sample, pipe.denoiser)
-        latents = sample(noise.to(pipe.device), cond, uncond, hint, ctx, steps=g0.steps, guidance=g0.guidance,
-                         eta=g0.eta, strength=g0.strength, tau=g0.tau, cfg="batched", callback=on_step,
-                         generators=[torch.Generator("cpu").manual_seed(s + 1) for s in seeds]
-                         if g0.eta > 0 else None)
-        return latents[:len(jobs)]
+        return self.pipe.denoise([j.gen for j in jobs], batch_size=bucket_size(len(jobs), self.buckets),
+                                 callback=on_step)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> np.ndarray:
         """uint8 [H, W, 3] of one sample's latents [1, 4, h, w] (the official conversion)."""
-        from caphuman.runtime.pipeline import latents_to_uint8
-        return latents_to_uint8(self.pipe.vae.decode(latents.to(self.pipe.dtype)))[0]
+        return self.pipe.decode(latents)[0]
 
     def warm_up(self, resolutions: tuple[int, ...], max_batch: int, steps: int = 2) -> dict:
-        """Run every bucket a batch of up to max_batch can use, once at each resolution (captures their
-        CUDA graphs). Returns {what: seconds}."""
+        """Run every bucket a batch of up to max_batch can use, once at each resolution (prepares the
+        engine for each: on CUDA captures their graphs). Returns {what: seconds}."""
         from caphuman.runtime.pipeline import GenerationRequest, sphere_hint
         ctx = torch.zeros(1, 258, self.pipe.config.context_dim)
         times = {}

@@ -21,6 +21,9 @@ from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 
+from caphuman.engines.samplers import DEFAULT_SAMPLER, SAMPLERS
+from caphuman.runtime import limits
+
 MODEL_NAME = "caphuman"
 IDENTITY_MODEL = "identity"
 HEAD_MODEL = "head_condition"
@@ -49,13 +52,14 @@ INPUTS: tuple[Field, ...] = (
     Field("MODES", "STRING", (1,), "position,pose", "what the pose photo gives: position, pose, expression, "
           "lighting, all (official modes)"),
     Field("LIGHT", "STRING", (1,), "", "lighting preset (front, left, right, top, bottom, flat); '' = from photos"),
-    Field("STEPS", "INT32", (1,), 20, "DDIM steps, 1..1000 (official 20)"),
+    Field("SAMPLER", "STRING", (1,), DEFAULT_SAMPLER, f"sampler: {', '.join(sorted(SAMPLERS))} (official: ddim)"),
+    Field("STEPS", "INT32", (1,), 20, f"denoising steps, {limits.MIN_STEPS}..{limits.MAX_STEPS} (official DDIM: 20)"),
     Field("GUIDANCE", "FP32", (1,), 7.0, "classifier-free guidance scale (finite)"),
     Field("ETA", "FP32", (1,), 0.0, "DDIM eta >= 0"),
     Field("STRENGTH", "FP32", (1,), 1.0, "CapFace residual scale (finite)"),
-    Field("TAU", "FP32", (1,), 0.0, "ID dropout: identity off for timesteps > tau (0 = off), 0..1000"),
+    Field("TAU", "FP32", (1,), 0.0, f"ID dropout: identity off for timesteps > tau (0 = off), 0..{limits.MAX_TAU}"),
     Field("SEED", "INT64", (1,), 12345, "seed of item 0 (item i: SEED + i), 0..2^32-1"),
-    Field("RESOLUTION", "INT32", (1,), 512, "square output size: a multiple of 64 in [256, 1024]"),
+    Field("RESOLUTION", "INT32", (1,), 512, f"square output size: {limits.RESOLUTION_RULE}"),
     Field("PROGRESS", "BOOL", (1,), True, "stream a progress response after every denoising step"),
     Field("PREVIEW_SIZE", "INT32", (1,), 0, "0 = no previews; else progress responses carry a "
           "PREVIEW_SIZE x PREVIEW_SIZE RGB preview of the current latents (16..256)"),
@@ -79,7 +83,7 @@ OUTPUT_BY_NAME = {f.name: f for f in OUTPUTS}
 NUMPY_DTYPES = {"STRING": np.object_, "FP32": np.float32, "INT32": np.int32, "INT64": np.int64, "BOOL": np.bool_,
                 "UINT8": np.uint8}
 LIGHT_NAMES = ("front", "left", "right", "top", "bottom", "flat")
-MAX_SEED = 2 ** 32 - 1
+MAX_SEED = limits.MAX_SEED
 
 
 # ---------------------------------------------------------------------------------------- server
@@ -90,7 +94,7 @@ class ServerSettings:
     max_image_bytes: int = 16 << 20        # encoded bytes per photo
     max_image_pixels: int = 4096 * 4096    # decoded width * height per photo (checked before decoding)
     max_items: int = 8                     # prompts/poses per request
-    max_prompt_bytes: int = 4096           # per prompt, before tokenizing
+    max_prompt_bytes: int = limits.MAX_PROMPT_BYTES  # per prompt, before tokenizing
     identity_cache_entries: int = 256      # LRU of identity contexts by photo sha256 (per model instance)
     hint_cache_entries: int = 128          # LRU of head hints by (photos, controls, resolution)
 
@@ -130,6 +134,7 @@ class ParsedRequest:
     head_poses: list[tuple[float, float, float]]
     modes: str
     light: str
+    sampler: str
     steps: int
     guidance: float
     eta: float
@@ -204,7 +209,7 @@ def parse_request(arrays: dict[str, np.ndarray], settings: ServerSettings) -> Pa
         negative_prompt=_text(_scalar(arrays, "NEGATIVE_PROMPT"), "NEGATIVE_PROMPT", settings.max_prompt_bytes),
         added_prompt=_text(_scalar(arrays, "ADDED_PROMPT"), "ADDED_PROMPT", settings.max_prompt_bytes),
         pose_images=poses, head_poses=head, modes=_text(_scalar(arrays, "MODES"), "MODES", 128).strip(),
-        light=light, steps=int(_scalar(arrays, "STEPS")), guidance=float(_scalar(arrays, "GUIDANCE")),
+        light=light, sampler=_text(_scalar(arrays, "SAMPLER"), "SAMPLER", 64).strip(), steps=int(_scalar(arrays, "STEPS")), guidance=float(_scalar(arrays, "GUIDANCE")),
         eta=float(_scalar(arrays, "ETA")), strength=float(_scalar(arrays, "STRENGTH")),
         tau=float(_scalar(arrays, "TAU")), seed=int(_scalar(arrays, "SEED")),
         resolution=int(_scalar(arrays, "RESOLUTION")), progress=bool(_scalar(arrays, "PROGRESS")),
@@ -214,20 +219,16 @@ def parse_request(arrays: dict[str, np.ndarray], settings: ServerSettings) -> Pa
 
 
 def _check_ranges(r: ParsedRequest) -> None:
-    if not 1 <= r.steps <= 1000:
-        raise RequestError(f"STEPS must be an integer in [1, 1000], got {r.steps}")
-    for name in ("guidance", "eta", "strength", "tau"):
-        v = getattr(r, name)
-        if not math.isfinite(v):
-            raise RequestError(f"{name.upper()} must be a finite number, got {v}")
-    if r.eta < 0:
-        raise RequestError(f"ETA must be >= 0, got {r.eta}")
-    if not 0 <= r.tau <= 1000:
-        raise RequestError(f"TAU must be in [0, 1000], got {r.tau}")
+    from caphuman.engines.samplers import check_sampler_args
+    try:
+        limits.check_sampling(r.steps, r.guidance, r.eta, r.strength, r.tau, r.sampler,
+                              names={k: k.upper() for k in ("steps", "guidance", "eta", "strength", "tau", "sampler")})
+        check_sampler_args(r.sampler, r.steps, r.eta)
+        limits.check_resolution("RESOLUTION", r.resolution)
+    except ValueError as e:
+        raise RequestError(str(e)) from None
     if not 0 <= r.seed <= MAX_SEED - (r.num_items - 1):
         raise RequestError(f"SEED must be in [0, {MAX_SEED}] for every item (SEED + i), got {r.seed}")
-    if r.resolution % 64 or not 256 <= r.resolution <= 1024:
-        raise RequestError(f"RESOLUTION must be a multiple of 64 in [256, 1024], got {r.resolution}")
     if r.preview_size and not 16 <= r.preview_size <= 256:
         raise RequestError(f"PREVIEW_SIZE must be 0 or in [16, 256], got {r.preview_size}")
 

@@ -19,6 +19,7 @@ builds them at the official sizes instead: same compute as the real model, for b
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,8 @@ RANDOM_CONFIG_ENV = "CAPHUMAN_RANDOM_CONFIG"   # packaged config of the random-w
 RANDOM_WEIGHTS_NOTICE = ("NO WEIGHTS GIVEN: serving the built-in TINY model with RANDOM weights; images are "
                          "patterns, not photos. Start with `caphuman serve --weights DIR` for real images.")
 TINY_SEED = 0
+BACKEND_ENV = "CAPHUMAN_BACKEND"           # launch option: the caphuman model's backend (overrides config.pbtxt)
+ENGINE_DIR_ENV = "CAPHUMAN_ENGINE_DIR"     # ONNX graphs or TensorRT engines (the entrypoint sets it after a build)
 
 
 @dataclass(frozen=True)
@@ -83,35 +86,41 @@ def random_config(environ=os.environ) -> str:
     return name
 
 
-def random_pipeline(config_name: str, seed: int = TINY_SEED, device: str = "cpu"):
-    """`caphuman.runtime.pipeline.random_pipeline` with the serving default seed: seeded RANDOM weights."""
-    from caphuman.runtime.pipeline import random_pipeline as build
-    return build(config_name, seed=seed, device=device)
-
-
-def load_generation_pipeline(files: WeightFiles | None, device: str, with_image_encoder: bool = False):
-    """The CapHumanPipeline of the orchestrator (and, with the image encoder, the identity model)."""
-    from caphuman.runtime.pipeline import load_pipeline
+def serving_networks(files: WeightFiles | None, device: str, with_image_encoder: bool = False):
+    """The served networks (`caphuman.runtime.pipeline.Networks`): the official files in fp16 on CUDA (fp32 on the
+    CPU), or seeded RANDOM weights of `random_config()`'s size without files."""
+    from caphuman.runtime.pipeline import load_networks, random_networks
     if files is None:
-        pipe = random_pipeline(random_config(), seed=TINY_SEED, device=device)
-        if with_image_encoder:
-            from caphuman.export.clip import ImageEncoder
-            torch.manual_seed(TINY_SEED + 1)
-            pipe.image_encoder = ImageEncoder(pipe.config.vision_clip).eval().requires_grad_(False).to(device)
-        return pipe
+        return random_networks(random_config(), seed=TINY_SEED, device=device, with_image_encoder=with_image_encoder)
     from caphuman.export.config import packaged_config
     dtype = torch.float16 if device.startswith("cuda") else torch.float32
-    return load_pipeline(packaged_config("cldm_v15"), files.checkpoint, files.sd_checkpoint, files.vae_checkpoint,
+    return load_networks(packaged_config("cldm_v15"), files.checkpoint, files.sd_checkpoint, files.vae_checkpoint,
                          files.clip_dir, device=device, dtype=dtype, with_image_encoder=with_image_encoder)
+
+
+def load_generation_pipeline(files: WeightFiles | None, device: str, backend: str = "eager",
+                             engine_dir: str | None = None, compile: bool = False):
+    """The orchestrator's CapHumanPipeline on `backend`'s engine (fp16 networks on CUDA; the graph backends
+    keep fp32 graphs on the CPU)."""
+    from caphuman.runtime.pipeline import build_pipeline
+    nets = serving_networks(files, device)
+    cuda = device.startswith("cuda")
+    options = {"compile": compile} if backend == "torch" and compile else {}
+    if backend in ("eager", "torch"):
+        return build_pipeline(nets, backend, device=device, dtype=torch.float16 if cuda else torch.float32, **options)
+    if backend == "onnxruntime":
+        return build_pipeline(nets.to(device, torch.float32), backend, device=device, dtype=torch.float32,
+                              engine_dir=engine_dir)
+    return build_pipeline(nets, backend, device=device, engine_dir=engine_dir)
 
 
 def load_face_networks(files: WeightFiles | None, device: str):
     """(FaceNet, BiSeNet) for the identity context: official weights, or seeded random ones (tiny mode)."""
-    from caphuman.export.face.bisenet import BiSeNet, load_bisenet
-    from caphuman.export.face.facenet import InceptionResnetV1, load_facenet
+    from caphuman.export.face.bisenet import load_bisenet
+    from caphuman.export.face.facenet import load_facenet
     if files is None:
-        torch.manual_seed(TINY_SEED + 2)
-        return InceptionResnetV1().eval().to(device), BiSeNet().eval().to(device)
+        from caphuman.runtime.pipeline import random_face_networks
+        return random_face_networks(TINY_SEED, device)
     if files.facenet is None or files.bisenet is None:
         raise FileNotFoundError(f"weights folder {files.root} needs the FaceNet VGGFace2 weights "
                                 "(20180402-114759-vggface2.pt) and BiSeNet's 79999_iter.pth for the identity model")
@@ -123,3 +132,25 @@ def load_condition_builder(files: WeightFiles | None):
     if files is None:
         return ConditionBuilder()
     return ConditionBuilder(files.deca, files.flame_model, files.flame_texture)
+
+
+def serving_backend(configured: str = "auto", configured_dir: str = "", cuda: bool = False,
+                    environ=os.environ) -> tuple[str, str | None]:
+    """(backend, engine folder) of the `caphuman` model: the launch options (CAPHUMAN_BACKEND,
+    CAPHUMAN_ENGINE_DIR) over config.pbtxt's `engine` and `engine_dir`. "auto" serves the TensorRT engines
+    when a folder of them is given, TensorRT imports and there is a GPU; else the torch engine on CUDA and
+    the eager modules on the CPU."""
+    from caphuman.engines.factory import BACKENDS
+    backend = environ.get(BACKEND_ENV, "").strip() or configured.strip() or "auto"
+    engine_dir = environ.get(ENGINE_DIR_ENV, "").strip() or configured_dir.strip() or None
+    if backend not in ("auto", *BACKENDS):
+        raise ValueError(f"engine must be one of {('auto', *BACKENDS)}, got {backend!r}")
+    if backend == "auto":
+        has_plans = engine_dir is not None and (Path(engine_dir) / "engines.json").is_file()
+        if has_plans and cuda and importlib.util.find_spec("tensorrt") is not None:
+            backend = "tensorrt"
+        else:
+            backend = "torch" if cuda else "eager"
+    if backend == "tensorrt" and engine_dir is None:
+        raise ValueError(f"engine 'tensorrt' needs an engine folder: config.pbtxt engine_dir or {ENGINE_DIR_ENV}")
+    return backend, engine_dir

@@ -1,5 +1,5 @@
 """The ONNX Runtime backend: DDIM over the exported `capface`/`unet` (and `denoiser`) graphs equals
-`ddim_sample`, and `caphuman generate --backend {onnxruntime,torch}` writes the image the reference
+`ddim_sample` on the modules, and `caphuman generate --backend {onnxruntime,torch}` writes the image the reference
 mode (`--backend eager --cfg serial`) writes."""
 from __future__ import annotations
 
@@ -8,11 +8,10 @@ import pytest
 import torch
 from PIL import Image
 
-from caphuman.engines.onnxruntime_engine import OnnxRuntimeEngine
-from caphuman.engines.sampler import EngineSampler
+from caphuman.engines.factory import create_engine
 from caphuman.export.models import load_denoiser
 from caphuman.export.onnx_export import export_graphs, load_sources
-from caphuman.export.onnx_specs import ShapeError, graph_specs
+from caphuman.export.onnx_specs import ShapeError
 from caphuman.runtime.cli import main
 from caphuman.runtime.sampling import ddim_sample
 
@@ -28,11 +27,9 @@ def graphs(tmp_path_factory, tiny_config_path, official_checkpoint):
 
 
 @pytest.fixture(scope="module")
-def sampler(graphs, tiny_config, tiny_config_path, official_checkpoint):
-    specs = graph_specs(tiny_config)
-    eng = {g: OnnxRuntimeEngine(graphs / f"{g}.onnx", specs[g]) for g in ("capface", "unet", "denoiser")}
+def sampler(graphs, tiny_config_path, official_checkpoint):
     den = load_denoiser(tiny_config_path, official_checkpoint)
-    return den, EngineSampler(eng["capface"], eng["unet"], den.alphas_cumprod, denoiser=eng["denoiser"])
+    return den, create_engine("onnxruntime", den, engine_dir=graphs)
 
 
 @pytest.mark.parametrize("kw", [dict(), dict(cfg="serial"), dict(guidance=1.0), dict(tau=500, strength=0.7),
@@ -49,7 +46,7 @@ def test_engine_sampler_equals_ddim_sample(sampler, tiny_config, kw):
 
     with torch.no_grad():
         want = ddim_sample(den, **inp, steps=4, generators=gens(), **kw)
-    got = samp(**inp, steps=4, generators=gens(), **kw)
+    got = ddim_sample(samp, **inp, steps=4, generators=gens(), **kw)
     assert rel_err(got, want) <= 1e-4
 
 
@@ -83,3 +80,19 @@ def test_generate_backends_match_reference_mode(tmp_path):
     import json
     side = json.loads(next((tmp_path / "onnxruntime").glob("*.json")).read_text())
     assert side["backend"].startswith("onnxruntime")
+
+
+def test_generate_dpmpp_2m_on_onnxruntime_equals_eager(tmp_path):
+    """`caphuman generate --sampler dpmpp_2m --steps 10 --backend onnxruntime` writes the eager backend's image,
+    and the sidecar names the sampler and the backend that ran."""
+    import json
+    common = ["generate", "--seed", "5", "--sampler", "dpmpp_2m", "--steps", "10", "--resolution", "256",
+              "--device", "cpu"]
+    assert main(common + ["--out", str(tmp_path / "eager")]) == 0
+    assert main(common + ["--out", str(tmp_path / "ort"), "--backend", "onnxruntime",
+                          "--engine-dir", str(tmp_path / "onnx")]) == 0
+    assert _psnr(_png(tmp_path / "ort"), _png(tmp_path / "eager")) >= 40
+    eager = json.loads(next((tmp_path / "eager").glob("*.json")).read_text())
+    ort = json.loads(next((tmp_path / "ort").glob("*.json")).read_text())
+    assert eager["sampler"] == ort["sampler"] == "dpmpp_2m" and eager["steps"] == 10
+    assert eager["backend"] == "eager" and ort["backend"].startswith("onnxruntime")

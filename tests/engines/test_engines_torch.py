@@ -45,7 +45,7 @@ def test_engine_equals_ddim_sample(dens, tiny_config, kw):
     with torch.no_grad():
         want = ddim_sample(ref_den, **inp, generators=gens(), **kw)
     for _ in range(2):  # the second request reuses the key's buffers and refills K/V
-        got = engine.sample(**inp, generators=gens(), **kw)
+        got = ddim_sample(engine, **inp, generators=gens(), **kw)
         assert rel_err(got, want) <= 1e-6
 
 
@@ -56,10 +56,10 @@ def test_new_request_refreshes_per_request_state(dens, tiny_config, lat):
     residual resolutions 6, 3, 2, 1 (the downsamples round up)."""
     ref_den, engine = dens
     a, b = _inputs(tiny_config, lat=lat, seed=1), _inputs(tiny_config, lat=lat, seed=2)
-    engine.sample(**a, steps=2)
+    ddim_sample(engine, **a, steps=2)
     only_hint = {**a, "hint": b["hint"]}
     for inp in (b, only_hint):
-        got = engine.sample(**inp, steps=2)
+        got = ddim_sample(engine, **inp, steps=2)
         with torch.no_grad():
             assert rel_err(got, ddim_sample(ref_den, **inp, steps=2)) <= 1e-6
 
@@ -161,9 +161,9 @@ def test_bad_requests(dens, tiny_config):
     _, engine = dens
     inp = _inputs(tiny_config)
     with pytest.raises(ValueError, match="8x"):
-        engine.sample(**{**inp, "hint": inp["hint"][..., :32, :32]}, steps=2)
+        ddim_sample(engine, **{**inp, "hint": inp["hint"][..., :32, :32]}, steps=2)
     with pytest.raises(ValueError, match="steps"):
-        engine.sample(**inp, steps=3)
+        ddim_sample(engine, **inp, steps=3)
 
 
 @pytest.mark.gpu
@@ -178,7 +178,7 @@ def test_cuda_graph_engine_matches_eager(tiny_config_path, official_checkpoint, 
     with torch.no_grad():
         want = ddim_sample(ref, **inp, steps=10)
     for _ in range(2):
-        got = engine.sample(**inp, steps=10)
+        got = ddim_sample(engine, **inp, steps=10)
         assert next(iter(engine._states.values())).graph is not None
         assert rel_err(got, want) <= tol
 
@@ -193,13 +193,13 @@ def test_first_self_attention_runs_one_cfg_branch(dens, tiny_config):
     hook = attn.to_out[0].register_forward_hook(lambda m, args, out: seen.append(args[0].shape[0]))
     try:
         inp = _inputs(tiny_config, n=1)
-        engine.sample(**inp, steps=2)
+        ddim_sample(engine, **inp, steps=2)
         assert seen and set(seen) == {1}
         seen.clear()
-        engine.sample(**_inputs(tiny_config, n=2), steps=2, guidance=1.0)  # two different samples
+        ddim_sample(engine, **_inputs(tiny_config, n=2), steps=2, guidance=1.0)  # two different samples
         assert seen and set(seen) == {2}
         seen.clear()
-        engine.sample(**_inputs(tiny_config, n=2), steps=2)  # UNet batch 4 = 2 branches x 2 samples
+        ddim_sample(engine, **_inputs(tiny_config, n=2), steps=2)  # UNet batch 4 = 2 branches x 2 samples
         assert seen and set(seen) == {2}
     finally:
         hook.remove()
@@ -221,7 +221,7 @@ def test_channels_last_engine_keeps_transformer_outputs_channels_last(tiny_confi
         args[0].is_contiguous(memory_format=torch.channels_last) and not args[0].is_contiguous())) for b in blocks]
     try:
         inp = _inputs(tiny_config)
-        got = engine.sample(**inp, steps=4)
+        got = ddim_sample(engine, **inp, steps=4)
     finally:
         for h in hooks:
             h.remove()
@@ -238,21 +238,21 @@ def test_failed_first_request_leaves_no_half_built_state(tiny_config_path, offic
     engine = TorchDenoiserEngine(copy.deepcopy(ref_den), device="cpu", dtype=torch.float32)
     inp = _inputs(tiny_config)
     with pytest.raises(ValueError, match="hint must be"):
-        engine.sample(**{**inp, "hint": inp["hint"][:, :3]}, steps=2, tau=500)
+        ddim_sample(engine, **{**inp, "hint": inp["hint"][:, :3]}, steps=2, tau=500)
     calls = {"n": 0}
-    real_prepare = engine._prepare
+    real_setup = engine._setup_kv
 
     def failing_once(*args, **kwargs):
         calls["n"] += 1
         if calls["n"] == 1:
             raise RuntimeError("injected failure during warm-up")
-        return real_prepare(*args, **kwargs)
+        return real_setup(*args, **kwargs)
 
-    monkeypatch.setattr(engine, "_prepare", failing_once)
+    monkeypatch.setattr(engine, "_setup_kv", failing_once)
     with pytest.raises(RuntimeError, match="injected"):
-        engine.sample(**inp, steps=2, tau=500)
+        ddim_sample(engine, **inp, steps=2, tau=500)
     assert not engine._states
-    got = engine.sample(**inp, steps=2, tau=500)
+    got = ddim_sample(engine, **inp, steps=2, tau=500)
     with torch.no_grad():
         assert rel_err(got, ddim_sample(ref_den, **inp, steps=2, tau=500)) <= 1e-6
 
@@ -282,8 +282,32 @@ def test_compiled_engine_equals_ddim_sample(tiny_config_path, official_checkpoin
     for kw in (dict(tau=500), dict(tau=500), dict(guidance=1.0)):
         before = len(graphs)
         inp = _inputs(tiny_config, n=1)
-        got = engine.sample(**inp, steps=4, **kw)
+        got = ddim_sample(engine, **inp, steps=4, **kw)
         per_key.append(len(graphs) - before)
         with torch.no_grad():
             assert rel_err(got, ddim_sample(ref_den, **inp, steps=4, **kw)) <= 1e-5
     assert per_key[0] == 3 and per_key[1] == 0 and per_key[2] == 3, per_key  # three functions, no graph breaks
+
+
+def test_extra_controlnet_runs_on_the_torch_engine(tiny_config_path, official_checkpoint, tiny_config):
+    """An extra ControlNet (the official openpose option) on the torch engine: the same latents as the eager
+    modules with it, unlike without it; the graph backends refuse it with a clear error."""
+    from caphuman.engines.factory import create_engine
+    from caphuman.export.networks import SideNetwork
+    from tests.ldm_reference import randomize_
+
+    den = load_denoiser(tiny_config_path, official_checkpoint)
+    inp = _inputs(tiny_config)
+    with torch.no_grad():
+        plain = ddim_sample(den, **inp, steps=4)
+    spec = tiny_config.capface.__class__(**{**tiny_config.capface.__dict__, "hint_channels": 3})
+    pose_net = randomize_(SideNetwork(spec, with_mask_head=False), seed=5).eval()
+    den.add_controlnet(pose_net, torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(4)), 0.6)
+    engine = create_engine("torch", copy.deepcopy(den), device="cpu", dtype=torch.float32)
+    with torch.no_grad():
+        want = ddim_sample(den, **inp, steps=4)
+    got = ddim_sample(engine, **inp, steps=4)
+    assert rel_err(got, want) <= 1e-5
+    assert rel_err(want, plain) > 1e-3
+    with pytest.raises(ValueError, match="extra ControlNets run on the eager and torch backends"):
+        create_engine("onnxruntime", den)

@@ -6,6 +6,8 @@ relative error at most 1e-5 on eps, residuals, mask, final latents and decoded i
 """
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -223,14 +225,17 @@ def test_schedule_constants(den):
 def test_dpmpp_2m_converges_to_the_ddim_solution(den, tiny_config):
     """DPM-Solver++(2M) is an option, not the official sampler. Started where a DDIM run starts, it
     reaches the same ODE solution as DDIM with many steps, and stays close to DDIM-20 in 12 steps."""
-    from caphuman.runtime.sampling import dpmpp_2m_sample
+    from caphuman.engines.samplers import DPMPP_2M, Sampler, dpmpp_2m_plan
+    from caphuman.runtime.sampling import dpmpp_2m_sample, sample_with
     inp = _inputs(tiny_config, seed=31)
     ctx = den.project_identity(inp["clip"], inp["fid"])
     uncond = torch.zeros(1, 77, tiny_config.context_dim)
     args = (den, inp["x"], inp["text"], uncond, inp["hint"], ctx)
     with torch.no_grad():
         ddim_fine = ddim_sample(*args, steps=200, guidance=3.0)  # starts at t=996
-        dpm_fine = dpmpp_2m_sample(*args, steps=200, guidance=3.0, start_timestep=ddim_timesteps(200)[-1])
+        from_996 = Sampler("dpmpp_2m_from_996", functools.partial(dpmpp_2m_plan, start=ddim_timesteps(200)[-1]),
+                           DPMPP_2M.update, state_size=1)
+        dpm_fine = sample_with(from_996, *args, steps=200, guidance=3.0)
         ddim_20 = ddim_sample(*args, steps=20, guidance=3.0)      # starts at t=951
         dpm_12 = dpmpp_2m_sample(*args, steps=12, guidance=3.0)
     assert rel_err(dpm_fine, ddim_fine) < 2e-3

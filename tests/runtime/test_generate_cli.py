@@ -124,11 +124,11 @@ def test_generate_from_reference_and_pose_photos(tmp_path, capsys):
     assert not (tmp_path / "none").exists()
 
 
-def test_empty_negative_prompt_is_encoded_once_across_requests():
-    """`generate` encodes the empty negative prompt once per pipeline (PromptEncoder's cache), with
-    the same images as encoding both prompts on every request."""
+def test_prompts_are_encoded_once_across_requests():
+    """`generate` encodes each prompt once per pipeline (the empty negative prompt included), with the same
+    images as encoding both prompts on every request."""
     pipe, plain = tiny_random_pipeline(), tiny_random_pipeline()
-    plain.encode_prompts = lambda prompts: plain.text_encoder(prompts).to(plain.dtype)  # the previous code
+    plain.encode_prompt = lambda prompt: plain.text_encoder([prompt]).to(plain.dtype)  # no cache
     calls = []
     pipe.text_encoder.model.register_forward_hook(lambda *a: calls.append(1))
     ctx = torch.randn(1, 258, 32, generator=torch.Generator().manual_seed(2))
@@ -137,7 +137,6 @@ def test_empty_negative_prompt_is_encoded_once_across_requests():
         got, want = pipe.generate(GenerationRequest(**req)), plain.generate(GenerationRequest(**req))
         assert torch.equal(got.latents, want.latents) and np.array_equal(got.images[0], want.images[0])
     assert len(calls) == 3  # two prompts, one empty negative prompt
-    assert torch.equal(pipe.encode_prompts([""]), plain.text_encoder([""])) and len(calls) == 3
-    # the text encoder moved to another dtype: encoded again with it, not served from the old cache
-    pipe.text_encoder.to(torch.float64)
-    assert torch.equal(pipe.encode_prompts([""]), pipe.text_encoder([""]).float()) and len(calls) == 5
+    assert torch.equal(pipe.encode_prompt(""), plain.text_encoder([""])) and len(calls) == 3
+    pipe.generate(GenerationRequest(prompt="a portrait", hint=sphere_hint(256), identity_context=ctx, steps=2))
+    assert len(calls) == 3  # both prompts of a repeated request come from the cache

@@ -9,16 +9,17 @@ import numpy as np
 import pytest
 import torch
 
-from caphuman.tritonserver.generation import (BatchGenerator, Job, RunAheadLimit, Scheduler, bucket_size, item_parameters,
-                                    parse_buckets)
+from caphuman.tritonserver.generation import BatchRunner, Job, RunAheadLimit, Scheduler, bucket_size, parse_buckets
 
 
 class _Gen:
-    """The few GenerationRequest fields a Job's key reads."""
+    """A stand-in GenerationRequest: the batch key is all a Job reads."""
 
-    def __init__(self, steps=2, res=256, guidance=7.0, eta=0.0, strength=1.0, tau=0.0):
-        self.steps, self.guidance, self.eta, self.strength, self.tau = steps, guidance, eta, strength, tau
-        self.hint = torch.zeros(1, 9, res, res)
+    def __init__(self, steps=2, res=256, guidance=7.0, eta=0.0, strength=1.0, tau=0.0, sampler="ddim"):
+        self.key = (steps, (res, res), guidance, eta, strength, tau, sampler)
+
+    def batch_key(self):
+        return self.key
 
 
 class _Recorder:
@@ -132,7 +133,7 @@ def _request(pipe, prompt, seed, scale=1.0, **kw):
 def test_steps_wait_for_the_gpu_only_when_asked(pipe, monkeypatch):
     """Progress previews need each step finished; without them the CPU must not wait per step."""
     gen = _request(pipe, "a photo of a person", 3)
-    bg = BatchGenerator(pipe)
+    bg = BatchRunner(pipe)
     waits = []
     monkeypatch.setattr(bg, "synchronize", lambda: waits.append(1))
     seen = []
@@ -148,7 +149,7 @@ def test_host_stays_at_most_run_ahead_steps_ahead_of_the_gpu(pipe, monkeypatch):
     """Without per-step waits the host waits on the mark of the step `run_ahead` back, before each
     callback: a cancel (a raising callback) then leaves at most `run_ahead` steps queued."""
     gen = _request(pipe, "a photo of a person", 3, steps=5)
-    bg = BatchGenerator(pipe, run_ahead=2)
+    bg = BatchRunner(pipe, run_ahead=2)
     log = []
 
     class Mark:
@@ -189,7 +190,7 @@ def test_run_ahead_limit_bounds_unfinished_gpu_work():
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     from types import SimpleNamespace
-    bg = BatchGenerator(SimpleNamespace(device=torch.device("cuda")), run_ahead=2)
+    bg = BatchRunner(SimpleNamespace(device=torch.device("cuda")), run_ahead=2)
     limit = RunAheadLimit(bg.run_ahead, bg.record_step)
     done = []
     for step in range(6):
@@ -206,25 +207,25 @@ def test_run_ahead_limit_rejects_nonsense(pipe):
     with pytest.raises(ValueError):
         RunAheadLimit(0, object)
     with pytest.raises(ValueError):
-        BatchGenerator(pipe, run_ahead=0)
+        BatchRunner(pipe, run_ahead=0)
 
 
 def test_one_job_equals_pipeline_generate_exactly(pipe):
     gen = _request(pipe, "a photo of a person", 7, negative_prompt="blurry")
     ref = pipe.generate(gen)
-    bg = BatchGenerator(pipe)
+    bg = BatchRunner(pipe)
     steps = []
     lat = bg.sample([Job(gen)], callback=lambda i, total, x: steps.append((i, total)))
     assert steps == [(0, 2), (1, 2)]
     assert torch.equal(lat, ref.latents)
     assert np.array_equal(bg.decode(lat), ref.images[0])
-    assert item_parameters(pipe, gen) == ref.parameters
+    assert pipe.parameters(gen) == ref.parameters
 
 
 def test_batch_of_different_requests_matches_each_alone(pipe):
     gens = [_request(pipe, p, s, scale) for p, s, scale in (("a person", 1, 1.0), ("at the beach", 2, 0.7),
                                                              ("in the snow", 3, 1.2))]
-    bg = BatchGenerator(pipe, buckets=(1, 2, 4))
+    bg = BatchRunner(pipe, buckets=(1, 2, 4))
     seen = []
     lat = bg.sample([Job(g) for g in gens], callback=lambda i, total, x: seen.append(x.shape[0]))
     assert lat.shape[0] == 3 and seen == [4, 4], "3 jobs run padded to the bucket of 4"
@@ -238,17 +239,15 @@ def test_batch_of_different_requests_matches_each_alone(pipe):
 
 
 def test_batch_through_the_torch_engine_matches_each_alone():
-    """The CUDA path's sampler (TorchDenoiserEngine.sample), here on the CPU without graphs: a padded batch of
+    """The CUDA path's engine (TorchDenoiserEngine), here on the CPU without graphs: a padded batch of
     different requests gives each request's latents, and one job equals `generate` with the same engine."""
-    from caphuman.engines.torch_engine import TorchDenoiserEngine
     from caphuman.runtime.pipeline import tiny_random_pipeline
 
-    pipe = tiny_random_pipeline(seed=0)
-    engine = TorchDenoiserEngine(pipe.denoiser, device="cpu", dtype=torch.float32, cuda_graph=False)
-    pipe.sampler, pipe.backend = engine.sample, "torch"
+    pipe = tiny_random_pipeline(seed=0, backend="torch")
+    assert pipe.backend == "torch"
     gens = [_request(pipe, p, s, scale) for p, s, scale in (("a person", 5, 1.0), ("at night", 6, 0.8),
                                                              ("smiling", 7, 1.1))]
-    bg = BatchGenerator(pipe, buckets=(1, 2, 4))
+    bg = BatchRunner(pipe, buckets=(1, 2, 4))
     lat = bg.sample([Job(g) for g in gens])
     for k, g in enumerate(gens):
         alone = pipe.generate(g)
@@ -256,4 +255,4 @@ def test_batch_through_the_torch_engine_matches_each_alone():
         assert err < 1e-4, (k, err)
     one = bg.sample([Job(gens[1])])
     assert torch.equal(one, pipe.generate(gens[1]).latents)
-    engine.close()
+    pipe.engine.close()

@@ -24,6 +24,7 @@ pytest.importorskip("pytriton", reason="nvidia-pytriton (bundled tritonserver) n
 
 from caphuman.tritonserver.client import CapHumanClient, GeneratedImage, Progress, ServerError  # noqa: E402
 from caphuman.tritonserver.launcher import ServerConfig, TritonServer, free_port  # noqa: E402
+from caphuman.tritonserver.weights import BACKEND_ENV, ENGINE_DIR_ENV  # noqa: E402
 from tests.paths import ROOT, face_photo
 
 FAST = dict(steps=2, resolution=256)
@@ -344,3 +345,49 @@ def test_caphuman_serve_reports_a_missing_binary(tmp_path):
     out = subprocess.run([*CAPHUMAN, "serve", "--tritonserver", str(tmp_path / "nope")],
                          capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert out.returncode == 2 and "tritonserver binary not found" in out.stderr, out.stderr
+
+
+# ------------------------------------------------------------------------------- server == CLI
+CLI_REQUEST = dict(prompt="a photo of a person in a garden", seed=3, steps=4, sampler="dpmpp_2m")
+
+
+def _cli_image(tmp_path, backend: str) -> np.ndarray:
+    from caphuman.runtime.cli import main
+    out = tmp_path / f"cli_{backend}"
+    args = ["generate", "--reference", str(face_photo("reference_196251.png")), "--prompt", CLI_REQUEST["prompt"],
+            "--seed", str(CLI_REQUEST["seed"]), "--steps", str(CLI_REQUEST["steps"]), "--sampler",
+            CLI_REQUEST["sampler"], "--device", "cpu", "--backend", backend, "--out", str(out)]
+    assert main(args) == 0
+    return np.asarray(Image.open(out / f"caphuman_{CLI_REQUEST['seed']}.png").convert("RGB"))
+
+
+def _served_image(client) -> GeneratedImage:
+    prompt = CLI_REQUEST["prompt"]
+    kw = {k: v for k, v in CLI_REQUEST.items() if k != "prompt"}
+    images = client.generate(face("reference_196251.png"), prompt, resolution=512, **kw)
+    assert len(images) == 1
+    return images[0]
+
+
+def _psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = ((a.astype(np.float64) - b.astype(np.float64)) ** 2).mean()
+    return float("inf") if mse == 0 else 10 * np.log10(255 ** 2 / mse)
+
+
+def test_served_image_equals_the_cli_image_eager(client, tmp_path):
+    served = _served_image(client)
+    assert served.metadata["backend"] == "eager" and served.metadata["sampler"] == "dpmpp_2m"
+    assert _psnr(served.image, _cli_image(tmp_path, "eager")) >= 40
+
+
+def test_served_image_equals_the_cli_image_onnxruntime(tmp_path):
+    """A server launched with `--backend onnxruntime` (CAPHUMAN_BACKEND) denoises through the ONNX graphs,
+    exported from its weights at start, and returns the CLI's image for the same request."""
+    cfg = ServerConfig(host="127.0.0.1", grpc_port=free_port(), http_port=free_port(), metrics_port=free_port(),
+                       log_file=tmp_path / "tritonserver.log",
+                       extra_env={BACKEND_ENV: "onnxruntime", ENGINE_DIR_ENV: str(tmp_path / "onnx")})
+    with TritonServer(cfg) as srv:
+        srv.wait_ready(timeout=300)
+        served = _served_image(CapHumanClient(srv.grpc_url, timeout=300))
+    assert served.metadata["backend"].startswith("onnxruntime") and served.metadata["sampler"] == "dpmpp_2m"
+    assert _psnr(served.image, _cli_image(tmp_path, "onnxruntime")) >= 40

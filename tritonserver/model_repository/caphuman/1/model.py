@@ -19,17 +19,19 @@ import torch
 import triton_python_backend_utils as pb_utils
 
 from caphuman.tritonserver.backend import error_from_bls, log, model_setup, triton_error
-from caphuman.tritonserver.generation import (BatchGenerator, Cancelled, Job, Scheduler, bucket_size, engine_pipeline,
-                                     item_parameters, parse_buckets, tensor_hash)
+from caphuman.runtime.pipeline import tensor_hash
+from caphuman.tritonserver.generation import BatchRunner, Cancelled, Job, Scheduler, bucket_size, parse_buckets
 from caphuman.tritonserver.params import HEAD_MODEL, IDENTITY_MODEL, RequestError, parse_request
 from caphuman.tritonserver.services import LRU, sha256
-from caphuman.tritonserver.weights import RANDOM_WEIGHTS_NOTICE, load_generation_pipeline, weight_files
+from caphuman.tritonserver.weights import (RANDOM_WEIGHTS_NOTICE, load_generation_pipeline, serving_backend,
+                                          weight_files)
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 # config.pbtxt parameters of this model (besides torch_threads); values are strings.
 PARAMETERS = {
-    "engine": "auto",             # auto: the torch engine on CUDA, eager on the CPU; "eager"; "torch" (also on the CPU)
-    "compile": "false",           # torch.compile in the engine (minutes of start-up)
+    "engine": "auto",             # auto | eager | torch | onnxruntime | tensorrt (CAPHUMAN_BACKEND overrides it)
+    "engine_dir": "",             # ONNX graphs / TensorRT engines (CAPHUMAN_ENGINE_DIR overrides it)
+    "compile": "false",           # torch.compile in the torch engine (minutes of start-up)
     "max_batch": "0",             # items denoised together; 0: 8 on CUDA, 1 on the CPU
     "batch_sizes": "1,2,4,8",     # batches are padded up to one of these (one CUDA graph each)
     "batch_gather_ms": "60",      # how long a batch may wait for the next requests of active clients
@@ -115,8 +117,7 @@ class TritonPythonModel:
         p = {k: p.get(k) or default for k, default in PARAMETERS.items()}
         cuda = self.device.startswith("cuda")
         try:
-            if p["engine"] not in ("auto", "eager", "torch"):
-                raise ValueError(f"engine must be 'auto', 'eager' or 'torch', got {p['engine']!r}")
+            backend, engine_dir = serving_backend(p["engine"], p["engine_dir"], cuda)
             if p["compile"] not in ("true", "false"):
                 raise ValueError(f"compile must be 'true' or 'false', got {p['compile']!r}")
             max_batch = int(p["max_batch"]) or (8 if cuda else 1)
@@ -133,12 +134,10 @@ class TritonPythonModel:
         self.random_weights = files is None
         if self.random_weights:
             log(pb_utils, "warn", f"caphuman: {RANDOM_WEIGHTS_NOTICE}")
-        self.pipe = load_generation_pipeline(files, self.device)
-        if self.random_weights and cuda:
-            self.pipe.image_encoder = None  # the identity model's; not used here
-        self.engine = None if p["engine"] == "eager" else engine_pipeline(
-            self.pipe, self.device, p["compile"] == "true", cpu=p["engine"] == "torch")
-        self.generator = BatchGenerator(self.pipe, buckets if self.engine is not None else (1,), run_ahead=run_ahead)
+        self.pipe = load_generation_pipeline(files, self.device, backend, engine_dir, compile=p["compile"] == "true")
+        # padding to a few batch sizes pays where the engine prepares (captures) per size
+        self.prepared_sizes = backend in ("torch", "tensorrt")
+        self.generator = BatchRunner(self.pipe, buckets if self.prepared_sizes else (1,), run_ahead=run_ahead)
         self.max_batch = max_batch
         self.identity_cache = LRU(self.settings.identity_cache_entries)
         self.hint_cache = LRU(min(self.settings.hint_cache_entries, 32))  # 9 MB each at 512x512
@@ -151,11 +150,11 @@ class TritonPythonModel:
     def _warm_up(self, resolutions, max_batch):
         from caphuman.runtime.pipeline import GenerationRequest, sphere_hint
         t0 = time.perf_counter()
-        if self.engine is None:  # eager (CPU): one 2-step generation at 256x256
+        if not self.prepared_sizes:  # eager, onnxruntime: one 2-step generation at 256x256
             ctx = torch.zeros(1, 258, self.pipe.config.context_dim)
             self.pipe.generate(GenerationRequest(prompt="warm-up", hint=sphere_hint(256), identity_context=ctx, steps=2))
             detail = ""
-        else:  # the engine: every batch size at the usual resolutions (CUDA: captures their graphs)
+        else:  # every batch size at the usual resolutions (CUDA: captures their graphs)
             detail = f": {self.generator.warm_up(resolutions, max_batch)}"
         log(pb_utils, "info", f"caphuman: warm in {time.perf_counter() - t0:.1f} s (device {self.device}){detail}")
 
@@ -233,7 +232,8 @@ class TritonPythonModel:
             gen = GenerationRequest(prompt=req.prompts[0] if len(req.prompts) == 1 else req.prompts[i],
                                     negative_prompt=req.negative_prompt, added_prompt=req.added_prompt, hint=hint,
                                     identity_context=ctx[None], seed=req.seed + i, steps=req.steps,
-                                    guidance=req.guidance, eta=req.eta, strength=req.strength, tau=req.tau)
+                                    guidance=req.guidance, eta=req.eta, strength=req.strength, tau=req.tau,
+                                    sampler=req.sampler)
             try:
                 gen.validate(self.pipe.config.unet.in_channels)
             except ValueError as e:
@@ -243,7 +243,7 @@ class TritonPythonModel:
                 warnings.append("prompt is longer than CLIP's 77 tokens and was truncated (as CLIP and the official code do)")
             if len(req.negative_prompt) and self.pipe.text_encoder.tokenize([req.negative_prompt]).truncated[0]:
                 warnings.append("negative prompt is longer than 77 tokens and was truncated")
-            params = {**item_parameters(self.pipe, gen, hint_digest, id_digest), "index": i, "seed": req.seed + i, "warnings": warnings,
+            params = {**self.pipe.parameters(gen, "batched", hint_digest, id_digest), "index": i, "seed": req.seed + i, "warnings": warnings,
                       "condition_notes": notes, "random_weights": self.random_weights,
                       "pose_image": req.item(req.pose_images, i) is not None,
                       "head_pose": req.item(req.head_poses, i), "modes": req.modes, "light": req.light or None,
@@ -335,4 +335,6 @@ class TritonPythonModel:
         if scheduler is not None:
             for job in scheduler.stop():
                 job.owner.fail(RuntimeError("the model is unloading"))
-        self.engine = self.pipe = None
+        if getattr(self, "pipe", None) is not None:
+            self.pipe.engine.close()
+        self.pipe = None

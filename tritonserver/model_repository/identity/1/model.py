@@ -7,7 +7,7 @@ import triton_python_backend_utils as pb_utils
 
 from caphuman.tritonserver.backend import log, model_setup, triton_error
 from caphuman.tritonserver.services import IdentityService
-from caphuman.tritonserver.weights import RANDOM_WEIGHTS_NOTICE, load_face_networks, load_generation_pipeline, weight_files
+from caphuman.tritonserver.weights import RANDOM_WEIGHTS_NOTICE, load_face_networks, serving_networks, weight_files
 
 
 class TritonPythonModel:
@@ -17,7 +17,7 @@ class TritonPythonModel:
         if files is None:
             log(pb_utils, "warn", f"identity: {RANDOM_WEIGHTS_NOTICE}")
         from caphuman.runtime.condition import FaceAnalyzer
-        pipe = load_generation_pipeline(files, device, with_image_encoder=True)
+        pipe = serving_networks(files, device, with_image_encoder=True)
         facenet, bisenet = load_face_networks(files, device)
         self.service = IdentityService(pipe, facenet, bisenet, FaceAnalyzer(), settings)
         self._warm_up(pipe, facenet, bisenet)

@@ -1,0 +1,125 @@
+"""The one factory: a `DenoiserEngine` from a backend name and options.
+
+    engine = create_engine("torch", den, device="cuda", dtype=torch.float16)
+    engine = create_engine("onnxruntime", den, engine_dir="onnx/")        # graphs exported from den if absent
+    engine = create_engine("tensorrt", None, config=cfg, engine_dir="engines/", alphas_cumprod=...)
+
+Backends:
+- eager: the PyTorch modules as they are (the reference; `cfg="serial"` is the official way of running);
+- torch: the fast engine (fp16 or fp32, Triton attention, cross-attention K/V once per request, one CUDA
+  graph per step on the GPU; `compile=True` adds torch.compile);
+- onnxruntime: the `capface` + `unet` (+ `denoiser`) ONNX graphs from `engine_dir`, exported there (or into a
+  temporary folder) from the given denoiser's weights when the folder lacks them;
+- tensorrt: the TensorRT plans `caphuman build` wrote into `engine_dir` (its `engines.json`).
+The CLI, the pipeline, the server and the benchmarks all build their engine here.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from pathlib import Path
+
+import torch
+
+from caphuman.export.models import CapHumanDenoiser
+from caphuman.export.onnx_specs import graph_specs
+
+from .base import EngineError
+from .denoiser import DenoiserEngine
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("eager", "torch", "onnxruntime", "tensorrt")
+ONNX_DENOISER_GRAPHS = ("capface", "unet", "denoiser")
+EXTRA_CONTROLNET_BACKENDS = ("eager", "torch")
+
+
+def create_engine(backend: str, den: CapHumanDenoiser | None, *, device: str | torch.device | None = None,
+                  dtype: torch.dtype | None = None, engine_dir: str | Path | None = None, config=None,
+                  alphas_cumprod: torch.Tensor | None = None, **torch_options) -> DenoiserEngine:
+    """A denoiser engine of `backend` (see the module docstring). `den` is the loaded denoiser (its
+    weights, schedule and extra ControlNets); the tensorrt backend needs only `config` and
+    `alphas_cumprod` when no module is loaded. `torch_options` go to `TorchDenoiserEngine`."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if den is not None and den.extra_controls and backend not in EXTRA_CONTROLNET_BACKENDS:
+        raise ValueError(f"extra ControlNets run on the {' and '.join(EXTRA_CONTROLNET_BACKENDS)} backends, "
+                         f"not on {backend!r} (their graphs have no ControlNet inputs)")
+    if torch_options and backend != "torch":
+        raise ValueError(f"options {sorted(torch_options)} apply to the torch backend only, not {backend!r}")
+    if backend == "eager":
+        from .eager_engine import EagerEngine
+
+        _need(den, backend)
+        return EagerEngine(den.to(device or next(den.parameters()).device, dtype or next(den.parameters()).dtype))
+    if backend == "torch":
+        from .torch_engine import TorchDenoiserEngine
+
+        _need(den, backend)
+        return TorchDenoiserEngine(den, device=device or next(den.parameters()).device,
+                                   dtype=dtype or next(den.parameters()).dtype, **torch_options)
+    config = config if config is not None else _need(den, backend).config
+    schedule = alphas_cumprod if alphas_cumprod is not None else _need(den, backend).alphas_cumprod
+    specs = graph_specs(config)
+    from .graph_engine import GraphDenoiserEngine
+
+    if backend == "onnxruntime":
+        from .onnxruntime_engine import OnnxRuntimeEngine
+
+        if dtype not in (None, torch.float32):
+            raise ValueError("the onnxruntime backend runs the fp32 graphs; drop --fp16")
+        folder = _onnx_dir(den, engine_dir)
+        graphs = {g: OnnxRuntimeEngine(folder / f"{g}.onnx", specs[g]) for g in ONNX_DENOISER_GRAPHS}
+        device = torch.device(device or "cpu")
+        return GraphDenoiserEngine(graphs["capface"], graphs["unet"], schedule, dtype=torch.float32,
+                                   denoiser=graphs["denoiser"], device=device,
+                                   backend="onnxruntime-" + "+".join(graphs["unet"].providers),
+                                   hint_channels=config.capface.hint_channels)
+    from .tensorrt_engine import TensorRTEngine, TensorRTUnavailable, import_tensorrt
+
+    try:
+        import_tensorrt()
+    except TensorRTUnavailable as e:
+        raise ValueError(f"the tensorrt backend: {e}") from None
+    if engine_dir is None:
+        raise ValueError("the tensorrt backend needs an engine folder (the one `caphuman build --out` wrote)")
+    index = Path(engine_dir) / "engines.json"
+    if not index.is_file():
+        raise FileNotFoundError(f"{index} not found: run `caphuman build --out {engine_dir}` first")
+    plans = json.loads(index.read_text())
+    missing = [g for g in ("capface", "unet") if g not in plans]
+    if missing:
+        raise EngineError(f"{index} has no engines for {missing}")
+    graphs = {g: TensorRTEngine(Path(engine_dir) / plans[g]["plan"], specs[g]) for g in ("capface", "unet")}
+    return GraphDenoiserEngine(graphs["capface"], graphs["unet"], schedule, dtype=graphs["unet"].float_dtype,
+                               device=device or "cuda", backend="tensorrt", hint_channels=config.capface.hint_channels)
+
+
+def _need(den: CapHumanDenoiser | None, backend: str) -> CapHumanDenoiser:
+    if den is None:
+        raise ValueError(f"the {backend} backend needs the loaded denoiser")
+    return den
+
+
+def _onnx_dir(den: CapHumanDenoiser | None, engine_dir: str | Path | None) -> Path:
+    """`engine_dir` when it holds the denoiser's graphs; else export them from `den` (into `engine_dir`, or
+    a temporary folder)."""
+    if engine_dir is not None and all((Path(engine_dir) / f"{g}.onnx").is_file() for g in ONNX_DENOISER_GRAPHS):
+        log.info("using the ONNX graphs in %s (they must come from the same weights)", engine_dir)
+        return Path(engine_dir)
+    if den is None:
+        raise FileNotFoundError(f"no ONNX graphs {ONNX_DENOISER_GRAPHS} in {engine_dir} and no weights to export "
+                                "them from (run `caphuman export` first)")
+    from caphuman.export.onnx_export import ExportSources, export_graphs
+
+    out = Path(engine_dir) if engine_dir is not None else Path(tempfile.mkdtemp(prefix="caphuman-onnx-"))
+    log.info("exporting capface/unet/denoiser graphs from the loaded weights into %s", out)
+    p = next(den.parameters())
+    device, dtype = p.device, p.dtype
+    src = ExportSources(den.config, denoiser=den.float().cpu())
+    try:
+        export_graphs(src, ONNX_DENOISER_GRAPHS, out, validate=False, progress=False)
+    finally:
+        den.to(device, dtype)
+    return out
