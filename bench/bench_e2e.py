@@ -28,7 +28,11 @@ ROOT = Path(__file__).resolve().parents[1]
 from caphuman.export.config import load_config, packaged_config  # noqa: E402
 from caphuman.export.models import VAE, CapHumanDenoiser  # noqa: E402
 from caphuman.kernels import attention_triton  # noqa: E402
-from caphuman.runtime.sampling import ddim_sample, dpmpp_2m_sample, guided_eps  # noqa: E402
+from caphuman.engines.denoiser import Conditioning  # noqa: E402
+from caphuman.engines.eager_engine import EagerEngine  # noqa: E402
+from caphuman.engines.loop import sample  # noqa: E402
+from caphuman.engines.samplers import DDIM, make_plan  # noqa: E402
+from caphuman.runtime.sampling import ddim_sample, dpmpp_2m_sample, sample_with  # noqa: E402
 
 RESULTS: dict = {}
 SAVE_DIR: Path | None = None  # set by main: bench_step saves after every mode
@@ -85,6 +89,14 @@ def inputs(cfg, device, dtype, size: int):
                 ctx=torch.randn(1, 258, cfg.context_dim, generator=g).to(device, dtype))
 
 
+def eager_eps(den, inp, cfg: str):
+    """The guided eps of one step (t = 951) on the eager engine: CapFace + UNet, guidance 7."""
+    eng = EagerEngine(den)
+    eng.prepare(Conditioning(inp["text_c"], inp["text_u"], inp["hint"], inp["ctx"], guidance=7.0, cfg=cfg),
+                tuple(inp["x"].shape), DDIM, make_plan(DDIM, den.alphas_cumprod, 20))
+    return lambda: eng.guided_eps(inp["x"], 951)
+
+
 # diffusers' recommended inductor settings for UNets (its torch.compile guide)
 INDUCTOR_UNET_OPTIONS = {"conv_1x1_as_mm": True, "coordinate_descent_tuning": True, "epilogue_fusion": False,
                          "coordinate_descent_check_all_directions": True}
@@ -100,18 +112,14 @@ def bench_step(cfg, device, size: int, repeat: int, modes: list[str]) -> dict:
         den = make_denoiser(cfg, device, torch.float32)
         inp = inputs(cfg, device, torch.float32, size)
         with torch.no_grad():
-            out["reference_fp32_serial_ms"] = timed(lambda: guided_eps(
-                den, inp["x"], 951, inp["text_c"], inp["text_u"], inp["hint"], inp["ctx"], 7.0, 1.0, 0, "serial"),
-                device, repeat=max(3, repeat // 3))
+            out["reference_fp32_serial_ms"] = timed(eager_eps(den, inp, "serial"), device, repeat=max(3, repeat // 3))
         log(f"  reference (fp32 eager, serial CFG, CapFace x2): {out['reference_fp32_serial_ms']:.2f} ms")
         del den
     inp = inputs(cfg, device, fp16, size)
     if "eager" in modes:
         den = make_denoiser(cfg, device, fp16)
         with torch.no_grad():
-            out["eager_fp16_batched_ms"] = timed(lambda: guided_eps(
-                den, inp["x"].to(fp16), 951, inp["text_c"], inp["text_u"], inp["hint"], inp["ctx"], 7.0, 1.0, 0),
-                device, repeat=repeat)
+            out["eager_fp16_batched_ms"] = timed(eager_eps(den, inp, "batched"), device, repeat=repeat)
         log(f"  eager fp16, batched CFG: {out['eager_fp16_batched_ms']:.2f} ms")
         del den
 
@@ -164,11 +172,11 @@ def bench_step(cfg, device, size: int, repeat: int, modes: list[str]) -> dict:
             eng = TorchDenoiserEngine(den, device=device, dtype=fp16, **kw)
             t0 = time.perf_counter()
             with torch.no_grad():
-                eng.sample(inp["x"], inp["text_c"], inp["text_u"], inp["hint"], inp["ctx"], steps=2)  # capture
+                sample(eng, inp["x"], Conditioning(inp["text_c"], inp["text_u"], inp["hint"], inp["ctx"]), steps=2)
             torch.cuda.synchronize()
             out[f"{name}_setup_s"] = round(time.perf_counter() - t0, 1)
             state = next(iter(eng._states.values()))
-            step = state.graph.replay if state.graph is not None else (lambda: eng._step(state, 2))
+            step = state.graph.replay if state.graph is not None else (lambda: eng._step(state, 2, DDIM))
             out[f"{name}_ms"] = timed(step, device, repeat=repeat)
             # as the sampler runs them: 20 steps back to back (the CPU launches ahead of the GPU)
             out[f"{name}_loop20_ms"] = timed(lambda: [step() for _ in range(20)], device,
@@ -240,8 +248,11 @@ class Stages:
         self._t = (name, now) if name else None
 
 
+SAMPLER_RUNS = (("ddim", 20), ("dpmpp_2m", 10), ("dpmpp_2m", 15))  # the first is the reference of the others
+
+
 def bench_end_to_end(cfg, device, reference: str, pose: str, repeat: int, compile_engine: bool = False,
-                     vae_mode: str = "compile") -> dict:
+                     vae_mode: str = "compile", sampler_runs=SAMPLER_RUNS) -> dict:
     """Photo in, PNG out at 512x512, 20 DDIM steps, guidance 7: detection, identity (FaceNet, BiSeNet,
     CLIP), DECA + head hint, text, denoising, VAE decode, PNG encode. Random weights at the official
     sizes; both modes render the hint with the CUDA rasterizer (the official code renders on the GPU
@@ -293,7 +304,9 @@ def bench_end_to_end(cfg, device, reference: str, pose: str, repeat: int, compil
         Image.fromarray(img).save(buf, format="PNG")
         return buf.getvalue()
 
-    def run_once(m, builder, sample_fn, text_fn, decode_fn, png_fn, dtype, together=False):
+    latents: dict = {}
+
+    def run_once(m, builder, sample_fn, text_fn, decode_fn, png_fn, dtype, together=False, keep=None):
         st = Stages(device)
         st("detect")
         if together:  # the pose photo decodes in a thread while the reference photo is detected
@@ -310,6 +323,8 @@ def bench_end_to_end(cfg, device, reference: str, pose: str, repeat: int, compil
         st("denoise")
         noise = torch.randn(1, 4, 64, 64, generator=torch.Generator().manual_seed(12345)).to(device)
         lat = sample_fn(noise, text_c, text_u, hint, ctx.to(dtype))
+        if keep is not None:
+            latents[keep] = lat.float().clone()
         st("decode")
         img = latents_to_uint8(decode_fn(lat.to(dtype)))[0]
         st("png")
@@ -346,14 +361,27 @@ def bench_end_to_end(cfg, device, reference: str, pose: str, repeat: int, compil
         out["vae_mode"] = vae_mode if gpu else "eager"
         eng = TorchDenoiserEngine(m["den"], device=device, dtype=fast, compile=compile_engine and gpu)
         out["engine"] = "torch engine, one CUDA graph per step" + (", torch.compile" if compile_engine and gpu else "")
-        opt_fn = lambda *a: eng.sample(*a, steps=20, guidance=7.0)
-        opt_run = lambda: run_once(opt, builder, opt_fn, prompts, decode_fn, encode_png, fast, together=True)
+        def opt_run(sampler="ddim", steps=20, keep=None):
+            fn = lambda *a: sample_with(sampler, eng, *a, steps=steps, guidance=7.0)  # noqa: E731
+            return run_once(opt, builder, fn, prompts, decode_fn, encode_png, fast, together=True, keep=keep)
+
         first = opt_run()
         out["cold_start_to_first_image_s"] = round(time.perf_counter() - t_cold, 2)
         out["cold_start_note"] = "process already up; builds random-weight networks (no checkpoint read) and captures the graphs"
         runs = [opt_run() for _ in range(repeat)]
         out["optimized_stages_ms"] = median_stages(runs)
         out["optimized_ms"] = total(out["optimized_stages_ms"])
+        # each sampler on the same engine, photo to PNG; latents against the first (DDIM-20)
+        for sampler, steps in sampler_runs:
+            name = f"{sampler}_{steps}"
+            opt_run(sampler, steps, keep=name)  # prepares (captures) this sampler's step
+            stages = median_stages([opt_run(sampler, steps) for _ in range(repeat)])
+            out.setdefault("samplers", {})[name] = {"stages_ms": stages, "total_ms": total(stages)}
+            ref_name = f"{sampler_runs[0][0]}_{sampler_runs[0][1]}"
+            ref = latents[ref_name]
+            out["samplers"][name][f"latents_rel_diff_vs_{ref_name}"] = ((latents[name] - ref).norm() / ref.norm()).item()
+            log(f"  {name}: {out['samplers'][name]['total_ms']:.1f} ms, latents vs {ref_name}: "
+                f"{out['samplers'][name][f'latents_rel_diff_vs_{ref_name}']:.4f}")
         if gpu:
             out["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
             out["graph_capture_failures"] = {k: v.failed for k, v in opt.items() if isinstance(v, CudaGraphed) and v.failed}

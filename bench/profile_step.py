@@ -98,6 +98,8 @@ def timeline(prof) -> list:
 
 
 def run_variant(name: str, cfg, device, size: int, repeat: int) -> dict:
+    from caphuman.engines.denoiser import Conditioning
+    from caphuman.engines.loop import sample
     from caphuman.engines.torch_engine import TorchDenoiserEngine
 
     kw = dict(VARIANTS[name])
@@ -110,7 +112,7 @@ def run_variant(name: str, cfg, device, size: int, repeat: int) -> dict:
     inp = inputs(cfg, device, torch.float16, size)
     t0 = time.perf_counter()
     with torch.no_grad():
-        eng.sample(inp["x"], inp["text_c"], inp["text_u"], inp["hint"], inp["ctx"], steps=2)
+        sample(eng, inp["x"], Conditioning(inp["text_c"], inp["text_u"], inp["hint"], inp["ctx"]), steps=2)
     torch.cuda.synchronize()
     out = dict(setup_s=round(time.perf_counter() - t0, 1))
     state = next(iter(eng._states.values()))

@@ -105,7 +105,16 @@ class DenoiserEngine(ABC):
         scale = plan.model_scale[i].item()
         x_in = x if scale == 1.0 else x * scale
         eps = self.guided_eps(x_in, plan.timesteps[i])
-        return sampler.update(x, eps, plan.coeffs[i].to(x.device), state, noise)
+        return sampler.update(x, eps, self._coeffs_on(plan, x.device)[i], state, noise)
+
+    def _coeffs_on(self, plan: Plan, device: torch.device) -> torch.Tensor:
+        """The plan's coefficients on `device`, copied once per request (a copy per step would make the
+        host wait for the GPU at every step)."""
+        cached = getattr(self, "_plan_coeffs", None)
+        if cached is None or cached[0] is not plan or cached[1].device != device:
+            cached = (plan, plan.coeffs.to(device))
+            self._plan_coeffs = cached
+        return cached[1]
 
     def finish(self) -> None:
         """The request is done: drop references to its tensors (buffers stay for the next one)."""

@@ -107,13 +107,15 @@ class _StepState:
     noise: torch.Tensor | None
     gate: torch.Tensor | None
     control_hints: list                # one per extra ControlNet, at the UNet's batch (both branches)
+    coeff_values: list = field(default_factory=list)     # views of coeffs' elements, filled per step
+    strength_values: list = field(default_factory=list)  # views of strength's elements, filled per request
     kv: StaticCrossKV = field(default_factory=StaticCrossKV)
     graph: torch.cuda.CUDAGraph | None = None
 
 
 # inductor options of `compile=True` unless `compile_options` is given: 1x1 convolutions (proj_in,
 # proj_out, zero convs, shortcuts) as matrix products, which inductor fuses with their neighbours
-# (6.91 against 7.01 ms per step on the H100)
+# (6.91 against 7.01 ms per step on the H100: bench/results/e2e_h100_run16_shared_prefix_1x1.json)
 DEFAULT_INDUCTOR_OPTIONS = {"conv_1x1_as_mm": True}
 
 
@@ -216,7 +218,7 @@ class TorchDenoiserEngine(DenoiserEngine):
         self._active: _StepState | None = None       # the prepared request's state
         self._branches = 2
         self._cond: Conditioning | None = None
-        self._plan_on_device: tuple | None = None   # (plan, coeffs, model_scale) uploaded once per request
+        self._plan_rows: tuple | None = None        # (plan, its coefficient rows and input scales as floats)
 
     # -- the denoiser graph's I/O: one fused call, no guidance (checks against the ONNX graph) ------
     @torch.no_grad()
@@ -245,7 +247,10 @@ class TorchDenoiserEngine(DenoiserEngine):
         s.text.copy_(c if branches == 1 else torch.cat([c, cond.text_uncond.to(self.device, dt).expand(n, -1, -1)]))
         self._fill_hints(s, cond.hint.to(self.device, dt).expand(n, -1, -1, -1))
         s.ctx.copy_(cond.identity_context.to(self.device, dt).expand(n, -1, -1))
-        s.strength.copy_(cond.strength_vector(self.num_residuals))
+        # scalars by fills, not host-to-device copies: a copy from pageable memory waits for the GPU, and the
+        # host would stop queueing work ahead of it
+        for buf, value in zip(s.strength_values, cond.strength_vector(self.num_residuals).tolist()):
+            buf.fill_(value)
         s.guidance.fill_(float(cond.guidance))
         self._cond, self._branches = cond, branches
         self._decoder(sampler)
@@ -253,19 +258,18 @@ class TorchDenoiserEngine(DenoiserEngine):
         if first:
             self._states[key] = s
         self._active = s
-        self._plan_on_device = None
+        self._plan_rows = (plan, plan.coeffs.tolist(), plan.model_scale.tolist())
 
     def finish(self) -> None:
         self._proxy.target = None
-        self._active, self._cond, self._plan_on_device = None, None, None
+        self._active, self._cond, self._plan_rows = None, None, None
 
     def step(self, x: torch.Tensor, state: tuple, plan: Plan, sampler: Sampler, i: int,
              noise: torch.Tensor | None) -> tuple[torch.Tensor, tuple]:
         s = self._active
-        if self._plan_on_device is None or self._plan_on_device[0] is not plan:
-            # one upload per request; per step only device-to-device copies and fills (no host sync)
-            self._plan_on_device = (plan, plan.coeffs.to(self.device), plan.model_scale.to(self.device))
-        _, coeffs, scale = self._plan_on_device
+        if self._plan_rows[0] is not plan:
+            self._plan_rows = (plan, plan.coeffs.tolist(), plan.model_scale.tolist())
+        _, rows, scales = self._plan_rows
         if x is not s.x:
             s.x.copy_(x)
         for buf, value in zip(s.state, state):
@@ -273,9 +277,10 @@ class TorchDenoiserEngine(DenoiserEngine):
                 buf.copy_(value)
         t = plan.timesteps[i]
         s.t.fill_(t)
-        s.coeffs.copy_(coeffs[i])
+        for buf, value in zip(s.coeff_values, rows[i]):  # fills: the host never waits for the GPU here
+            buf.fill_(value)
         if s.model_scale is not None:
-            s.model_scale.copy_(scale[i])
+            s.model_scale.fill_(scales[i])
         if s.gate is not None:
             s.gate.fill_(1.0 if self._cond.identity_on(t) else 0.0)
         if s.noise is not None:
@@ -432,6 +437,8 @@ class TorchDenoiserEngine(DenoiserEngine):
                        gate=scalar(dt) if tau_on else None, control_hints=controls)
         s.kv.sources = {"text": s.text, "identity": s.ctx}
         s.kv.gate = s.gate
+        s.coeff_values = list(s.coeffs.unbind())
+        s.strength_values = list(s.strength.unbind())
         return s
 
     def _fill_hints(self, s: _StepState, hint: torch.Tensor) -> None:

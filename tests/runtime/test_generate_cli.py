@@ -58,13 +58,13 @@ def test_serial_and_batched_cfg_give_the_same_image():
 @pytest.mark.parametrize("args,message", [
     (["--steps", "0"], "steps must be an integer in [1, 1000]"),
     (["--steps", "37"], "not usable"),
-    (["--guidance", "nan"], "guidance must be finite"),
-    (["--strength", "inf"], "strength must be finite"),
+    (["--guidance", "nan"], "--guidance must be a finite number"),
+    (["--strength", "inf"], "--strength must be a finite number"),
     (["--eta", "-1"], "eta must be >= 0"),
     (["--tau", "2000"], "tau must be in"),
     (["--resolution", "500"], "multiple of 64"),
-    (["--num-samples", "0"], "num_samples"),
-    (["--seed", "-5"], "seed must be in"),
+    (["--num-samples", "0"], "--num-samples must be in [1, 64]"),
+    (["--seed", "-5"], "--seed must be an integer in [0, 4294967295]"),
     (["--fp16", "--device", "cpu"], "needs a GPU"),
     (["--hint", "/nonexistent/hint.npy"], "not found"),
     (["--config", "/nonexistent.yaml", "--checkpoint", "/nonexistent.ckpt"], "not found"),
@@ -86,7 +86,7 @@ def test_bad_hint_files(tmp_path, capsys):
     np.save(nan, h)
     pickled = tmp_path / "pickled.npy"
     np.save(pickled, np.array([{"a": 1}], dtype=object), allow_pickle=True)
-    for path, msg in ((odd, "multiples of 64"), (nan, "NaN"), (pickled, "not a readable .npy")):
+    for path, msg in ((odd, "must be a multiple of 64 in [256, 1024]"), (nan, "NaN"), (pickled, "not a readable .npy")):
         assert main(["generate", "--out", str(tmp_path), "--hint", str(path)]) == 2
         assert msg in capsys.readouterr().err
 
