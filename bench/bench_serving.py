@@ -4,7 +4,7 @@
     python bench/bench_serving.py --device cpu --duration 5 --warmup 2           # CPU smoke: tiny, 256, 2 steps
 
 1. Baseline: the single-stream rate of the same pipeline and engine in this process, on the same device
-   (`caphuman.tritonserver.weights.random_pipeline` + `caphuman.tritonserver.generation.engine_pipeline`, then
+   (`caphuman.tritonserver.weights.load_generation_pipeline`, the `caphuman` model's own builder, then
    `CapHumanPipeline.generate` one request after the other; identity context and hint given, as the
    server's caches give them after a person's first request).
 2. A server (tritonserver/launcher.py) on a copy of the model repository: `caphuman` on the GPU, the
@@ -85,15 +85,13 @@ def baseline(args, cuda: bool) -> dict:
     import torch
 
     from caphuman.runtime.pipeline import GenerationRequest, sphere_hint
-    from caphuman.tritonserver.generation import engine_pipeline
-    from caphuman.tritonserver.weights import random_pipeline
+    from caphuman.tritonserver.weights import RANDOM_CONFIG_ENV, load_generation_pipeline, serving_backend
 
     device = "cuda:0" if cuda else "cpu"
     t0 = time.perf_counter()
-    pipe = random_pipeline(args.config, device=device)
-    if cuda:
-        pipe.image_encoder = None
-    engine = engine_pipeline(pipe, device, cpu=args.engine == "torch")
+    os.environ[RANDOM_CONFIG_ENV] = args.config
+    backend, engine_dir = serving_backend(args.engine or "auto", "", cuda)
+    pipe = load_generation_pipeline(None, device, backend, engine_dir)
     ctx = torch.randn(1, 258, pipe.config.context_dim, generator=torch.Generator().manual_seed(0))
     hint = sphere_hint(args.resolution)
 
@@ -115,9 +113,8 @@ def baseline(args, cuda: bool) -> dict:
         out["peak_memory_gb"] = round(torch.cuda.max_memory_allocated() / 2 ** 30, 2)
         out["run_ahead"] = run_ahead_probe(pipe, GenerationRequest(
             prompt=PROMPTS[0], hint=hint, identity_context=ctx, seed=7, steps=args.steps, guidance=args.guidance))
-    if engine is not None:
-        engine.close()
-    pipe = engine = None  # noqa: F841 - free the GPU for the server
+    pipe.engine.close()
+    pipe = None  # free the GPU for the server
     gc.collect()
     if cuda:
         torch.cuda.empty_cache()
@@ -128,7 +125,7 @@ def run_ahead_probe(pipe, request, repeats: int = 5) -> dict:
     """What the serving loop's bounded run-ahead costs and buys, in this process with the serving engine:
     the sampling loop's time (issue to GPU idle) and the GPU work left after a cancel a quarter of the
     way in (raise to GPU idle), with `run_ahead_steps` 2 and without a bound (the earlier behaviour)."""
-    from caphuman.tritonserver.generation import BatchGenerator, Job
+    from caphuman.tritonserver.generation import BatchRunner, Job
 
     class Stop(Exception):
         pass
@@ -157,7 +154,7 @@ def run_ahead_probe(pipe, request, repeats: int = 5) -> dict:
 
     out = {"cancel_at_step": cancel_at, "steps": request.steps}
     for name, limit in (("run_ahead_2", 2), ("unbounded", 10 ** 6)):
-        bg = BatchGenerator(pipe, run_ahead=limit)
+        bg = BatchRunner(pipe, run_ahead=limit)
         loop_ms(bg)  # warm
         loops = [loop_ms(bg) for _ in range(repeats)]
         left = [leftover_ms(bg) for _ in range(repeats)]
@@ -347,8 +344,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gather-ms", type=float, default=None, help="caphuman's batch_gather_ms")
     ap.add_argument("--run-ahead", type=int, default=None, help="caphuman's run_ahead_steps")
     ap.add_argument("--no-server", action="store_true", help="only the in-process baseline (and its run-ahead probe)")
-    ap.add_argument("--engine", default=None, choices=["auto", "eager", "torch"],
-                    help="caphuman's engine parameter (torch: the engine also on the CPU)")
+    ap.add_argument("--engine", default=None, choices=["auto", "eager", "torch", "onnxruntime"],
+                    help="caphuman's engine parameter (default: its config.pbtxt's, auto)")
     ap.add_argument("--progress", action="store_true", help="ask for a progress response per step")
     ap.add_argument("--aux-gpu", action="store_true", help="identity and head_condition on the GPU too")
     ap.add_argument("--server-env", action="append", default=[], help="KEY=VALUE for the server (repeatable)")
