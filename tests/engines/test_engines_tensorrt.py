@@ -171,3 +171,29 @@ def test_tensorrt_engine_matches_onnxruntime(tmp_path, unet_export, tiny_config,
     trt_eng.refit(unet_refit_weights(unet_export, "unet", tiny_config, other_sd_checkpoint[0]))
     refit = trt_eng.run({k: v.cuda() for k, v in feed.items()})["eps"].float().cpu()
     assert rel_err(refit, got) > 1e-2
+
+
+@NEEDS_TRT
+def test_tensorrt_denoiser_through_the_factory_equals_eager(tmp_path, tiny_config_path, official_checkpoint,
+                                                            tiny_config):
+    """`caphuman build` plans for capface and unet, loaded by the one factory as a DenoiserEngine: every
+    sampler runs on it through the one loop and gives the eager modules' latents (fp32 engines)."""
+    from caphuman.engines.factory import create_engine
+    from caphuman.runtime.sampling import sample_with
+
+    onnx_dir = tmp_path / "onnx"
+    src = load_sources(tiny_config_path, official_checkpoint, names=["capface", "unet"])
+    export_graphs(src, ["capface", "unet"], onnx_dir, validate=False, progress=False)
+    assert main(["build", "--onnx-dir", str(onnx_dir), "--out", str(tmp_path / "plans"), "--only", "capface,unet",
+                 "--resolution", "256:256:512", "--batch", "1:1:2"]) == 0
+    den = load_denoiser(tiny_config_path, official_checkpoint)
+    engine = create_engine("tensorrt", den, engine_dir=tmp_path / "plans", device="cuda")
+    g = torch.Generator().manual_seed(3)
+    inp = dict(noise=torch.randn(1, 4, 32, 32, generator=g), text_cond=torch.randn(1, 77, 32, generator=g),
+               text_uncond=torch.randn(1, 77, 32, generator=g), hint=torch.rand(1, 9, 256, 256, generator=g),
+               identity_context=torch.randn(1, 258, 32, generator=g))
+    for sampler in ("ddim", "dpmpp_2m"):
+        with torch.no_grad():
+            want = sample_with(sampler, den, **inp, steps=4)
+        got = sample_with(sampler, engine, **{k: v.cuda() for k, v in inp.items()}, steps=4).cpu()
+        assert rel_err(got, want) <= 1e-3, sampler
