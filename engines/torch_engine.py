@@ -236,7 +236,7 @@ class TorchDenoiserEngine(DenoiserEngine):
         """Fill this request's buffers; on a new key, warm up (Triton JIT, cuDNN) and capture the step."""
         branches = 1 if cond.guidance == 1.0 else 2
         scaled_input = bool((plan.model_scale != 1).any())
-        key = (n, h, w, branches, sampler.name, plan.noisy, bool(cond.tau), scaled_input,
+        key = (n, h, w, branches, sampler.name, sampler.update, plan.noisy, bool(cond.tau), scaled_input,
                len(self.den.extra_controls))
         first = key not in self._states
         # a new key's state is kept only once its warm-up and capture succeeded

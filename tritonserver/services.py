@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from caphuman.runtime import limits
 from PIL import Image, UnidentifiedImageError
 
 from .params import RequestError, ServerSettings
@@ -153,8 +155,10 @@ class HeadConditionService:
         from caphuman.runtime.condition import HeadControls, NoFaceError
 
         t0 = time.perf_counter()
-        if resolution % 64 or not 256 <= resolution <= 1024:
-            raise RequestError(f"RESOLUTION must be a multiple of 64 in [256, 1024], got {resolution}")
+        try:
+            limits.check_resolution("RESOLUTION", resolution)
+        except ValueError as e:
+            raise RequestError(str(e)) from None
         key = (sha256(reference), sha256(pose) if pose else None, head_pose, modes, light, resolution)
         cached = self.cache.get(key)
         if cached is not None:

@@ -19,6 +19,7 @@ import torch
 import triton_python_backend_utils as pb_utils
 
 from caphuman.tritonserver.backend import error_from_bls, log, model_setup, triton_error
+from caphuman.runtime import limits
 from caphuman.runtime.pipeline import tensor_hash
 from caphuman.tritonserver.generation import BatchRunner, Cancelled, Job, Scheduler, bucket_size, parse_buckets
 from caphuman.tritonserver.params import HEAD_MODEL, IDENTITY_MODEL, RequestError, parse_request
@@ -125,9 +126,10 @@ class TritonPythonModel:
             gather_s = float(p["batch_gather_ms"]) / 1e3
             run_ahead = int(p["run_ahead_steps"])
             warm = tuple(int(r) for r in p["warm_resolutions"].split(",") if r.strip())
-            if max_batch < 1 or gather_s < 0 or run_ahead < 1 or any(r % 64 or not 256 <= r <= 1024 for r in warm):
-                raise ValueError("max_batch >= 0, batch_gather_ms >= 0, run_ahead_steps >= 1, warm_resolutions "
-                                 "multiples of 64 in [256, 1024]")
+            if max_batch < 1 or gather_s < 0 or run_ahead < 1:
+                raise ValueError("max_batch >= 0, batch_gather_ms >= 0, run_ahead_steps >= 1")
+            for r in warm:
+                limits.check_resolution("warm_resolutions", r)
         except ValueError as e:
             raise pb_utils.TritonModelException(f"caphuman: bad config.pbtxt parameter: {e}") from None
         files = weight_files()
