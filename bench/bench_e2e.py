@@ -104,7 +104,7 @@ INDUCTOR_UNET_OPTIONS = {"conv_1x1_as_mm": True, "coordinate_descent_tuning": Tr
 
 def bench_step(cfg, device, size: int, repeat: int, modes: list[str]) -> dict:
     """One denoising step (CapFace + UNet with guidance 7) in each mode."""
-    from caphuman.engines.torch_engine import TorchDenoiserEngine
+    from caphuman.engines.factory import create_engine
     out: dict = {}
     fp16 = torch.float16 if device.type == "cuda" else torch.float32
 
@@ -169,7 +169,7 @@ def bench_step(cfg, device, size: int, repeat: int, modes: list[str]) -> dict:
             attention_triton.TUNED_LAUNCHES.clear()  # read while capturing: the graph keeps the choice
         try:
             den = make_denoiser(cfg, device, fp16)
-            eng = TorchDenoiserEngine(den, device=device, dtype=fp16, **kw)
+            eng = create_engine("torch", den, device=device, dtype=fp16, **kw)
             t0 = time.perf_counter()
             with torch.no_grad():
                 sample(eng, inp["x"], Conditioning(inp["text_c"], inp["text_u"], inp["hint"], inp["ctx"]), steps=2)
@@ -268,7 +268,7 @@ def bench_end_to_end(cfg, device, reference: str, pose: str, repeat: int, compil
     attention); the VAE decoder compiled (`vae_mode`); `caphuman.runtime.outputs.encode_png`."""
     from PIL import Image
 
-    from caphuman.engines.torch_engine import TorchDenoiserEngine
+    from caphuman.engines.factory import create_engine
     from caphuman.export.clip import ImageEncoder, TextEncoder
     from caphuman.export.face.bisenet import BiSeNet
     from caphuman.export.face.deca_encoder import DecaEncoder
@@ -359,7 +359,7 @@ def bench_end_to_end(cfg, device, reference: str, pose: str, repeat: int, compil
         elif gpu and vae_mode == "compile":
             decode_fn = torch.compile(m["vae"].decode)
         out["vae_mode"] = vae_mode if gpu else "eager"
-        eng = TorchDenoiserEngine(m["den"], device=device, dtype=fast, compile=compile_engine and gpu)
+        eng = create_engine("torch", m["den"], device=device, dtype=fast, compile=compile_engine and gpu)
         out["engine"] = "torch engine, one CUDA graph per step" + (", torch.compile" if compile_engine and gpu else "")
         def opt_run(sampler="ddim", steps=20, keep=None):
             fn = lambda *a: sample_with(sampler, eng, *a, steps=steps, guidance=7.0)  # noqa: E731

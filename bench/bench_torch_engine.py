@@ -61,7 +61,7 @@ def fp16_eps_error() -> dict:
     from caphuman.export.models import CapHumanDenoiser
     from caphuman.export.onnx_export import distinct_random_
     from caphuman.export.onnx_specs import graph_specs
-    from caphuman.engines.torch_engine import TorchDenoiserEngine
+    from caphuman.engines.factory import create_engine
 
     cfg = load_config(packaged_config("cldm_v15"))
     torch.manual_seed(1)
@@ -71,7 +71,7 @@ def fp16_eps_error() -> dict:
     with torch.no_grad():
         ref = den(feed["sample"], feed["timestep"], feed["text_embeddings"], feed["hint"], feed["identity_context"],
                   feed["strength"].tolist())
-        eng = TorchDenoiserEngine(den, device="cuda", dtype=torch.float16)
+        eng = create_engine("torch", den, device="cuda", dtype=torch.float16)
         got = eng.run(feed)["eps"].float()
     return {"eps_rel_err_fp16_engine_vs_fp32": float((got - ref).norm() / ref.norm())}
 

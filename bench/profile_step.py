@@ -100,7 +100,7 @@ def timeline(prof) -> list:
 def run_variant(name: str, cfg, device, size: int, repeat: int) -> dict:
     from caphuman.engines.denoiser import Conditioning
     from caphuman.engines.loop import sample
-    from caphuman.engines.torch_engine import TorchDenoiserEngine
+    from caphuman.engines.factory import create_engine
 
     kw = dict(VARIANTS[name])
     if kw.pop("tuned", False):
@@ -108,7 +108,7 @@ def run_variant(name: str, cfg, device, size: int, repeat: int) -> dict:
     if kw.get("compile"):
         torch._dynamo.reset()
     den = make_denoiser(cfg, device, torch.float16)
-    eng = TorchDenoiserEngine(den, device=device, dtype=torch.float16, channels_last=True, cuda_graph=True, **kw)
+    eng = create_engine("torch", den, device=device, dtype=torch.float16, channels_last=True, cuda_graph=True, **kw)
     inp = inputs(cfg, device, torch.float16, size)
     t0 = time.perf_counter()
     with torch.no_grad():

@@ -2,7 +2,7 @@
 
 Every request field is a named input tensor of the `caphuman` model (Triton checks names, types and
 shapes against config.pbtxt before our code runs, so a wrong type or shape is rejected with a clear
-gRPC error). Optional inputs take the default below when absent. `tests/test_serving_params.py`
+gRPC error). Optional inputs take the default below when absent. `tests/tritonserver/test_serving_params.py`
 checks that config.pbtxt and this table agree; docs/serving.md renders it.
 
 Batch requests: PROMPT holds 1..MAX_ITEMS prompts; POSE_IMAGE and HEAD_POSE hold 1 or N entries.

@@ -162,7 +162,8 @@ def test_plan_exports_once_then_only_builds(tmp_path, weights):
     assert export[export.index("--clip-dir") + 1].endswith("clip-vit-large-patch14")
     # engines per GPU type and weight set (the builder's engines.json and timing cache are per folder)
     engines = cache / "trt" / "nvidia-h100-sm90" / onnx.name
-    assert build == ["caphuman", "build", "--onnx-dir", str(onnx), "--out", str(engines), "--batch", "1:1:2"]
+    assert build == ["caphuman", "build", "--onnx-dir", str(onnx), "--out", str(engines), "--batch", "1:1:8",
+                     "--batch", "1:1:2"]  # the serving default, then the operator's override (argparse: last wins)
     onnx.mkdir(parents=True)
     (onnx / "manifest.json").write_text("{}")
     assert [s[0] for s in ec.plan(cache, files_of(weights), "nvidia-h100-sm90", environ={})] == ["build"]

@@ -32,9 +32,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+from caphuman.tritonserver.generation import DEFAULT_BUCKETS
+
 # The engine builder's command line, in one place (runtime/export_cli.py defines it). {onnx} and {engines}
-# are filled in below; extra arguments come from CAPHUMAN_BUILD_ARGS / CAPHUMAN_EXPORT_ARGS.
-BUILD_COMMAND = ("caphuman", "build", "--onnx-dir", "{onnx}", "--out", "{engines}")
+# are filled in below; extra arguments come from CAPHUMAN_BUILD_ARGS / CAPHUMAN_EXPORT_ARGS, after these (they
+# override them). The batch profile covers every batch the `caphuman` model runs on a GPU (its buckets).
+BUILD_COMMAND = ("caphuman", "build", "--onnx-dir", "{onnx}", "--out", "{engines}", "--batch",
+                 f"1:1:{max(DEFAULT_BUCKETS)}")
 EXPORT_COMMAND = ("caphuman", "export", "--out", "{onnx}")
 SAMPLE_BYTES = 1 << 20
 

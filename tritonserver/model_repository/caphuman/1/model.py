@@ -5,8 +5,9 @@ cache by photo hash, else BLS to `identity`); 3. per item, the head hint (BLS to
 item's parameters; then it hands the items to the scheduler and returns at once.
 
 The scheduler thread (tritonserver/generation.py) runs batches of compatible pending items, from one
-request or several: 4. one DDIM loop for the batch (the torch engine, one CUDA graph per step, on CUDA;
-the eager sampler on the CPU), a progress response per step to each item that asked; 5. VAE decode and
+request or several: 4. one sampling loop for the batch through the pipeline, on the backend chosen at load
+(`serving_backend`: config.pbtxt's engine/engine_dir or the launch options), a progress response per step to
+each item that asked; 5. VAE decode and
 the image responses, then Triton's empty final response when a request's last item is done. Responses
 are sent from that thread (the documented pattern for decoupled Python models).
 """
