@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -69,8 +70,12 @@ def create_engine(backend: str, den: CapHumanDenoiser | None, *, device: str | t
 
         if dtype not in (None, torch.float32):
             raise ValueError("the onnxruntime backend runs the fp32 graphs; drop --fp16")
-        folder = _onnx_dir(den, engine_dir)
-        graphs = {g: OnnxRuntimeEngine(folder / f"{g}.onnx", specs[g]) for g in ONNX_DENOISER_GRAPHS}
+        folder, temporary = _onnx_dir(den, engine_dir)
+        try:
+            graphs = {g: OnnxRuntimeEngine(folder / f"{g}.onnx", specs[g]) for g in ONNX_DENOISER_GRAPHS}
+        finally:
+            if temporary:  # the sessions have read the graphs (and their external data) into memory
+                shutil.rmtree(folder, ignore_errors=True)
         device = torch.device(device or "cpu")
         return GraphDenoiserEngine(graphs["capface"], graphs["unet"], schedule, dtype=torch.float32,
                                    denoiser=graphs["denoiser"], device=device,
@@ -102,12 +107,12 @@ def _need(den: CapHumanDenoiser | None, backend: str) -> CapHumanDenoiser:
     return den
 
 
-def _onnx_dir(den: CapHumanDenoiser | None, engine_dir: str | Path | None) -> Path:
-    """`engine_dir` when it holds the denoiser's graphs; else export them from `den` (into `engine_dir`, or
-    a temporary folder)."""
+def _onnx_dir(den: CapHumanDenoiser | None, engine_dir: str | Path | None) -> tuple[Path, bool]:
+    """(folder, whether it is temporary): `engine_dir` when it holds the denoiser's graphs; else export them
+    from `den` into `engine_dir`, or into a temporary folder."""
     if engine_dir is not None and all((Path(engine_dir) / f"{g}.onnx").is_file() for g in ONNX_DENOISER_GRAPHS):
         log.info("using the ONNX graphs in %s (they must come from the same weights)", engine_dir)
-        return Path(engine_dir)
+        return Path(engine_dir), False
     if den is None:
         raise FileNotFoundError(f"no ONNX graphs {ONNX_DENOISER_GRAPHS} in {engine_dir} and no weights to export "
                                 "them from (run `caphuman export` first)")
@@ -122,4 +127,4 @@ def _onnx_dir(den: CapHumanDenoiser | None, engine_dir: str | Path | None) -> Pa
         export_graphs(src, ONNX_DENOISER_GRAPHS, out, validate=False, progress=False)
     finally:
         den.to(device, dtype)
-    return out
+    return out, engine_dir is None

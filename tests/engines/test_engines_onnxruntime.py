@@ -96,3 +96,19 @@ def test_generate_dpmpp_2m_on_onnxruntime_equals_eager(tmp_path):
     ort = json.loads(next((tmp_path / "ort").glob("*.json")).read_text())
     assert eager["sampler"] == ort["sampler"] == "dpmpp_2m" and eager["steps"] == 10
     assert eager["backend"] == "eager" and ort["backend"].startswith("onnxruntime")
+
+
+def test_graphs_exported_to_a_temporary_folder_are_removed(tiny_config_path, official_checkpoint, tmp_path,
+                                                           monkeypatch):
+    """Without an engine folder the graphs go to a temporary folder, which is gone once the sessions hold
+    them; the engine still runs."""
+    import tempfile
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    den = load_denoiser(tiny_config_path, official_checkpoint)
+    engine = create_engine("onnxruntime", den)
+    assert list(tmp_path.iterdir()) == []
+    g = torch.Generator().manual_seed(1)
+    latents = ddim_sample(engine, torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 77, 32, generator=g),
+                          torch.randn(1, 77, 32, generator=g), torch.rand(1, 9, 64, 64, generator=g),
+                          torch.randn(1, 258, 32, generator=g), steps=2)
+    assert torch.isfinite(latents).all()
