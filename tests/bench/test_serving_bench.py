@@ -2,7 +2,6 @@
 docs/serving.md): the repository parameters it sets, the goal checks and the table."""
 from __future__ import annotations
 
-from pathlib import Path
 
 from tests.conftest import load_bench
 from tests.paths import ROOT
