@@ -15,8 +15,11 @@ The CLI, the pipeline, the server and the benchmarks all build their engine here
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -107,24 +110,65 @@ def _need(den: CapHumanDenoiser | None, backend: str) -> CapHumanDenoiser:
     return den
 
 
+def _has_graphs(folder: Path | None) -> bool:
+    return folder is not None and all((folder / f"{g}.onnx").is_file() for g in ONNX_DENOISER_GRAPHS)
+
+
 def _onnx_dir(den: CapHumanDenoiser | None, engine_dir: str | Path | None) -> tuple[Path, bool]:
     """(folder, whether it is temporary): `engine_dir` when it holds the denoiser's graphs; else export them
-    from `den` into `engine_dir`, or into a temporary folder."""
-    if engine_dir is not None and all((Path(engine_dir) / f"{g}.onnx").is_file() for g in ONNX_DENOISER_GRAPHS):
-        log.info("using the ONNX graphs in %s (they must come from the same weights)", engine_dir)
-        return Path(engine_dir), False
+    from `den` into `engine_dir`, or into a temporary folder.
+
+    Several processes may start on one `engine_dir` at once (the server's model instances do): the export
+    runs under a file lock, into a staging folder whose files are moved in with the `.onnx` files last, so
+    a reader never sees a graph without its external data, and the others reuse the first one's graphs."""
+    folder = Path(engine_dir) if engine_dir is not None else None
+    if _has_graphs(folder):
+        log.info("using the ONNX graphs in %s (they must come from the same weights)", folder)
+        return folder, False
     if den is None:
         raise FileNotFoundError(f"no ONNX graphs {ONNX_DENOISER_GRAPHS} in {engine_dir} and no weights to export "
                                 "them from (run `caphuman export` first)")
+    if folder is None:
+        out = Path(tempfile.mkdtemp(prefix="caphuman-onnx-"))
+        _export_denoiser_graphs(den, out)
+        return out, True
+    folder.mkdir(parents=True, exist_ok=True)
+    with _folder_lock(folder):
+        if _has_graphs(folder):  # another process exported them while this one waited
+            log.info("using the ONNX graphs another process exported into %s", folder)
+            return folder, False
+        staging = Path(tempfile.mkdtemp(prefix=".export-", dir=folder))
+        try:
+            if (folder / "manifest.json").is_file():  # the export merges its entries into the folder's manifest
+                shutil.copy2(folder / "manifest.json", staging / "manifest.json")
+            _export_denoiser_graphs(den, staging)
+            files = sorted(staging.iterdir(), key=lambda f: f.suffix == ".onnx")
+            for f in files:
+                os.replace(f, folder / f.name)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return folder, False
+
+
+def _export_denoiser_graphs(den: CapHumanDenoiser, out: Path) -> None:
     from caphuman.export.onnx_export import ExportSources, export_graphs
 
-    out = Path(engine_dir) if engine_dir is not None else Path(tempfile.mkdtemp(prefix="caphuman-onnx-"))
     log.info("exporting capface/unet/denoiser graphs from the loaded weights into %s", out)
     p = next(den.parameters())
     device, dtype = p.device, p.dtype
-    src = ExportSources(den.config, denoiser=den.float().cpu())
     try:
-        export_graphs(src, ONNX_DENOISER_GRAPHS, out, validate=False, progress=False)
+        export_graphs(ExportSources(den.config, denoiser=den.float().cpu()), ONNX_DENOISER_GRAPHS, out,
+                      validate=False, progress=False)
     finally:
         den.to(device, dtype)
-    return out, engine_dir is None
+
+
+@contextlib.contextmanager
+def _folder_lock(folder: Path):
+    """An exclusive lock on `folder` across processes (held until the block ends)."""
+    with open(folder / ".export.lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)

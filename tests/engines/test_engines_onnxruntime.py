@@ -112,3 +112,36 @@ def test_graphs_exported_to_a_temporary_folder_are_removed(tiny_config_path, off
                           torch.randn(1, 77, 32, generator=g), torch.rand(1, 9, 64, 64, generator=g),
                           torch.randn(1, 258, 32, generator=g), steps=2)
     assert torch.isfinite(latents).all()
+
+
+_START_ENGINE = """
+import sys, torch
+from caphuman.engines.factory import create_engine
+from caphuman.export.models import load_denoiser
+from caphuman.runtime.sampling import ddim_sample
+den = load_denoiser(sys.argv[1], sys.argv[2])
+engine = create_engine("onnxruntime", den, engine_dir=sys.argv[3])
+g = torch.Generator().manual_seed(1)
+x = ddim_sample(engine, torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 77, 32, generator=g),
+                torch.randn(1, 77, 32, generator=g), torch.rand(1, 9, 64, 64, generator=g),
+                torch.randn(1, 258, 32, generator=g), steps=2)
+torch.save(x, sys.argv[4])
+"""
+
+
+def test_processes_starting_on_one_empty_engine_folder_share_one_export(tiny_config_path, official_checkpoint,
+                                                                        tmp_path):
+    """The server's model instances start together on one CAPHUMAN_ENGINE_DIR: one exports, the other waits
+    and loads the finished graphs (never a half-written file); both compute the same latents."""
+    import subprocess
+    import sys
+    folder = tmp_path / "graphs"
+    procs = [subprocess.Popen([sys.executable, "-c", _START_ENGINE, str(tiny_config_path), str(official_checkpoint),
+                               str(folder), str(tmp_path / f"x{i}.pt")], stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+    logs = [p.communicate(timeout=600)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], logs
+    assert sorted(f.name for f in folder.glob("*.onnx")) == ["capface.onnx", "denoiser.onnx", "unet.onnx"]
+    assert not list(folder.glob(".export-*")), "the staging folder is left behind"
+    a, b = (torch.load(tmp_path / f"x{i}.pt", weights_only=True) for i in range(2))
+    assert torch.equal(a, b)
