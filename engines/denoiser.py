@@ -19,6 +19,8 @@ from typing import Sequence
 
 import torch
 
+from caphuman.export.people import as_people, check_person_strength
+
 from .samplers import Plan, Sampler
 
 NUM_IDENTITY_TOKENS = 258
@@ -26,15 +28,18 @@ NUM_IDENTITY_TOKENS = 258
 
 @dataclass
 class Conditioning:
-    """One request's conditions; tensors of batch 1 are shared by every sample of the batch."""
+    """One request's conditions; tensors of batch 1 are shared by every sample of the batch. Several people:
+    `hint` and `identity_context` are lists with one entry per person (each person's residuals are masked by
+    that person's head mask and the contributions summed, as the official code does for a list of conds)."""
     text_cond: torch.Tensor              # [1 or N, 77, C]
     text_uncond: torch.Tensor            # [1 or N, 77, C]
-    hint: torch.Tensor                   # [1 or N, 9, H, W] raw hint (normal | albedo | shading)
-    identity_context: torch.Tensor       # [1 or N, 258, C]
+    hint: torch.Tensor | Sequence[torch.Tensor]              # [1 or N, 9, H, W] raw hint (normal | albedo | shading)
+    identity_context: torch.Tensor | Sequence[torch.Tensor]  # [1 or N, 258, C]
     guidance: float = 7.0
     strength: float | Sequence[float] = 1.0   # CapFace residual scale: one, or one per residual
     tau: float = 0.0                     # ID dropout: the identity context is off where t > tau (0: off)
     cfg: str = "batched"
+    person_strength: Sequence[float] | None = None   # one scale per person, times `strength` (default 1 each)
 
     def check(self, batch: int, height: int, width: int, hint_channels: int, num_residuals: int) -> None:
         """Shapes against the batch and the latents' size; finite scalars. ValueError says what is wrong."""
@@ -47,17 +52,37 @@ class Conditioning:
             raise ValueError(f"strength needs 1 or {num_residuals} finite per-residual scales, got {self.strength!r}")
         if self.cfg not in ("batched", "serial"):
             raise ValueError(f"cfg must be 'batched' or 'serial', got {self.cfg!r}")
-        if self.hint.ndim != 4 or self.hint.shape[1] != hint_channels:
-            raise ValueError(f"hint must be [N, {hint_channels}, H, W], got shape {tuple(self.hint.shape)}")
-        if tuple(self.hint.shape[-2:]) != (height, width):
-            raise ValueError(f"hint is {tuple(self.hint.shape[-2:])}, expected 8x the latent size "
-                             f"{(height // 8, width // 8)}")
-        for name in ("text_cond", "text_uncond", "hint", "identity_context"):
-            t = getattr(self, name)
+        hints, contexts = as_people(self.hint, self.identity_context)
+        check_person_strength(self.person_strength, len(hints))
+        for hint in hints:
+            if hint.ndim != 4 or hint.shape[1] != hint_channels:
+                raise ValueError(f"hint must be [N, {hint_channels}, H, W], got shape {tuple(hint.shape)}")
+            if tuple(hint.shape[-2:]) != (height, width):
+                raise ValueError(f"hint is {tuple(hint.shape[-2:])}, expected 8x the latent size "
+                                 f"{(height // 8, width // 8)}")
+        for name, t in [("text_cond", self.text_cond), ("text_uncond", self.text_uncond),
+                        *(("hint", h) for h in hints), *(("identity_context", c) for c in contexts)]:
             if t.shape[0] not in (1, batch):
                 raise ValueError(f"{name} has batch {t.shape[0]}, expected 1 or {batch}")
-        if self.identity_context.ndim != 3:
-            raise ValueError(f"identity context must be [N, tokens, C], got {tuple(self.identity_context.shape)}")
+        for ctx in contexts:
+            if ctx.ndim != 3:
+                raise ValueError(f"identity context must be [N, tokens, C], got {tuple(ctx.shape)}")
+
+    @property
+    def people(self) -> int:
+        return len(as_people(self.hint, self.identity_context)[0])
+
+    @property
+    def hints(self) -> list[torch.Tensor]:
+        return as_people(self.hint, self.identity_context)[0]
+
+    @property
+    def contexts(self) -> list[torch.Tensor]:
+        return as_people(self.hint, self.identity_context)[1]
+
+    @property
+    def person_scales(self) -> list[float]:
+        return check_person_strength(self.person_strength, self.people)
 
     @property
     def strengths(self) -> list[float]:

@@ -29,11 +29,17 @@ class EagerEngine(DenoiserEngine):
     def _prepare(self, cond: Conditioning, batch: int, height: int, width: int, sampler: Sampler,
                  plan: Plan) -> None:
         dev, dt = self.device, self.dtype
+        if cond.people > 1 and self.den.extra_controls:
+            raise ValueError("extra ControlNets run with one person only (their hint is not per person)")
+        one = cond.people == 1
+        hints = [h.to(dev, dt) for h in cond.hints]
+        contexts = [c.to(dev, dt) for c in cond.contexts]
         self._cond = Conditioning(
             text_cond=expand_batch(cond.text_cond.to(dev, dt), batch),
             text_uncond=expand_batch(cond.text_uncond.to(dev, dt), batch),
-            hint=cond.hint.to(dev, dt), identity_context=cond.identity_context.to(dev, dt),
-            guidance=float(cond.guidance), strength=cond.strength, tau=cond.tau, cfg=cond.cfg)
+            hint=hints[0] if one else hints, identity_context=contexts[0] if one else contexts,
+            guidance=float(cond.guidance), strength=cond.strength, tau=cond.tau, cfg=cond.cfg,
+            person_strength=cond.person_strength)
 
     def finish(self) -> None:
         self._cond = None
@@ -45,13 +51,12 @@ class EagerEngine(DenoiserEngine):
         n = x.shape[0]
         tt = torch.full((n,), t, dtype=torch.long, device=x.device)
         if c.cfg == "serial" or c.guidance == 1.0:
-            eps_c = den(x, tt, c.text_cond, c.hint, c.identity_context, c.strength, c.tau)
+            eps_c = den(x, tt, c.text_cond, c.hint, c.identity_context, c.strength, c.tau, c.person_strength)
             if c.guidance == 1.0:
                 return eps_c.float()  # the official sampler skips the uncond pass at scale 1
-            eps_u = den(x, tt, c.text_uncond, c.hint, c.identity_context, c.strength, c.tau)
+            eps_u = den(x, tt, c.text_uncond, c.hint, c.identity_context, c.strength, c.tau, c.person_strength)
             return (eps_u + c.guidance * (eps_c - eps_u)).float()
-        residuals, mask = den.capface_residuals(x, tt, c.hint, c.identity_context, c.tau)
-        residuals = den.scaled_residuals(residuals, mask, c.strength)
+        residuals = den.side_residuals(x, tt, c.hint, c.identity_context, c.strength, c.tau, c.person_strength)
         eps = den.controlled_eps(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([c.text_cond, c.text_uncond]),
                                  [torch.cat([r, r]) for r in residuals])
         eps_c, eps_u = eps[:n], eps[n:]

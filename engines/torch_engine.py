@@ -1,8 +1,9 @@
 """The torch engine: the fast path on the GPU we can reach.
 
-One denoising step -- CapFace at batch N, the UNet at batch 2N on the [cond, uncond] pair, guidance
-and the sampler's update (`caphuman.engines.samplers`) -- runs as ONE CUDA graph over static buffers,
-captured once per (batch, height, width, sampler, guidance on/off, noise on/off, tau on/off) and replayed
+One denoising step -- CapFace at batch N (N x people with several people: one pass for all of them), the
+UNet at batch 2N on the [cond, uncond] pair, guidance and the sampler's update (`caphuman.engines.samplers`)
+-- runs as ONE CUDA graph over static buffers, captured once per (batch, height, width, sampler, guidance
+on/off, noise on/off, tau on/off, people) and replayed
 every step; per step only the timestep, the sampler's scalars and the tau gate are written into their
 buffers (device-side copies: the host never waits for the GPU). Networks run in fp16 (or fp32), channels-last, with the Triton
 attention processors of `caphuman.export.attention_processors` where that module is present.
@@ -111,6 +112,7 @@ class _StepState:
     strength_values: list = field(default_factory=list)  # views of strength's elements, filled per request
     kv: StaticCrossKV = field(default_factory=StaticCrossKV)
     graph: torch.cuda.CUDAGraph | None = None
+    people: int = 1                    # CapFace runs at batch people*N (person-major rows)
 
 
 # inductor options of `compile=True` unless `compile_options` is given: 1x1 convolutions (proj_in,
@@ -236,21 +238,31 @@ class TorchDenoiserEngine(DenoiserEngine):
         """Fill this request's buffers; on a new key, warm up (Triton JIT, cuDNN) and capture the step."""
         branches = 1 if cond.guidance == 1.0 else 2
         scaled_input = bool((plan.model_scale != 1).any())
+        people = cond.people
+        if people > 1 and self.den.extra_controls:
+            raise ValueError("extra ControlNets run with one person only (their hint is not per person)")
         key = (n, h, w, branches, sampler.name, sampler.update, plan.noisy, bool(cond.tau), scaled_input,
-               len(self.den.extra_controls))
+               len(self.den.extra_controls), people)
         first = key not in self._states
         # a new key's state is kept only once its warm-up and capture succeeded
         s = self._states[key] if not first else self._state(n, h, w, branches, sampler, plan, bool(cond.tau),
-                                                            scaled_input)
+                                                            scaled_input, people)
         dt = self.dtype
         c = cond.text_cond.to(self.device, dt).expand(n, -1, -1)
         s.text.copy_(c if branches == 1 else torch.cat([c, cond.text_uncond.to(self.device, dt).expand(n, -1, -1)]))
-        self._fill_hints(s, cond.hint.to(self.device, dt).expand(n, -1, -1, -1))
-        s.ctx.copy_(cond.identity_context.to(self.device, dt).expand(n, -1, -1))
+        # people stacked person-major: rows p*n .. p*n+n-1 are person p's
+        self._fill_hints(s, torch.cat([hint.to(self.device, dt).expand(n, -1, -1, -1) for hint in cond.hints]))
+        s.ctx.copy_(torch.cat([ctx.to(self.device, dt).expand(n, -1, -1) for ctx in cond.contexts]))
         # scalars by fills, not host-to-device copies: a copy from pageable memory waits for the GPU, and the
         # host would stop queueing work ahead of it
-        for buf, value in zip(s.strength_values, cond.strength_vector(self.num_residuals).tolist()):
-            buf.fill_(value)
+        strengths = cond.strength_vector(self.num_residuals).tolist()
+        if people == 1:
+            for buf, value in zip(s.strength_values, strengths):
+                buf.fill_(value)
+        else:
+            for i, value in enumerate(strengths):
+                for p, person_scale in enumerate(cond.person_scales):
+                    s.strength[i, p * n:(p + 1) * n].fill_(value * person_scale)
         s.guidance.fill_(float(cond.guidance))
         self._cond, self._branches = cond, branches
         self._decoder(sampler)
@@ -301,7 +313,7 @@ class TorchDenoiserEngine(DenoiserEngine):
             s.model_scale.fill_(1.0)
         if s.gate is not None:
             s.gate.fill_(1.0 if self._cond.identity_on(t) else 0.0)
-        scaled = self._capface_residuals(s.x, s.t, s.guided, s.ctx, s.strength, s.hard, s.model_scale)
+        scaled = self._capface_residuals(s.x, s.t, s.guided, s.ctx, s.strength, s.hard, s.model_scale, s.people)
         enc = self._unet_first_half(s.x, s.t, s.text, branches, s.model_scale)
         return self._guided(enc, self._with_controls(s, scaled, branches), s.guidance, s.x.shape[0], branches)
 
@@ -333,12 +345,12 @@ class TorchDenoiserEngine(DenoiserEngine):
             main = torch.cuda.current_stream(self.device)
             side.wait_stream(main)
             with torch.cuda.stream(side):
-                scaled = capface_fn(s.x, s.t, s.guided, s.ctx, s.strength, s.hard, s.model_scale)
+                scaled = capface_fn(s.x, s.t, s.guided, s.ctx, s.strength, s.hard, s.model_scale, s.people)
             # made on the side stream, read on main: keep the allocator from reusing them early
             for r in scaled:
                 r.record_stream(main)
         else:
-            scaled = capface_fn(s.x, s.t, s.guided, s.ctx, s.strength, s.hard, s.model_scale)
+            scaled = capface_fn(s.x, s.t, s.guided, s.ctx, s.strength, s.hard, s.model_scale, s.people)
         enc = enc_fn(s.x, s.t, s.text, branches, s.model_scale)
         if side is not None:
             main.wait_stream(side)
@@ -353,11 +365,20 @@ class TorchDenoiserEngine(DenoiserEngine):
         return (x if scale is None else x * scale).to(self.dtype)
 
     def _capface_residuals(self, x: torch.Tensor, t: torch.Tensor, guided: torch.Tensor, ctx: torch.Tensor,
-                           strength: torch.Tensor, hard: dict, scale: torch.Tensor | None = None) -> list[torch.Tensor]:
+                           strength: torch.Tensor, hard: dict, scale: torch.Tensor | None = None,
+                           people: int = 1) -> list[torch.Tensor]:
         """CapFace's residuals, scaled and hard-masked as the official code does (one compiled
-        function with the network, so the scaling fuses into its last kernels)."""
-        res = self.den.capface.encode(self._model_input(x, scale), t, guided, ctx)
-        return [(r * strength[i]) * hard[tuple(r.shape[-2:])] for i, r in enumerate(res)]
+        function with the network, so the scaling fuses into its last kernels). Several people: CapFace
+        runs once on all of them (batch people*N), each row scaled by its person's strengths and masked by
+        its person's head mask, and the people's contributions summed."""
+        xi = self._model_input(x, scale)
+        if people > 1:
+            xi, t = xi.repeat(people, 1, 1, 1), t.repeat(people)
+        res = self.den.capface.encode(xi, t, guided, ctx)
+        scaled = [(r * strength[i]) * hard[tuple(r.shape[-2:])] for i, r in enumerate(res)]
+        if people == 1:
+            return scaled
+        return [r.view(people, -1, *r.shape[1:]).sum(0) for r in scaled]
 
     def _unet_first_half(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, branches: int,
                          scale: torch.Tensor | None = None):
@@ -407,7 +428,7 @@ class TorchDenoiserEngine(DenoiserEngine):
         return pair[:2]
 
     def _state(self, n: int, h: int, w: int, branches: int, sampler: Sampler, plan: Plan, tau_on: bool,
-               scaled_input: bool) -> _StepState:
+               scaled_input: bool, people: int = 1) -> _StepState:
         dev, dt, cfg = self.device, self.dtype, self.den.config
         lat = cfg.unet.in_channels
 
@@ -415,12 +436,13 @@ class TorchDenoiserEngine(DenoiserEngine):
             return torch.zeros((), device=dev, dtype=dtype)
 
         width = cfg.capface.model_channels * cfg.capface.channel_mult[0]  # conv_in's width, as the guided hint's
-        guided = torch.zeros(n, width, h // 8, w // 8, device=dev, dtype=dt)
+        rows = people * n  # CapFace's batch
+        guided = torch.zeros(rows, width, h // 8, w // 8, device=dev, dtype=dt)
         if self.channels_last:
             guided = guided.to(memory_format=torch.channels_last)  # as conv_in's output, which it is added to
         hard, rh, rw = {}, h // 8, w // 8
         for _ in cfg.capface.channel_mult:  # residual resolutions: each downsample (3x3, stride 2, pad 1) rounds up
-            hard[(rh, rw)] = torch.zeros(n, 1, rh, rw, device=dev, dtype=dt)
+            hard[(rh, rw)] = torch.zeros(rows, 1, rh, rw, device=dev, dtype=dt)
             rh, rw = -(-rh // 2), -(-rw // 2)
         latents = lambda: torch.zeros(n, lat, h // 8, w // 8, device=dev)  # noqa: E731
         controls = [torch.zeros(n * branches, c.hint.shape[1], h, w, device=dev, dtype=dt)
@@ -428,17 +450,19 @@ class TorchDenoiserEngine(DenoiserEngine):
         s = _StepState(x=latents(), t=torch.zeros(n, dtype=torch.long, device=dev),
                        text=torch.zeros(n * branches, 77, cfg.context_dim, device=dev, dtype=dt),
                        guided=guided, hard=hard,
-                       ctx=torch.zeros(n, NUM_IDENTITY_TOKENS, cfg.context_dim, device=dev, dtype=dt),
-                       strength=torch.zeros(self.num_residuals, device=dev), guidance=scalar(),
+                       ctx=torch.zeros(rows, NUM_IDENTITY_TOKENS, cfg.context_dim, device=dev, dtype=dt),
+                       # per residual; with several people, per residual and CapFace row
+                       strength=torch.zeros((self.num_residuals,) if people == 1 else (self.num_residuals, rows, 1, 1, 1),
+                                            device=dev), guidance=scalar(),
                        model_scale=scalar() if scaled_input else None,
                        coeffs=torch.zeros(plan.coeffs.shape[1], device=dev),
                        state=tuple(latents() for _ in range(sampler.state_size)),
                        noise=latents() if plan.noisy else None,
-                       gate=scalar(dt) if tau_on else None, control_hints=controls)
+                       gate=scalar(dt) if tau_on else None, control_hints=controls, people=people)
         s.kv.sources = {"text": s.text, "identity": s.ctx}
         s.kv.gate = s.gate
         s.coeff_values = list(s.coeffs.unbind())
-        s.strength_values = list(s.strength.unbind())
+        s.strength_values = list(s.strength.unbind()) if people == 1 else []
         return s
 
     def _fill_hints(self, s: _StepState, hint: torch.Tensor) -> None:

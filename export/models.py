@@ -3,6 +3,7 @@
     den = load_denoiser("cldm_v15.yaml", "caphuman.ckpt", sd_checkpoint="Realistic_Vision_V3.0.ckpt")
     ctx = den.project_identity(clip_tokens, id_features)          # [B, 258, 768], official [img, id] order
     eps = den(x_t, t, text_context, hint, ctx, strength=1.0, tau=0)  # == official CapHuman.apply_model
+    eps = den(x_t, t, text_context, [hint_1, hint_2], [ctx_1, ctx_2])  # two people: apply_model of a cond list
 
     vae = load_vae("cldm_v15.yaml", "vae-ft-mse-840000-ema-pruned.ckpt")
     images = vae.decode(latents)                                   # [-1, 1]
@@ -23,6 +24,7 @@ from .checkpoints import (CAPFACE_PREFIX, TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX, 
 from .clip import ImageEncoder, TextEncoder, load_tokenizer
 from .config import CapHumanConfig, UNetSpec, load_config, load_controlnet_config
 from .networks import ExtraControlNet, SideNetwork, build_unet, build_vae, inject_residuals, run_unet
+from .people import as_people, check_person_strength
 
 log = logging.getLogger(__name__)
 
@@ -119,11 +121,31 @@ class CapHumanDenoiser(nn.Module):
             residuals = extra if residuals is None else [r + e for r, e in zip(residuals, extra)]
         return run_unet(self.unet, x_t, t, text_context, residuals)
 
-    def forward(self, x_t: torch.Tensor, t, text_context: torch.Tensor, hint: torch.Tensor,
-                identity_context: torch.Tensor, strength: float | Sequence[float] = 1.0, tau: float = 0) -> torch.Tensor:
-        """eps, exactly what the official `CapHuman.apply_model` computes for one condition."""
-        residuals, mask = self.capface_residuals(x_t, t, hint, identity_context, tau)
-        return self.controlled_eps(x_t, t, text_context, self.scaled_residuals(residuals, mask, strength))
+    def side_residuals(self, x_t: torch.Tensor, t, hint: torch.Tensor | Sequence[torch.Tensor],
+                       identity_context: torch.Tensor | Sequence[torch.Tensor],
+                       strength: float | Sequence[float] = 1.0, tau: float = 0,
+                       person_strength: Sequence[float] | None = None) -> list[torch.Tensor]:
+        """CapFace's scaled, hard-masked residuals for one person (tensors) or several (one hint and one
+        identity context per person): each person's residuals are scaled, multiplied by that person's own
+        hard head mask, and the people's contributions summed (the official `apply_model` for a list of
+        conds). `person_strength` multiplies each person's scales (default 1 each)."""
+        hints, contexts = as_people(hint, identity_context)
+        person_scales = check_person_strength(person_strength, len(hints))
+        total = None
+        for h, ctx, ps in zip(hints, contexts, person_scales):
+            residuals, mask = self.capface_residuals(x_t, t, h, ctx, tau)
+            scales = _strengths(strength, len(residuals))
+            scaled = self.scaled_residuals(residuals, mask, scales if ps == 1.0 else [s * ps for s in scales])
+            total = scaled if total is None else [a + r for a, r in zip(total, scaled)]
+        return total
+
+    def forward(self, x_t: torch.Tensor, t, text_context: torch.Tensor, hint: torch.Tensor | Sequence[torch.Tensor],
+                identity_context: torch.Tensor | Sequence[torch.Tensor], strength: float | Sequence[float] = 1.0,
+                tau: float = 0, person_strength: Sequence[float] | None = None) -> torch.Tensor:
+        """eps, exactly what the official `CapHuman.apply_model` computes for one condition, or for a list of
+        conditions when `hint` and `identity_context` are lists (one entry per person)."""
+        residuals = self.side_residuals(x_t, t, hint, identity_context, strength, tau, person_strength)
+        return self.controlled_eps(x_t, t, text_context, residuals)
 
     def add_controlnet(self, network: SideNetwork, hint: torch.Tensor, scale: float = 1.0) -> None:
         """Add a standard ControlNet (e.g. openpose) with its own hint and scale."""

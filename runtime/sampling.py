@@ -2,6 +2,7 @@
 
     latents = ddim_sample(den, noise, text_cond, text_uncond, hint, ctx, steps=20, guidance=7.0)
     latents = sample_with("dpmpp_2m", den, noise, text_cond, text_uncond, hint, ctx, steps=12)
+    latents = ddim_sample(den, noise, text_cond, text_uncond, [hint_1, hint_2], [ctx_1, ctx_2])  # two people
 
 `den` is a `CapHumanDenoiser` (run eagerly: the reference) or any `DenoiserEngine` from
 `caphuman.engines.factory.create_engine`.
@@ -48,14 +49,16 @@ def sample_with(sampler: str | Sampler, den, noise: torch.Tensor, text_cond: tor
                 hint: torch.Tensor, identity_context: torch.Tensor, steps: int = 20, guidance: float = 7.0,
                 eta: float = 0.0, strength: float | Sequence[float] = 1.0, tau: float = 0, *, cfg: str = "batched",
                 generators: Sequence[torch.Generator] | None = None,
-                callback: Callable[[int, int, torch.Tensor], None] | None = None) -> torch.Tensor:
+                callback: Callable[[int, int, torch.Tensor], None] | None = None,
+                person_strength: Sequence[float] | None = None) -> torch.Tensor:
     """Final latents x_0 from `noise` [N,4,h,w] with any registered sampler.
 
-    text_cond/text_uncond: [1 or N, 77, C]; hint: [1 or N, 9, 8h, 8w]; identity_context: [1 or N, 258, C].
+    text_cond/text_uncond: [1 or N, 77, C]; hint: [1 or N, 9, 8h, 8w]; identity_context: [1 or N, 258, C];
+    several people: lists of hints and identity contexts, one per person (`person_strength`: one scale each).
     `generators` (one per sample) draw the per-step noise of stochastic samplers; `callback(i, total, x)`
     is called after each step (progress bars, previews)."""
     cond = Conditioning(text_cond, text_uncond, hint, identity_context, guidance=guidance, strength=strength,
-                        tau=tau, cfg=cfg)
+                        tau=tau, cfg=cfg, person_strength=person_strength)
     return sample(as_engine(den), noise, cond, steps=steps, sampler=sampler, eta=eta, generators=generators,
                   callback=callback)
 
@@ -65,10 +68,13 @@ def ddim_sample(den, noise: torch.Tensor, text_cond: torch.Tensor, text_uncond: 
                 hint: torch.Tensor, identity_context: torch.Tensor, steps: int = 20, guidance: float = 7.0,
                 eta: float = 0.0, strength: float | Sequence[float] = 1.0, tau: float = 0, *,
                 cfg: str = "batched", generators: Sequence[torch.Generator] | None = None,
-                callback: Callable[[int, int, torch.Tensor], None] | None = None) -> torch.Tensor:
-    """Final DDIM latents x_0 from `noise` [N,4,h,w], exactly as the official sampler computes them."""
+                callback: Callable[[int, int, torch.Tensor], None] | None = None,
+                person_strength: Sequence[float] | None = None) -> torch.Tensor:
+    """Final DDIM latents x_0 from `noise` [N,4,h,w], exactly as the official sampler computes them (for one
+    person, or several: lists of hints and identity contexts, as the official code's list of conds)."""
     return sample_with("ddim", den, noise, text_cond, text_uncond, hint, identity_context, steps, guidance, eta,
-                       strength, tau, cfg=cfg, generators=generators, callback=callback)
+                       strength, tau, cfg=cfg, generators=generators, callback=callback,
+                       person_strength=person_strength)
 
 
 @torch.no_grad()

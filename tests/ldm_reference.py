@@ -182,29 +182,40 @@ class ControlledUnet(nn.Module):
         self.out = nn.Sequential(gn(ch), nn.SiLU(), nn.Conv2d(ch, spec.out_channels, 3, padding=1))
 
     def forward(self, x, t, context, control=None, mask=None, pose_control=None):
+        """`control`/`mask`: one person's residual list and mask, or (official list semantics) a list with one
+        residual list and one mask per person: each person's residuals are hard-masked by its own mask and
+        added to the feature one person after the other."""
         emb = self.time_embed(timestep_embedding(t, self.spec.model_channels))
         hs, h = [], x
         for block in self.input_blocks:
             h = block(h, emb, context)
             hs.append(h)
         h = self.middle_block(h, emb, context)
-        control = list(control) if control is not None else None
+        if control is not None and not isinstance(control[0], (list, tuple)):
+            control, mask = [control], [mask]
+        controls = [list(c) for c in control] if control is not None else None
+        masks = list(mask) if mask is not None else None
         pose_control = list(pose_control) if pose_control is not None else None
 
-        def masked(feat, like):
-            if mask is None:
+        def masked(feat, m, like):
+            if m is None:
                 return feat
-            m = F.interpolate(mask, size=like.shape[-2:], mode="bilinear", align_corners=False)
+            m = F.interpolate(m, size=like.shape[-2:], mode="bilinear", align_corners=False)
             return feat * (m > 0.5).float()
 
-        if control is not None:
-            h = h + masked(control.pop(), h)
+        def add_people(feat, like):
+            for person, c in enumerate(controls):
+                feat = feat + masked(c.pop(), masks[person] if masks is not None else None, like)
+            return feat
+
+        if controls is not None:
+            h = add_people(h, h)
             if pose_control is not None:
                 h = h + pose_control.pop()
         for block in self.output_blocks:
             skip = hs.pop()
-            if control is not None:
-                skip = skip + masked(control.pop(), h)
+            if controls is not None:
+                skip = add_people(skip, h)
                 if pose_control is not None:
                     skip = skip + pose_control.pop()
             h = block(torch.cat([h, skip], dim=1), emb, context)
@@ -262,18 +273,30 @@ class CapHumanReference(nn.Module):
         self.pose_control_scales = None
 
     def apply_model(self, x, t, cond_txt, hint, clip_tokens, id_feat, return_parts=False):
-        control_cond = torch.cat([self.img_linear(clip_tokens), self.id_linear(id_feat)], dim=1)
-        if self.drop_control_cond_t != 0:
-            control_cond = control_cond * (t <= self.drop_control_cond_t).float()[:, None, None]
-        control, mask = self.control_model(x, hint, t, control_cond)
-        raw = list(control)
-        control = [c * s for c, s in zip(control, self.control_scales)]
+        """One condition (tensors), or a list of conditions (lists of hints, CLIP tokens and FaceNet features,
+        one per person): CapFace once per person, each person's residuals scaled by control_scales."""
+        if isinstance(hint, (list, tuple)):
+            people = list(zip(hint, clip_tokens, id_feat))
+        else:
+            people = [(hint, clip_tokens, id_feat)]
+        controls, masks, raws = [], [], []
+        for h, tokens, fid in people:
+            control_cond = torch.cat([self.img_linear(tokens), self.id_linear(fid)], dim=1)
+            if self.drop_control_cond_t != 0:
+                control_cond = control_cond * (t <= self.drop_control_cond_t).float()[:, None, None]
+            control, mask = self.control_model(x, h, t, control_cond)
+            raws.append(list(control))
+            controls.append([c * s for c, s in zip(control, self.control_scales)])
+            masks.append(mask)
         pose = None
         if self.pose_control_model is not None:
             pose, _ = self.pose_control_model(x, self.pose_hint, t, cond_txt)
             pose = [c * s for c, s in zip(pose, self.pose_control_scales)]
-        eps = self.model.diffusion_model(x, t, cond_txt, control, mask, pose)
-        return (eps, raw, mask) if return_parts else eps
+        if len(people) == 1:
+            eps = self.model.diffusion_model(x, t, cond_txt, controls[0], masks[0], pose)
+            return (eps, raws[0], masks[0]) if return_parts else eps
+        eps = self.model.diffusion_model(x, t, cond_txt, controls, masks, pose)
+        return (eps, raws, masks) if return_parts else eps
 
 
 # --- the official DDIM sampler (ddim_hacked.py), serial CFG --------------------------------------

@@ -311,3 +311,25 @@ def test_extra_controlnet_runs_on_the_torch_engine(tiny_config_path, official_ch
     assert rel_err(want, plain) > 1e-3
     with pytest.raises(ValueError, match="extra ControlNets run on the eager and torch backends"):
         create_engine("onnxruntime", den)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("people", [2, 3])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.float16, 2e-2)])
+def test_cuda_graph_engine_runs_several_people_in_one_capface_pass(tiny_config_path, official_checkpoint, tiny_config,
+                                                                   people, dtype, tol):
+    """Several people inside the captured step (CapFace at batch people x N) equal the eager module."""
+    ref = load_denoiser(tiny_config_path, official_checkpoint).cuda()
+    engine = TorchDenoiserEngine(copy.deepcopy(ref), device="cuda", dtype=dtype)
+    inp = {k: v.cuda() for k, v in _inputs(tiny_config).items()}
+    g = torch.Generator().manual_seed(people)
+    inp["hint"] = [inp["hint"]] + [torch.rand(inp["hint"].shape, generator=g).cuda() for _ in range(people - 1)]
+    inp["identity_context"] = [inp["identity_context"]] + [
+        torch.randn(inp["identity_context"].shape, generator=g).cuda() for _ in range(people - 1)]
+    with torch.no_grad():
+        want = ddim_sample(ref, **inp, steps=10)
+    got = ddim_sample(engine, **inp, steps=10)
+    state = next(iter(engine._states.values()))
+    assert state.graph is not None and state.guided.shape[0] == people * inp["noise"].shape[0]
+    assert rel_err(got, want) <= tol

@@ -100,3 +100,42 @@ def test_unknown_sampler_and_bad_steps_are_clear_errors(engines, tiny_config):
         sample_with("dpmpp_2m", engines["eager"], **inp, steps=1)
     with pytest.raises(ValueError, match="eta applies to DDIM only"):
         sample_with("dpmpp_2m", engines["eager"], **inp, steps=4, eta=0.5)
+
+
+def _people_inputs(cfg, people: int, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return dict(noise=torch.randn(2, 4, 8, 8, generator=g), text_cond=torch.randn(2, 77, cfg.context_dim, generator=g),
+                text_uncond=torch.randn(1, 77, cfg.context_dim, generator=g),
+                hint=[torch.rand(1, 9, 64, 64, generator=g) for _ in range(people)],
+                identity_context=[torch.randn(2, 258, cfg.context_dim, generator=g) for _ in range(people)])
+
+
+@pytest.mark.parametrize("people", [2, 3])
+@pytest.mark.parametrize("sampler,kw", [("ddim", dict(tau=600)), ("dpmpp_2m", dict(strength=0.8)),
+                                        ("ddim", dict(cfg="serial")), ("ddim", dict(guidance=1.0))],
+                         ids=["ddim-tau", "dpmpp-strength", "serial", "guidance1"])
+def test_several_people_on_every_backend(engines, tiny_config, people, sampler, kw):
+    """Two and three people: every backend's latents equal the eager module's (which the parity tests hold to
+    the official list semantics), then the same engines serve one person again."""
+    inp = _people_inputs(tiny_config, people, seed=people)
+    kw = {"guidance": 5.0, **kw}
+    results = {name: sample_with(sampler, engine, **inp, steps=4, **kw) for name, engine in engines.items()}
+    alone = sample_with(sampler, engines["eager"], **{**inp, "hint": inp["hint"][0],
+                                                      "identity_context": inp["identity_context"][0]}, steps=4, **kw)
+    assert rel_err(results["eager"], alone) > 1e-3
+    for name, got in results.items():
+        assert rel_err(got, results["eager"]) <= TOLERANCE[name], (name, rel_err(got, results["eager"]))
+    single = _inputs(tiny_config)
+    want = sample_with("ddim", engines["eager"], **single, steps=4)
+    for name, engine in engines.items():
+        assert rel_err(sample_with("ddim", engine, **single, steps=4), want) <= TOLERANCE[name], name
+
+
+def test_person_strength_on_every_backend(engines, tiny_config):
+    inp = _people_inputs(tiny_config, 2, seed=9)
+    results = {name: sample_with("ddim", engine, **inp, steps=4, guidance=5.0, person_strength=[1.3, 0.4])
+               for name, engine in engines.items()}
+    for name, got in results.items():
+        assert rel_err(got, results["eager"]) <= TOLERANCE[name], name
+    plain = sample_with("ddim", engines["eager"], **inp, steps=4, guidance=5.0)
+    assert rel_err(results["eager"], plain) > 1e-3
