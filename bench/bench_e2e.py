@@ -198,6 +198,50 @@ def bench_step(cfg, device, size: int, repeat: int, modes: list[str]) -> dict:
     return out
 
 
+def bench_people(cfg, device, size: int, repeat: int, modes: list[str], counts=(1, 2, 3)) -> dict:
+    """One guided step at batch 1 with 1, 2, 3 people (CapFace once over all of them, in the step's CUDA
+    graph), per torch-engine mode; each extra person's cost relative to the one-person step."""
+    from caphuman.engines.factory import create_engine
+    fp16 = torch.float16 if device.type == "cuda" else torch.float32
+    out: dict = {}
+    for mode in modes:
+        kw = {"optimized": dict(compile=False), "optimized_compiled": dict(compile=True)}[mode]
+        den = make_denoiser(cfg, device, fp16)
+        eng = create_engine("torch", den, device=device, dtype=fp16, **kw)
+        g = torch.Generator().manual_seed(3)
+        inp = inputs(cfg, device, fp16, size)
+        hints = [inp["hint"]] + [torch.rand(inp["hint"].shape, generator=g).to(device, fp16) for _ in range(max(counts))]
+        ctxs = [inp["ctx"]] + [torch.randn(inp["ctx"].shape, generator=g).to(device, fp16) for _ in range(max(counts))]
+        for people in counts:
+            cond = Conditioning(inp["text_c"], inp["text_u"], hints[0] if people == 1 else hints[:people],
+                                ctxs[0] if people == 1 else ctxs[:people])
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                sample(eng, inp["x"], cond, steps=2)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            state = next(st for key, st in eng._states.items() if key[-1] == people)
+            out[f"{mode}_people{people}_setup_s"] = round(time.perf_counter() - t0, 1)
+            step = state.graph.replay if state.graph is not None else (lambda st=state: eng._step(st, 2, DDIM))
+            out[f"{mode}_people{people}_ms"] = timed(step, device, repeat=repeat)
+            log(f"  {mode}, {people} people: {out[f'{mode}_people{people}_ms']:.2f} ms "
+                f"(setup {out[f'{mode}_people{people}_setup_s']} s)")
+            if SAVE_DIR is not None:  # after every count: a run cut short keeps what it measured
+                RESULTS.setdefault("people", {}).update(out)
+                save(SAVE_DIR)
+        one = out[f"{mode}_people1_ms"]
+        for people in counts[1:]:  # each person beyond the first, as a fraction of the one-person step
+            out[f"{mode}_people{people}_cost_per_extra_person"] = round(
+                (out[f"{mode}_people{people}_ms"] - one) / one / (people - 1), 3)
+        if SAVE_DIR is not None:
+            RESULTS.setdefault("people", {}).update(out)
+            save(SAVE_DIR)
+        eng.close()
+        del eng, den
+        torch.cuda.empty_cache()
+    return out
+
+
 def bench_vae(cfg, device, size: int, repeat: int) -> dict:
     out = {}
     z = torch.randn(1, 4, size // 8, size // 8, device=device)
@@ -433,9 +477,12 @@ def main() -> int:
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--repeat", type=int, default=20)
     ap.add_argument("--parts", default="step,vae,e2e,sampler,compile",
-                    help="in run order; 'compile' (torch.compile variants of the step) takes minutes")
+                    help="in run order; 'compile' (torch.compile variants of the step) takes minutes; 'people' "
+                         "(the step with 1, 2, 3 people) is not in the default run")
     ap.add_argument("--modes", default="reference,eager,graph_eager_kernels,graph_eager_kernels_autotuned,optimized")
     ap.add_argument("--compile-modes", default="graph_torch_compile,graph_torch_compile_1x1,optimized_compiled")
+    ap.add_argument("--people-modes", default="optimized,optimized_compiled",
+                    help="torch-engine modes of the 'people' part (optimized, optimized_compiled)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     faces = ROOT / "tests" / "data" / "faces"  # real photos shipped with the tests
     ap.add_argument("--reference", default=str(faces / "reference_196251.png"), help="reference photo (e2e)")
@@ -451,7 +498,7 @@ def main() -> int:
         "cldm_tiny" if args.config == "tiny" else args.config)
     cfg = load_config(cfg_path)
     parts = args.parts.split(",")
-    unknown = set(parts) - {"step", "vae", "e2e", "sampler", "compile"}
+    unknown = set(parts) - {"step", "vae", "e2e", "sampler", "compile", "people"}
     if unknown:
         ap.error(f"unknown parts {sorted(unknown)}")
     out = Path(args.out)
@@ -472,6 +519,9 @@ def main() -> int:
                 lambda: RESULTS.__setitem__("e2e", bench_end_to_end(cfg, device, args.reference, args.pose,
                                                                       args.e2e_repeat, args.e2e_compile,
                                                                       args.e2e_vae))),
+        "people": ("one step with 1, 2, 3 people (batch 1):",
+                   lambda: RESULTS.setdefault("people", {}).update(
+                       bench_people(cfg, device, args.size, args.repeat, args.people_modes.split(",")))),
         "sampler": ("DPM-Solver++(2M) vs DDIM-20:",
                     lambda: RESULTS.__setitem__("sampler", bench_sampler_difference(cfg, device, args.size))),
     }
