@@ -15,7 +15,7 @@ import hashlib
 import logging
 import threading
 from collections import OrderedDict
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
@@ -31,6 +31,7 @@ from caphuman.export.clip import ImageEncoder, TextEncoder
 from caphuman.export.config import CapHumanConfig, load_config, packaged_config
 from caphuman.export.models import (VAE, CapHumanDenoiser, clip_folder_state, denoiser_from_state,
                                     image_encoder_from_state, text_encoder_from_state, vae_from_state)
+from caphuman.export.people import as_people, check_person_strength
 
 from . import limits
 
@@ -44,9 +45,11 @@ MAX_SEED = limits.MAX_SEED
 
 @dataclass
 class GenerationRequest:
+    """One prompt's generation. Several people in one image: `hint` and `identity_context` are lists, one
+    entry per person (each person's head hint rendered in the full frame)."""
     prompt: str
-    hint: torch.Tensor                    # [1, 9, H, W] raw hint (normal | albedo | shading)
-    identity_context: torch.Tensor        # [1, 258, C]
+    hint: torch.Tensor | list[torch.Tensor]              # [1, 9, H, W] raw hint (normal | albedo | shading)
+    identity_context: torch.Tensor | list[torch.Tensor]  # [1, 258, C]
     negative_prompt: str = ""
     added_prompt: str = ""                # official --a_prompt: appended as "prompt, a_prompt"
     seed: int = 12345
@@ -59,6 +62,19 @@ class GenerationRequest:
     tau: float = 0.0
     sampler: str = DEFAULT_SAMPLER        # a name in caphuman.engines.samplers.SAMPLERS
     noise: torch.Tensor | None = None     # explicit initial noise [N, 4, h, w] (bit-exact comparisons)
+    person_strength: list[float] | None = None   # several people: one CapFace scale per person (default 1 each)
+
+    @property
+    def people(self) -> int:
+        return len(self.hints)
+
+    @property
+    def hints(self) -> list[torch.Tensor]:
+        return as_people(self.hint, self.identity_context)[0]
+
+    @property
+    def contexts(self) -> list[torch.Tensor]:
+        return as_people(self.hint, self.identity_context)[1]
 
     def full_prompt(self) -> str:
         return f"{self.prompt}, {self.added_prompt}" if self.added_prompt else self.prompt
@@ -71,13 +87,14 @@ class GenerationRequest:
 
     @property
     def resolution(self) -> tuple[int, int]:
-        h, w = self.hint.shape[-2:]
+        h, w = self.hints[0].shape[-2:]
         return int(h), int(w)
 
     def batch_key(self) -> tuple:
         """Requests with equal keys can be denoised as one batch (everything else is per sample)."""
         return (int(self.steps), self.resolution, float(self.guidance), float(self.eta), float(self.strength),
-                float(self.tau), self.sampler)
+                float(self.tau), self.sampler, self.people, tuple(check_person_strength(self.person_strength,
+                                                                                        self.people)))
 
     def validate(self, latent_channels: int) -> None:
         limits.check_sampling(self.steps, self.guidance, self.eta, self.strength, self.tau, self.sampler)
@@ -86,16 +103,23 @@ class GenerationRequest:
                 or not 1 <= self.num_samples <= limits.MAX_NUM_SAMPLES:
             raise ValueError(f"num_samples must be an integer in [1, {limits.MAX_NUM_SAMPLES}], got {self.num_samples!r}")
         self.sample_seeds()
-        if self.hint.ndim != 4 or self.hint.shape[1] != 9 or self.hint.shape[0] not in (1, self.num_samples):
-            raise ValueError(f"hint must be [1, 9, H, W], got {tuple(self.hint.shape)}")
-        if self.identity_context.ndim != 3 or self.identity_context.shape[0] not in (1, self.num_samples):
-            raise ValueError(f"identity context must be [1, tokens, C], got {tuple(self.identity_context.shape)}")
+        hints, contexts = as_people(self.hint, self.identity_context)
+        check_person_strength(self.person_strength, len(hints))
+        for hint in hints:
+            if hint.ndim != 4 or hint.shape[1] != 9 or hint.shape[0] not in (1, self.num_samples):
+                raise ValueError(f"hint must be [1, 9, H, W], got {tuple(hint.shape)}")
+            if hint.shape[-2:] != hints[0].shape[-2:]:
+                raise ValueError(f"every person's hint has the image's size: {tuple(hint.shape[-2:])} "
+                                 f"against {tuple(hints[0].shape[-2:])}")
+        for ctx in contexts:
+            if ctx.ndim != 3 or ctx.shape[0] not in (1, self.num_samples):
+                raise ValueError(f"identity context must be [1, tokens, C], got {tuple(ctx.shape)}")
         h, w = self.resolution
         limits.check_resolution("height", h)
         limits.check_resolution("width", w)
-        if not torch.isfinite(self.hint).all():
+        if not all(torch.isfinite(hint).all() for hint in hints):
             raise ValueError("hint contains NaN or infinite values")
-        if not torch.isfinite(self.identity_context).all():
+        if not all(torch.isfinite(ctx).all() for ctx in contexts):
             raise ValueError("identity context contains NaN or infinite values")
         if self.noise is not None and tuple(self.noise.shape) != (self.num_samples, latent_channels, h // 8, w // 8):
             raise ValueError(f"noise must be {(self.num_samples, latent_channels, h // 8, w // 8)}, "
@@ -282,17 +306,20 @@ class CapHumanPipeline:
         key = requests[0].batch_key()
         if any(r.batch_key() != key for r in requests):
             raise ValueError("requests denoised together need equal steps, resolution, guidance, eta, strength, "
-                             "tau and sampler")
+                             "tau, sampler and people")
         g0 = requests[0]
         h, w = g0.resolution
-        seeds, noise, text, hints, ctxs = [], [], [], [], []
+        people = g0.people
+        seeds, noise, text = [], [], []
+        hints, ctxs = [[] for _ in range(people)], [[] for _ in range(people)]   # per person, per request
         for r in requests:
             s = r.sample_seeds()
             seeds += s
             noise.append(r.noise if r.noise is not None else initial_noise(s, (latent_ch, h // 8, w // 8)))
             text += [self.encode_prompt(r.full_prompt())] * r.num_samples
-            hints.append(r.hint.expand(r.num_samples, -1, -1, -1))
-            ctxs.append(r.identity_context.expand(r.num_samples, -1, -1))
+            for p, (hint, ctx) in enumerate(zip(r.hints, r.contexts)):
+                hints[p].append(hint.expand(r.num_samples, -1, -1, -1))
+                ctxs[p].append(ctx.expand(r.num_samples, -1, -1))
         n = len(seeds)
         pad = (batch_size or n) - n
         if pad < 0:
@@ -300,12 +327,13 @@ class CapHumanPipeline:
         seeds += [seeds[-1]] * pad
         noise = torch.cat(noise + [noise[-1][-1:]] * pad)
         text += [text[-1]] * pad
-        hint = torch.cat(hints + [hints[-1][-1:]] * pad)
-        ctx = torch.cat(ctxs + [ctxs[-1][-1:]] * pad)
+        hint = [torch.cat(hs + [hs[-1][-1:]] * pad).to(self.device, self.dtype) for hs in hints]
+        ctx = [torch.cat(cs + [cs[-1][-1:]] * pad).to(self.device, self.dtype) for cs in ctxs]
         uncond = torch.cat([self.encode_prompt(r.negative_prompt) for r in requests for _ in range(r.num_samples)]
                            + [self.encode_prompt(requests[-1].negative_prompt)] * pad)
-        cond = Conditioning(torch.cat(text), uncond, hint.to(self.device, self.dtype), ctx.to(self.device, self.dtype),
-                            guidance=float(g0.guidance), strength=g0.strength, tau=float(g0.tau), cfg=cfg)
+        cond = Conditioning(torch.cat(text), uncond, hint[0] if people == 1 else hint, ctx[0] if people == 1 else ctx,
+                            guidance=float(g0.guidance), strength=g0.strength, tau=float(g0.tau), cfg=cfg,
+                            person_strength=g0.person_strength)
         generators = [torch.Generator("cpu").manual_seed(s + 1) for s in seeds]
         latents = sample(self.engine, noise.to(self.device), cond, steps=g0.steps, sampler=g0.sampler, eta=g0.eta,
                          generators=generators, callback=callback)
@@ -320,12 +348,15 @@ class CapHumanPipeline:
                    identity_sha256: str | None = None) -> dict:
         """The generation parameters of one request, as its images' metadata reports them (the one place
         they are assembled; hashes may be passed in when the caller already knows them)."""
-        params = {k: v for k, v in asdict(req).items() if k not in ("hint", "identity_context", "noise")}
+        params = {k: getattr(req, k) for k in req.__dataclass_fields__ if k not in ("hint", "identity_context", "noise")}
         h, w = req.resolution
+        one = req.people == 1
         params.update(seeds=req.sample_seeds(), cfg=cfg, backend=self.backend, width=w, height=h,
                       dtype=str(self.dtype).removeprefix("torch."), config=Path(self.config.path).name,
-                      hint_sha256=hint_sha256 or tensor_hash(req.hint),
-                      identity_sha256=identity_sha256 or tensor_hash(req.identity_context),
+                      people=req.people,
+                      hint_sha256=hint_sha256 or (tensor_hash(req.hint) if one else [tensor_hash(x) for x in req.hints]),
+                      identity_sha256=identity_sha256 or (tensor_hash(req.identity_context) if one
+                                                          else [tensor_hash(x) for x in req.contexts]),
                       noise="explicit" if req.noise is not None else "cpu-generator-per-seed",
                       models=self.model_hashes, random_weights=self.random_weights,
                       controlnets=[{"scale": c.scale, "hint_sha256": tensor_hash(c.hint)}
