@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -200,6 +201,7 @@ def build_engine(onnx_path: str | Path, spec: GraphSpec, out_dir: str | Path, se
     log.info("%s: building %s engine (%s, %s)", spec.name, library.display, "fp16" if settings.fp16 else "fp32",
              target.tag)
     logger.errors.clear()
+    started = time.perf_counter()
     plan = builder.build_serialized_network(network, config)
     if plan is None:
         said = "; ".join(logger.errors[-3:]) or "see its log above"
@@ -212,6 +214,7 @@ def build_engine(onnx_path: str | Path, spec: GraphSpec, out_dir: str | Path, se
         raise EngineError(f"{library.display} {trt.__version__} could not build an engine for {onnx_path}: "
                           f"{said}{hint}")
     plan_path.write_bytes(bytes(plan))
+    log.info("%s: built in %.1f s, %.1f MiB", spec.name, time.perf_counter() - started, plan_path.stat().st_size / 2**20)
     if cache_path is not None:
         cache_path.write_bytes(bytes(config.get_timing_cache().serialize()))
     sidecar.write_text(json.dumps({"key": key, "graph": spec.name, "onnx": onnx_path.name, "library": library.name,
