@@ -207,10 +207,10 @@ def build_engine(onnx_path: str | Path, spec: GraphSpec, out_dir: str | Path, se
         said = "; ".join(logger.errors[-3:]) or "see its log above"
         hint = ""
         if library is RTX and settings.refit and not torch.cuda.is_available():
-            # measured with 1.7.1: the builder compiles refittable weights with CUDA, so a machine without
-            # an NVIDIA driver builds only non-refittable RTX engines
-            hint = (" -- TensorRT for RTX builds refittable engines only where a CUDA driver is present; "
-                    "build without refit here (`caphuman build --backend tensorrt-rtx` without --refit)")
+            # measured with 1.7.1.116: its Myelin compiler calls CUDA for refittable weights, so on a
+            # machine without an NVIDIA driver only non-refittable RTX engines build
+            hint = (" -- without a CUDA driver TensorRT for RTX cannot build refittable engines; build them "
+                    "here without --refit, or refittable ones on a machine with an NVIDIA GPU")
         raise EngineError(f"{library.display} {trt.__version__} could not build an engine for {onnx_path}: "
                           f"{said}{hint}")
     plan_path.write_bytes(bytes(plan))

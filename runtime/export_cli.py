@@ -60,8 +60,8 @@ def register(sub) -> None:
     b.add_argument("--fp32", action="store_true",
                    help="fp32 engines (tensorrt: no fp16 kernels; tensorrt-rtx: the default follows the graphs' dtype)")
     b.add_argument("--refit", action=argparse.BooleanOptionalAction, default=None,
-                   help="weight-refittable engines (default: on for tensorrt; off for tensorrt-rtx, whose 1.7 builder "
-                        "makes refittable engines only where a CUDA driver is present)")
+                   help="weight-refittable engines (default: on for tensorrt; off for tensorrt-rtx, whose 1.7.1 builder "
+                        "cannot make refittable engines on a machine without a CUDA driver)")
     b.add_argument("--workspace-gib", type=float, default=8.0, help="builder workspace limit")
     b.set_defaults(func=run_build)
 
