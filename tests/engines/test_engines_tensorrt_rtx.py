@@ -90,6 +90,22 @@ def test_rtx_builds_every_exported_graph_with_its_profile(rtx_builds, tiny_confi
 
 
 @NEEDS_RTX_WHEEL
+def test_rtx_build_defaults_to_the_pipelines_graphs_and_reuses_engines(rtx_builds, tiny_exports, capsys):
+    """Without --graphs, every graph the pipeline runs that the export has; all of them are already in the
+    folder with the same key, so nothing is rebuilt."""
+    from caphuman.engines.tensorrt_engine import PIPELINE_GRAPHS
+
+    engines, _ = rtx_builds["fp32"]
+    stamps = {p.name: p.stat().st_mtime_ns for p in engines.glob("*.plan")}
+    capsys.readouterr()
+    assert main(["build", "--backend", "tensorrt-rtx", "--onnx-dir", str(tiny_exports["fp32"]), "--out", str(engines)]
+                + PROFILE) == 0
+    printed = [line.split(":")[0] for line in capsys.readouterr().out.splitlines() if ".plan" in line]
+    assert printed == list(PIPELINE_GRAPHS)
+    assert {p.name: p.stat().st_mtime_ns for p in engines.glob("*.plan")} == stamps
+
+
+@NEEDS_RTX_WHEEL
 def test_rtx_fp16_engines_hold_fp16_weights(rtx_builds):
     """Strongly typed networks: an fp16 graph gives fp16 kernels and weights. The face networks are weight-bound
     (tens of MB), so their fp16 engines are about half the size of the fp32 ones."""
