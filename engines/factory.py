@@ -10,7 +10,8 @@ Backends:
   graph per step on the GPU; `compile=True` adds torch.compile);
 - onnxruntime: the `capface` + `unet` (+ `denoiser`) ONNX graphs from `engine_dir`, exported there (or into a
   temporary folder) from the given denoiser's weights when the folder lacks them;
-- tensorrt: the TensorRT plans `caphuman build` wrote into `engine_dir` (its `engines.json`).
+- tensorrt: the TensorRT plans `caphuman build` wrote into `engine_dir` (its `engines.json`);
+- tensorrt-rtx: the same with TensorRT for RTX engines (`caphuman build --backend tensorrt-rtx`), on RTX GPUs.
 The CLI, the pipeline, the server and the benchmarks all build their engine here.
 """
 from __future__ import annotations
@@ -34,7 +35,8 @@ from .denoiser import DenoiserEngine
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("eager", "torch", "onnxruntime", "tensorrt")
+BACKENDS = ("eager", "torch", "onnxruntime", "tensorrt", "tensorrt-rtx")
+TENSORRT_BACKENDS = ("tensorrt", "tensorrt-rtx")   # backend name = TensorRT library name
 ONNX_DENOISER_GRAPHS = ("capface", "unet", "denoiser")
 EXTRA_CONTROLNET_BACKENDS = ("eager", "torch")
 
@@ -84,24 +86,28 @@ def create_engine(backend: str, den: CapHumanDenoiser | None, *, device: str | t
                                    denoiser=graphs["denoiser"], device=device,
                                    backend="onnxruntime-" + "+".join(graphs["unet"].providers),
                                    hint_channels=config.capface.hint_channels)
-    from .tensorrt_engine import TensorRTEngine, TensorRTUnavailable, import_tensorrt
+    from .tensorrt_engine import TensorRTEngine
+    from .tensorrt_library import TensorRTUnavailable, library
 
+    trt_library = library(backend)
     try:
-        import_tensorrt()
+        trt_library.load()
+        trt_library.check_device()
     except TensorRTUnavailable as e:
-        raise ValueError(f"the tensorrt backend: {e}") from None
+        raise ValueError(f"the {backend} backend: {e}") from None
     if engine_dir is None:
-        raise ValueError("the tensorrt backend needs an engine folder (the one `caphuman build --out` wrote)")
+        raise ValueError(f"the {backend} backend needs an engine folder (the one `caphuman build --out` wrote)")
     index = Path(engine_dir) / "engines.json"
     if not index.is_file():
-        raise FileNotFoundError(f"{index} not found: run `caphuman build --out {engine_dir}` first")
+        raise FileNotFoundError(f"{index} not found: run `caphuman build --backend {backend} --out {engine_dir}` first")
     plans = json.loads(index.read_text())
     missing = [g for g in ("capface", "unet") if g not in plans]
     if missing:
         raise EngineError(f"{index} has no engines for {missing}")
-    graphs = {g: TensorRTEngine(Path(engine_dir) / plans[g]["plan"], specs[g]) for g in ("capface", "unet")}
+    graphs = {g: TensorRTEngine(Path(engine_dir) / plans[g]["plan"], specs[g], library=trt_library)
+              for g in ("capface", "unet")}
     return GraphDenoiserEngine(graphs["capface"], graphs["unet"], schedule, dtype=graphs["unet"].float_dtype,
-                               device=device or "cuda", backend="tensorrt", hint_channels=config.capface.hint_channels)
+                               device=device or "cuda", backend=backend, hint_channels=config.capface.hint_channels)
 
 
 def _need(den: CapHumanDenoiser | None, backend: str) -> CapHumanDenoiser:

@@ -1,15 +1,17 @@
 """TensorRT: build engines from the exported graphs, cache them, refit them, run them.
 
-Written to the TensorRT 10 Python API (`tensorrt` module: Builder, OnnxParser, IBuilderConfig,
-optimization profiles, ITimingCache, Runtime, IExecutionContext.execute_async_v3, Refitter).
-`tensorrt` is imported lazily: it cannot be installed on the machines this project is built and
-tested on, so everything that does not need it -- profile shapes, cache keys, the refit weight
-map -- is plain Python with its own tests, and the rest is tested where `tensorrt` imports.
+One code path for both TensorRT libraries (`caphuman.engines.tensorrt_library`): datacenter TensorRT 10
+(`tensorrt`) and TensorRT for RTX (`tensorrt_rtx_bindings`), whose Python APIs are the same (Builder,
+OnnxParser, IBuilderConfig, optimization profiles, Runtime, IExecutionContext.execute_async_v3, Refitter);
+what differs -- typed vs flagged precision, timing vs runtime cache, the build target -- is named there.
+The libraries are imported lazily: everything that needs neither (profile shapes, cache keys, the refit
+weight map) is plain Python with its own tests.
 
     settings = BuildSettings(batch=(1, 1, 4), resolution=(256, 512, 1024))
-    plan = build_engine("onnx/unet.onnx", spec, "engines/", settings)      # cached by content
+    plan = build_engine("onnx/unet.onnx", spec, "engines/", settings)               # cached by content
+    plan = build_engine("onnx/unet.onnx", spec, "engines/", settings, library=RTX)  # any machine, no GPU
     unet = TensorRTEngine(plan, spec)
-    eps = unet.run(feed)["eps"]                                            # CUDA graph per shape
+    eps = unet.run(feed)["eps"]                                                     # CUDA graph per shape
     unet.refit(unet_refit_weights("onnx/", "unet", config, "other-sd15.safetensors"))
 """
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -26,6 +29,12 @@ import torch
 from caphuman.export.onnx_specs import GraphSpec, ShapeError
 
 from .base import Engine, EngineError
+from .tensorrt_library import (DATACENTER, LIBRARIES, RTX, BuildTarget, TensorRTLibrary, TensorRTUnavailable,
+                               gpu_identity)
+
+__all__ = ["DATACENTER", "LIBRARIES", "RTX", "BuildSettings", "BuildTarget", "TensorRTEngine", "TensorRTUnavailable",
+           "build_engine", "build_engines", "engine_cache_key", "engine_file_name", "gpu_identity", "import_tensorrt",
+           "profile_shapes", "unet_refit_weights"]
 
 log = logging.getLogger(__name__)
 
@@ -34,21 +43,9 @@ RESOLUTION_RANGE = (256, 1024)
 CFG_BATCH_GRAPHS = ("unet",)   # graphs that run on [cond, uncond] pairs: twice the batch
 
 
-class TensorRTUnavailable(EngineError):
-    """The `tensorrt` Python package (or a CUDA GPU) is not available here."""
-
-
-def import_tensorrt():
-    """`import tensorrt`, or a clear TensorRTUnavailable saying how to get it."""
-    try:
-        import tensorrt as trt
-    except ImportError as e:
-        raise TensorRTUnavailable(
-            "TensorRT is not installed: `pip install tensorrt` (NVIDIA's wheels, TensorRT >= 10) on a machine with "
-            f"an NVIDIA GPU; the onnxruntime and torch backends work without it ({e})") from None
-    if int(trt.__version__.split(".")[0]) < 10:
-        raise TensorRTUnavailable(f"TensorRT {trt.__version__} found; this code is written for TensorRT >= 10")
-    return trt
+def import_tensorrt(library: TensorRTLibrary = DATACENTER):
+    """The library's module, or a clear TensorRTUnavailable saying how to get it."""
+    return library.load()
 
 
 @dataclass(frozen=True)
@@ -90,26 +87,17 @@ def profile_shapes(spec: GraphSpec, settings: BuildSettings) -> dict[str, tuple[
     return out
 
 
-def gpu_identity(device: int = 0) -> tuple[str, str]:
-    """(GPU name, "smXY") of a CUDA device, for the cache key."""
-    if not torch.cuda.is_available():
-        raise TensorRTUnavailable("TensorRT engines need a CUDA GPU; none is visible")
-    major, minor = torch.cuda.get_device_capability(device)
-    return torch.cuda.get_device_name(device), f"sm{major}{minor}"
-
-
-def engine_cache_key(graph_sha256: str, gpu_name: str, sm: str, trt_version: str, settings: BuildSettings,
-                     shapes: dict) -> str:
-    """Content key of an engine: graph hash + GPU + SM + TensorRT version + settings + profile shapes.
-    Any change rebuilds; nothing is reused on "file exists" alone."""
-    blob = json.dumps({"graph": graph_sha256, "gpu": gpu_name, "sm": sm, "trt": trt_version,
-                       "settings": asdict(settings), "shapes": {k: [list(s) for s in v] for k, v in shapes.items()}},
-                      sort_keys=True)
+def engine_cache_key(graph_sha256: str, target: BuildTarget, settings: BuildSettings, shapes: dict) -> str:
+    """Content key of an engine: graph hash + library, its version and the build target (the GPU, or the
+    RTX compute capabilities) + settings + profile shapes. Any change rebuilds; nothing is reused on
+    "file exists" alone."""
+    blob = json.dumps({"graph": graph_sha256, "target": asdict(target), "settings": asdict(settings),
+                       "shapes": {k: [list(s) for s in v] for k, v in shapes.items()}}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def engine_file_name(graph: str, settings: BuildSettings, sm: str, key: str) -> str:
-    return f"{graph}-{'fp16' if settings.fp16 else 'fp32'}-{sm}-{key[:12]}.plan"
+def engine_file_name(graph: str, settings: BuildSettings, target: BuildTarget, key: str) -> str:
+    return f"{graph}-{'fp16' if settings.fp16 else 'fp32'}-{target.tag}-{key[:12]}.plan"
 
 
 def unet_refit_weights(onnx_dir: str | Path, graph: str, config, sd_checkpoint: str | Path,
@@ -136,86 +124,141 @@ def unet_refit_weights(onnx_dir: str | Path, graph: str, config, sd_checkpoint: 
     return refit_weights(entries, named, dtype, prefix_filter=prefix)
 
 
-class _Logger:
-    """One trt.Logger per process (TensorRT keeps a reference to it)."""
-    _logger = None
+_LOGGERS: dict[str, object] = {}
 
-    @classmethod
-    def get(cls, trt):
-        if cls._logger is None:
-            cls._logger = trt.Logger(trt.Logger.WARNING)
-        return cls._logger
+
+def _logger(trt):
+    """One logger per library and process (TensorRT keeps a reference to it). It forwards warnings and
+    errors to Python logging and keeps the errors, so a failed build can say what the library said."""
+    if trt.__name__ not in _LOGGERS:
+        class RecordingLogger(trt.ILogger):
+            def __init__(self):
+                trt.ILogger.__init__(self)
+                self.errors: list[str] = []
+
+            def log(self, severity, msg):
+                if int(severity) <= int(trt.ILogger.Severity.ERROR):
+                    self.errors.append(msg)
+                    log.error("%s: %s", trt.__name__, msg)
+                elif int(severity) <= int(trt.ILogger.Severity.WARNING):
+                    log.warning("%s: %s", trt.__name__, msg)
+
+        _LOGGERS[trt.__name__] = RecordingLogger()
+    return _LOGGERS[trt.__name__]
+
+
+def _sidecar(plan_path: Path) -> Path:
+    return plan_path.with_suffix(".json")
 
 
 def build_engine(onnx_path: str | Path, spec: GraphSpec, out_dir: str | Path, settings: BuildSettings,
-                 timing_cache: str | Path | None = None) -> Path:
-    """Build (or find in the cache) the engine of one graph; returns the plan's path.
+                 timing_cache: str | Path | None = None, library: TensorRTLibrary = DATACENTER) -> Path:
+    """Build (or find in the cache) the engine of one graph with `library`; returns the plan's path.
 
-    The plan is `<graph>-<precision>-<sm>-<key>.plan` with a JSON sidecar of the key's fields; the
-    timing cache (`timing.cache` in out_dir by default) is read before and written after the build.
+    The plan is `<graph>-<precision>-<target>-<key>.plan` with a JSON sidecar of the key's fields.
+    Datacenter TensorRT reads and writes a timing cache (`timing.cache` in out_dir by default) and needs
+    the GPU it builds for; TensorRT for RTX builds for its compute capabilities on any machine, and its
+    precision is the graph's (strongly typed: fp16 engines from `caphuman export --fp16` graphs).
     """
     from caphuman.export.onnx_export import graph_hash
 
-    trt = import_tensorrt()
+    trt = library.load()
     onnx_path, out_dir = Path(onnx_path), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    gpu, sm = gpu_identity()
+    target = library.build_target(trt)
     shapes = profile_shapes(spec, settings)
-    key = engine_cache_key(graph_hash(onnx_path), gpu, sm, trt.__version__, settings, shapes)
-    plan_path = out_dir / engine_file_name(spec.name, settings, sm, key)
-    sidecar = plan_path.with_suffix(".json")
+    key = engine_cache_key(graph_hash(onnx_path), target, settings, shapes)
+    plan_path = out_dir / engine_file_name(spec.name, settings, target, key)
+    sidecar = _sidecar(plan_path)
     if plan_path.is_file() and sidecar.is_file() and json.loads(sidecar.read_text()).get("key") == key:
         log.info("%s: cached engine %s", spec.name, plan_path.name)
         return plan_path
 
-    logger = _Logger.get(trt)
+    logger = _logger(trt)
     builder = trt.Builder(logger)
-    network = builder.create_network(0)  # TensorRT 10: explicit batch is the only mode
+    network = builder.create_network(library.network_flags(trt))
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):  # reads <name>.onnx.data next to the graph itself
         errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
-        raise EngineError(f"TensorRT's ONNX parser rejected {onnx_path}: {errors[:5]}")
+        raise EngineError(f"{library.display}'s ONNX parser rejected {onnx_path}: {errors[:5]}")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, settings.workspace_bytes)
     config.builder_optimization_level = settings.optimization_level
-    if settings.fp16:
-        config.set_flag(trt.BuilderFlag.FP16)
+    _set_precision(trt, library, network, config, settings, onnx_path)
     if settings.refit:
         config.set_flag(trt.BuilderFlag.REFIT)
+    library.set_targets(trt, config)
     profile = builder.create_optimization_profile()
     for name, (lo, opt, hi) in shapes.items():
         profile.set_shape(name, lo, opt, hi)
     config.add_optimization_profile(profile)
-    cache_path = Path(timing_cache) if timing_cache else out_dir / "timing.cache"
-    cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
-    config.set_timing_cache(cache, ignore_mismatch=False)
+    cache_path = None
+    if library.cache_kind == "timing":
+        cache_path = Path(timing_cache) if timing_cache else out_dir / "timing.cache"
+        cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
+        config.set_timing_cache(cache, ignore_mismatch=False)
 
-    log.info("%s: building TensorRT engine (%s)", spec.name, "fp16" if settings.fp16 else "fp32")
+    log.info("%s: building %s engine (%s, %s)", spec.name, library.display, "fp16" if settings.fp16 else "fp32",
+             target.tag)
+    logger.errors.clear()
+    started = time.perf_counter()
     plan = builder.build_serialized_network(network, config)
     if plan is None:
-        raise EngineError(f"TensorRT could not build an engine for {onnx_path} (see the TensorRT log above)")
+        said = "; ".join(logger.errors[-3:]) or "see its log above"
+        hint = ""
+        if library is RTX and settings.refit and not torch.cuda.is_available():
+            # measured with 1.7.1.116: its Myelin compiler calls CUDA for refittable weights, so on a
+            # machine without an NVIDIA driver only non-refittable RTX engines build
+            hint = (" -- without a CUDA driver TensorRT for RTX cannot build refittable engines; build them "
+                    "here without --refit, or refittable ones on a machine with an NVIDIA GPU")
+        raise EngineError(f"{library.display} {trt.__version__} could not build an engine for {onnx_path}: "
+                          f"{said}{hint}")
     plan_path.write_bytes(bytes(plan))
-    cache_path.write_bytes(bytes(config.get_timing_cache().serialize()))
-    sidecar.write_text(json.dumps({"key": key, "graph": spec.name, "onnx": onnx_path.name, "gpu": gpu, "sm": sm,
-                                   "tensorrt": trt.__version__, "settings": asdict(settings),
+    log.info("%s: built in %.1f s, %.1f MiB", spec.name, time.perf_counter() - started, plan_path.stat().st_size / 2**20)
+    if cache_path is not None:
+        cache_path.write_bytes(bytes(config.get_timing_cache().serialize()))
+    sidecar.write_text(json.dumps({"key": key, "graph": spec.name, "onnx": onnx_path.name, "library": library.name,
+                                   "version": trt.__version__, "device": target.device, "arch": target.arch,
+                                   "settings": asdict(settings),
                                    "shapes": {k: [list(s) for s in v] for k, v in shapes.items()}}, indent=1))
     return plan_path
 
 
-def build_engines(onnx_dir: Path, names: list[str], out_dir: Path, settings: BuildSettings) -> dict[str, Path]:
-    """`caphuman build`: every named graph of an export folder; writes `engines.json` (graph -> plan)."""
+def _set_precision(trt, library: TensorRTLibrary, network, config, settings: BuildSettings, onnx_path: Path) -> None:
+    """Datacenter TensorRT: fp16 is a builder flag over an fp32 or fp16 graph. TensorRT for RTX: the
+    network is strongly typed, so the graph's own float type is the engine's; a mismatch is an error."""
+    if not library.strongly_typed:
+        if settings.fp16:
+            config.set_flag(trt.BuilderFlag.FP16)
+        return
+    floats = {network.get_output(i).dtype for i in range(network.num_outputs)} & {trt.float16, trt.float32}
+    graph_fp16 = floats == {trt.float16}
+    if graph_fp16 != settings.fp16:
+        want, have = ("fp16", "fp32") if settings.fp16 else ("fp32", "fp16")
+        raise EngineError(f"{library.display} networks are strongly typed: a {want} engine needs a {want} graph, and "
+                          f"{onnx_path} is {have} (`caphuman export{' --fp16' if settings.fp16 else ''}` writes "
+                          f"{want} graphs)")
+
+
+PIPELINE_GRAPHS = ("text_encoder", "image_encoder", "capface", "unet", "vae_decoder",
+                   "facenet", "bisenet", "deca_encoder")   # what the pipeline runs; `denoiser` on request
+
+
+def build_engines(onnx_dir: Path, names: list[str], out_dir: Path, settings: BuildSettings,
+                  library: TensorRTLibrary = DATACENTER) -> dict[str, Path]:
+    """`caphuman build`: every named graph of an export folder; writes `engines.json` (graph -> plan, library)."""
     from caphuman.export.config import load_config, packaged_config
     from caphuman.export.onnx_specs import graph_specs
 
-    import_tensorrt()
+    library.load()
     manifest = json.loads((onnx_dir / "manifest.json").read_text())
     cfg_name = manifest.get("config", "cldm_v15.yaml")
     config = load_config(onnx_dir / cfg_name if (onnx_dir / cfg_name).is_file() else packaged_config(Path(cfg_name).stem))
     specs = graph_specs(config)
-    built = {n: build_engine(onnx_dir / f"{n}.onnx", specs[n], out_dir, settings) for n in names}
+    built = {n: build_engine(onnx_dir / f"{n}.onnx", specs[n], out_dir, settings, library=library) for n in names}
     index = out_dir / "engines.json"
     old = json.loads(index.read_text()) if index.is_file() else {}
-    old.update({n: {"plan": p.name} for n, p in built.items()})
+    old.update({n: {"plan": p.name, "library": library.name} for n, p in built.items()})
     index.write_text(json.dumps(old, indent=1))
     return built
 
@@ -237,20 +280,29 @@ class TensorRTEngine(Engine):
     CUDA graph, later runs replay it. Outputs are views of the static buffers (see caphuman.engines.base).
     """
 
-    backend = "tensorrt"
-
-    def __init__(self, plan_path: str | Path, spec: GraphSpec, *, cuda_graph: bool = True, device: int = 0):
-        trt = self._trt = import_tensorrt()
-        if not torch.cuda.is_available():
-            raise TensorRTUnavailable("TensorRT engines need a CUDA GPU; none is visible")
+    def __init__(self, plan_path: str | Path, spec: GraphSpec, *, cuda_graph: bool = True, device: int = 0,
+                 library: TensorRTLibrary = DATACENTER):
+        self.plan_path = Path(plan_path)
+        built_with = _plan_library(self.plan_path)
+        if built_with not in (None, library.name):
+            raise EngineError(f"{plan_path} was built with {built_with}, not {library.name}: load it with the "
+                              f"{built_with} backend, or rebuild it")
+        trt = self._trt = library.load()
+        library.check_device(device)
+        self.library = library
+        self.backend = library.name
         self.spec = spec
         self.device = torch.device("cuda", device)
-        self.plan_path = Path(plan_path)
-        self.runtime = trt.Runtime(_Logger.get(trt))  # must outlive the engine
+        self.runtime = trt.Runtime(_logger(trt))  # must outlive the engine
         self.engine = self.runtime.deserialize_cuda_engine(self.plan_path.read_bytes())
         if self.engine is None:
-            raise EngineError(f"{plan_path}: TensorRT could not deserialize the plan (other TensorRT version or GPU?)")
-        self.context = self.engine.create_execution_context()
+            raise EngineError(f"{plan_path}: {library.display} could not deserialize the plan (other library version "
+                              "or GPU?)")
+        self._runtime_cache = None
+        if library.cache_kind == "runtime":
+            self.context = self._context_with_runtime_cache(trt)
+        else:
+            self.context = self.engine.create_execution_context()
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         self._inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         self._outputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
@@ -311,7 +363,7 @@ class TensorRTEngine(Engine):
         """Replace weights by ONNX initializer name (`unet_refit_weights`) without a rebuild; drops
         the captured CUDA graphs (they may reference the old weights' memory)."""
         trt = self._trt
-        refitter = trt.Refitter(self.engine, _Logger.get(trt))
+        refitter = trt.Refitter(self.engine, _logger(trt))
         known = set(refitter.get_all_weights())
         unknown = sorted(set(weights) - known)
         if unknown:
@@ -331,8 +383,51 @@ class TensorRTEngine(Engine):
         self._graphs = {k: None for k in self._graphs}
         self._seen_once = set()
 
+    @property
+    def runtime_cache_path(self) -> Path:
+        """Where the JIT-compiled kernels of this plan on this GPU are kept (next to the plan)."""
+        _, sm = gpu_identity(self.device.index or 0)
+        return self.plan_path.with_name(f"{self.plan_path.stem}.{sm}.runtime.cache")
+
+    def _context_with_runtime_cache(self, trt):
+        """TensorRT for RTX compiles kernels just in time for this GPU; the runtime cache keeps them across
+        processes. A cache from another GPU, driver or library version is rejected by the library and
+        started afresh."""
+        runtime_config = self.engine.create_runtime_config()
+        cache = runtime_config.create_runtime_cache()
+        path = self.runtime_cache_path
+        if path.is_file() and not cache.deserialize(path.read_bytes()):
+            log.info("%s: runtime cache %s does not match this GPU/driver; starting a new one", self.name, path.name)
+        runtime_config.set_runtime_cache(cache)
+        self._runtime_cache = cache
+        return self.engine.create_execution_context(runtime_config)
+
+    def save_runtime_cache(self) -> Path | None:
+        """Write the runtime cache next to the plan (TensorRT for RTX); called by close()."""
+        if self._runtime_cache is None:
+            return None
+        path = self.runtime_cache_path
+        tmp = path.with_suffix(".partial")
+        tmp.write_bytes(bytes(self._runtime_cache.serialize()))
+        tmp.replace(path)  # never leave a half-written cache for the next process
+        return path
+
     def close(self) -> None:
+        if self.context is not None:
+            try:
+                self.save_runtime_cache()
+            except OSError as e:  # a read-only engine folder still serves
+                log.warning("%s: runtime cache not saved: %s", self.name, e)
         self._graphs.clear()
         self._buffers.clear()
         self.context = None
+        self._runtime_cache = None
         self.engine = None
+
+
+def _plan_library(plan_path: Path) -> str | None:
+    """The library a plan's sidecar names (None for a plan without one)."""
+    sidecar = _sidecar(plan_path)
+    if not sidecar.is_file():
+        return None
+    return json.loads(sidecar.read_text()).get("library", "tensorrt")

@@ -1,4 +1,4 @@
-"""`caphuman export` (PyTorch -> ONNX graphs) and `caphuman build` (ONNX -> TensorRT engines)."""
+"""`caphuman export` (PyTorch -> ONNX graphs) and `caphuman build` (ONNX -> TensorRT / TensorRT for RTX engines)."""
 from __future__ import annotations
 
 import argparse
@@ -41,17 +41,27 @@ def register(sub) -> None:
     e.add_argument("--size", type=int, help="trace image size in pixels (multiple of 64; default from the config)")
     e.set_defaults(func=run_export)
 
-    b = sub.add_parser("build", help="build TensorRT engines from exported graphs (needs TensorRT)",
+    b = sub.add_parser("build", help="build TensorRT engines from exported graphs (TensorRT or TensorRT for RTX)",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                       description="fp16 TensorRT engines with optimization profiles, a timing cache and an engine "
-                                   "cache keyed by graph hash + GPU + TensorRT version.")
+                       description="TensorRT engines with optimization profiles and an engine cache keyed by graph "
+                                   "hash + library version + target. --backend tensorrt: datacenter TensorRT, built "
+                                   "on the GPU that runs them (timing cache). --backend tensorrt-rtx: TensorRT for "
+                                   "RTX, portable engines for RTX GPUs (Ampere, Ada, Blackwell) built on any machine, "
+                                   "GPU or not; their precision is the graphs' (export with --fp16 for fp16).")
     b.add_argument("--onnx-dir", required=True, help="folder written by `caphuman export`")
     b.add_argument("--out", required=True, help="engine cache folder")
-    b.add_argument("--only", help="comma-separated graphs (default: capface, unet, text_encoder, vae_decoder)")
+    b.add_argument("--backend", choices=("tensorrt", "tensorrt-rtx"), default="tensorrt",
+                   help="TensorRT library: datacenter TensorRT or TensorRT for RTX")
+    b.add_argument("--graphs", "--only", dest="graphs",
+                   help="comma-separated graphs (default: every graph the pipeline runs that the export folder has: "
+                        "text_encoder, image_encoder, capface, unet, vae_decoder, facenet, bisenet, deca_encoder)")
     b.add_argument("--batch", default="1:1:4", help="MIN:OPT:MAX batch of each graph (UNet: twice this, CFG pairs)")
     b.add_argument("--resolution", default="256:512:1024", help="MIN:OPT:MAX image side in pixels, multiples of 64")
-    b.add_argument("--fp32", action="store_true", help="no fp16 kernels")
-    b.add_argument("--no-refit", action="store_true", help="build non-refittable engines (a little faster)")
+    b.add_argument("--fp32", action="store_true",
+                   help="fp32 engines (tensorrt: no fp16 kernels; tensorrt-rtx: the default follows the graphs' dtype)")
+    b.add_argument("--refit", action=argparse.BooleanOptionalAction, default=None,
+                   help="weight-refittable engines (default: on for tensorrt; off for tensorrt-rtx, whose 1.7.1 builder "
+                        "cannot make refittable engines on a machine without a CUDA driver)")
     b.add_argument("--workspace-gib", type=float, default=8.0, help="builder workspace limit")
     b.set_defaults(func=run_build)
 
@@ -100,26 +110,43 @@ def run_export(args) -> int:
 
 
 def run_build(args) -> int:
-    from caphuman.engines.tensorrt_engine import BuildSettings, TensorRTUnavailable, build_engines
+    from caphuman.engines.tensorrt_engine import PIPELINE_GRAPHS, BuildSettings, TensorRTUnavailable, build_engines
+    from caphuman.engines.tensorrt_library import library
 
     onnx_dir = Path(args.onnx_dir)
     manifest = onnx_dir / "manifest.json"
     if not manifest.is_file():
         raise UserError(f"{manifest} not found: run `caphuman export --out {onnx_dir}` first")
     graphs = json.loads(manifest.read_text())["graphs"]
-    names = [n.strip() for n in args.only.split(",")] if args.only else \
-        [n for n in ("capface", "unet", "text_encoder", "vae_decoder") if n in graphs]
+    names = [n.strip() for n in args.graphs.split(",")] if args.graphs else [n for n in PIPELINE_GRAPHS if n in graphs]
     missing = [n for n in names if n not in graphs]
     if missing:
         raise UserError(f"graphs {missing} are not in {manifest}; exported: {sorted(graphs)}")
+    if not names:
+        raise UserError(f"{manifest} has none of the pipeline's graphs {list(PIPELINE_GRAPHS)}; pass --graphs")
+    trt_library = library(args.backend)
+    fp16 = not args.fp32
+    if trt_library.strongly_typed:  # the graphs' dtype is the engines' precision
+        dtypes = {graphs[n]["dtype"] for n in names}
+        if len(dtypes) != 1:
+            raise UserError(f"graphs {names} mix dtypes {sorted(dtypes)}; TensorRT for RTX engines take the graph's")
+        fp16 = dtypes == {"float16"}
+        if args.fp32 and fp16:
+            raise UserError(f"--fp32: the graphs in {onnx_dir} are fp16 and TensorRT for RTX networks are strongly "
+                            "typed; export fp32 graphs (`caphuman export` without --fp16)")
+    refit = args.refit if args.refit is not None else not trt_library.strongly_typed
     settings = BuildSettings(batch=_parse_triple(args.batch, "batch"),
-                             resolution=_parse_triple(args.resolution, "resolution"), fp16=not args.fp32,
-                             refit=not args.no_refit, workspace_bytes=int(args.workspace_gib * 2**30))
+                             resolution=_parse_triple(args.resolution, "resolution"), fp16=fp16,
+                             refit=refit, workspace_bytes=int(args.workspace_gib * 2**30))
+    t0 = time.perf_counter()
     try:
-        built = build_engines(onnx_dir, names, Path(args.out), settings)
+        built = build_engines(onnx_dir, names, Path(args.out), settings, library=trt_library)
     except TensorRTUnavailable as e:
         print(f"caphuman build: error: {e}", file=sys.stderr)
         return 3
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     for name, path in built.items():
-        print(f"{name}: {path}")
+        print(f"{name}: {path} ({path.stat().st_size / 2**20:.1f} MiB)")
+    print(f"built {len(built)} {trt_library.name} engine(s) in {time.perf_counter() - t0:.1f} s, "
+          f"peak memory {peak:.1f} GiB")
     return 0

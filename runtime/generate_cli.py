@@ -84,7 +84,8 @@ def register(sub) -> None:
     r.add_argument("--backend", choices=BACKENDS, default="eager",
                    help="denoiser backend: eager PyTorch modules (with --cfg serial: the reference mode), the torch "
                         "engine (CUDA graphs, Triton attention), ONNX Runtime, or TensorRT engines (docs/engines.md)")
-    r.add_argument("--engine-dir", help="ONNX graphs (onnxruntime) or `caphuman build` engines (tensorrt)")
+    r.add_argument("--engine-dir", help="ONNX graphs (onnxruntime) or `caphuman build` engines (tensorrt, "
+                                         "tensorrt-rtx)")
     r.add_argument("--out", default="outputs", help="output folder")
     r.add_argument("--name", default="caphuman", help="file name prefix")
     p.set_defaults(func=run)

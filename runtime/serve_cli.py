@@ -25,11 +25,11 @@ def register(sub) -> None:
     p.add_argument("--random-config", choices=["cldm_tiny", "cldm_v15"], default="cldm_tiny",
                    help="without --weights: the size of the random-weight networks (cldm_v15: the official sizes, "
                         "for benchmarks on a GPU)")
-    p.add_argument("--backend", choices=("auto", "eager", "torch", "onnxruntime", "tensorrt"), default=None,
+    p.add_argument("--backend", choices=("auto", "eager", "torch", "onnxruntime", "tensorrt", "tensorrt-rtx"), default=None,
                    help="the caphuman model's denoiser backend (default: its config.pbtxt, 'auto': TensorRT engines "
                         "of --engine-dir where TensorRT runs, the torch engine on CUDA, eager on the CPU)")
     p.add_argument("--engine-dir", type=Path, default=None,
-                   help="ONNX graphs (onnxruntime; exported there when absent) or `caphuman build` engines (tensorrt)")
+                   help="ONNX graphs (onnxruntime; exported there when absent) or `caphuman build` engines (tensorrt, tensorrt-rtx)")
     p.add_argument("--tritonserver", type=Path, default=None,
                    help="tritonserver binary (default: the one in the nvidia-pytriton wheel; in the NGC container "
                         "/opt/tritonserver/bin/tritonserver)")

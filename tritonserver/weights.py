@@ -151,6 +151,6 @@ def serving_backend(configured: str = "auto", configured_dir: str = "", cuda: bo
             backend = "tensorrt"
         else:
             backend = "torch" if cuda else "eager"
-    if backend == "tensorrt" and engine_dir is None:
-        raise ValueError(f"engine 'tensorrt' needs an engine folder: config.pbtxt engine_dir or {ENGINE_DIR_ENV}")
+    if backend in ("tensorrt", "tensorrt-rtx") and engine_dir is None:
+        raise ValueError(f"engine {backend!r} needs an engine folder: config.pbtxt engine_dir or {ENGINE_DIR_ENV}")
     return backend, engine_dir

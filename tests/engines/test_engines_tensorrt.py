@@ -4,6 +4,7 @@ map, the CLI's refusal) run everywhere; building and running engines runs where 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import onnx
@@ -11,8 +12,8 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from caphuman.engines.tensorrt_engine import (BuildSettings, engine_cache_key, engine_file_name, profile_shapes,
-                                     unet_refit_weights)
+from caphuman.engines.tensorrt_engine import (BuildSettings, BuildTarget, engine_cache_key, engine_file_name,
+                                              profile_shapes, unet_refit_weights)
 from caphuman.export.checkpoints import UNET_PREFIX
 from caphuman.export.models import load_denoiser
 from caphuman.export.onnx_export import export_graphs, load_sources
@@ -60,17 +61,21 @@ def test_cache_key_changes_with_every_field(tiny_config):
     spec = graph_specs(tiny_config)["unet"]
     s = BuildSettings()
     shapes = profile_shapes(spec, s)
-    base = engine_cache_key("g" * 64, "NVIDIA H100 80GB HBM3", "sm90", "10.7.0", s, shapes)
-    assert base == engine_cache_key("g" * 64, "NVIDIA H100 80GB HBM3", "sm90", "10.7.0", s, shapes)
-    others = [engine_cache_key("h" * 64, "NVIDIA H100 80GB HBM3", "sm90", "10.7.0", s, shapes),
-              engine_cache_key("g" * 64, "NVIDIA H200", "sm90", "10.7.0", s, shapes),
-              engine_cache_key("g" * 64, "NVIDIA H100 80GB HBM3", "sm89", "10.7.0", s, shapes),
-              engine_cache_key("g" * 64, "NVIDIA H100 80GB HBM3", "sm90", "10.8.0", s, shapes),
-              engine_cache_key("g" * 64, "NVIDIA H100 80GB HBM3", "sm90", "10.7.0", BuildSettings(fp16=False), shapes),
-              engine_cache_key("g" * 64, "NVIDIA H100 80GB HBM3", "sm90", "10.7.0", s,
-                               profile_shapes(spec, BuildSettings(batch=(1, 2, 4))))]
-    assert len({base, *others}) == 7
-    assert engine_file_name("unet", s, "sm90", base) == f"unet-fp16-sm90-{base[:12]}.plan"
+    h100 = BuildTarget("tensorrt", "10.7.0", "NVIDIA H100 80GB HBM3", "sm90")
+    base = engine_cache_key("g" * 64, h100, s, shapes)
+    assert base == engine_cache_key("g" * 64, h100, s, shapes)
+    others = [engine_cache_key("h" * 64, h100, s, shapes),
+              engine_cache_key("g" * 64, replace(h100, device="NVIDIA H200"), s, shapes),
+              engine_cache_key("g" * 64, replace(h100, arch="sm89"), s, shapes),
+              engine_cache_key("g" * 64, replace(h100, version="10.8.0"), s, shapes),
+              engine_cache_key("g" * 64, replace(h100, library="tensorrt-rtx"), s, shapes),
+              engine_cache_key("g" * 64, h100, BuildSettings(fp16=False), shapes),
+              engine_cache_key("g" * 64, h100, s, profile_shapes(spec, BuildSettings(batch=(1, 2, 4))))]
+    assert len({base, *others}) == 8
+    assert engine_file_name("unet", s, h100, base) == f"unet-fp16-sm90-{base[:12]}.plan"
+    rtx = BuildTarget("tensorrt-rtx", "1.7.1.116", "portable", "sm80+sm86+sm89+sm120")
+    assert engine_cache_key("g" * 64, rtx, s, shapes) != engine_cache_key("g" * 64, replace(rtx, arch="sm89"), s, shapes)
+    assert engine_file_name("unet", s, rtx, base) == f"unet-fp16-rtx-sm80.86.89.120-{base[:12]}.plan"
 
 
 @pytest.fixture(scope="module")

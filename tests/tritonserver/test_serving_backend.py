@@ -51,9 +51,10 @@ def test_launch_options_override_the_config(plans):
 
 def test_bad_choices_are_clear_errors():
     with pytest.raises(ValueError, match="engine must be one of"):
-        serving_backend("tensorrt-rtx", "", cuda=True, environ={})
-    with pytest.raises(ValueError, match="needs an engine folder"):
-        serving_backend("tensorrt", "", cuda=True, environ={})
+        serving_backend("tensorrt-lite", "", cuda=True, environ={})
+    for backend in ("tensorrt", "tensorrt-rtx"):
+        with pytest.raises(ValueError, match="needs an engine folder"):
+            serving_backend(backend, "", cuda=True, environ={})
 
 
 def test_config_pbtxt_names_every_backend_parameter():

@@ -31,7 +31,7 @@ from caphuman.tritonserver.weights import (RANDOM_WEIGHTS_NOTICE, load_generatio
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 # config.pbtxt parameters of this model (besides torch_threads); values are strings.
 PARAMETERS = {
-    "engine": "auto",             # auto | eager | torch | onnxruntime | tensorrt (CAPHUMAN_BACKEND overrides it)
+    "engine": "auto",             # auto | eager | torch | onnxruntime | tensorrt | tensorrt-rtx (CAPHUMAN_BACKEND overrides it)
     "engine_dir": "",             # ONNX graphs / TensorRT engines (CAPHUMAN_ENGINE_DIR overrides it)
     "compile": "false",           # torch.compile in the torch engine (minutes of start-up)
     "max_batch": "0",             # items denoised together; 0: 8 on CUDA, 1 on the CPU
@@ -139,7 +139,7 @@ class TritonPythonModel:
             log(pb_utils, "warn", f"caphuman: {RANDOM_WEIGHTS_NOTICE}")
         self.pipe = load_generation_pipeline(files, self.device, backend, engine_dir, compile=p["compile"] == "true")
         # padding to a few batch sizes pays where the engine prepares (captures) per size
-        self.prepared_sizes = backend in ("torch", "tensorrt")
+        self.prepared_sizes = backend in ("torch", "tensorrt", "tensorrt-rtx")
         self.generator = BatchRunner(self.pipe, buckets if self.prepared_sizes else (1,), run_ahead=run_ahead)
         self.max_batch = max_batch
         self.identity_cache = LRU(self.settings.identity_cache_entries)
