@@ -27,11 +27,11 @@ from caphuman.export.models import CapHumanDenoiser
 from caphuman.export.onnx_specs import graph_specs
 
 from .base import EngineError
+from .catalog import BACKENDS
 from .denoiser import DenoiserEngine
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("eager", "torch", "onnxruntime", "tensorrt")
 ONNX_DENOISER_GRAPHS = ("capface", "unet", "denoiser")
 EXTRA_CONTROLNET_BACKENDS = ("eager", "torch")
 

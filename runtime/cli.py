@@ -23,6 +23,16 @@ class UserError(Exception):
     """A problem with the user's input: printed as one clear line, exit status 2."""
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends '(default: X)' only where there is a default to show and the help does not already say it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS) or action.option_strings == []:
+            return text
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="caphuman",
@@ -44,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except (UserError, MissingExtra, ValueError, FileNotFoundError) as e:
+    except (UserError, MissingExtra, ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"caphuman {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

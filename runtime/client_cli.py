@@ -5,7 +5,9 @@ import argparse
 import logging
 from pathlib import Path
 
-from caphuman.engines.samplers import DEFAULT_SAMPLER, SAMPLERS
+from caphuman.engines.catalog import DEFAULT_SAMPLER, SAMPLER_DOCS
+
+from .cli import HelpFormatter
 
 log = logging.getLogger(__name__)
 
@@ -13,7 +15,7 @@ log = logging.getLogger(__name__)
 def register(sub) -> None:
     p = sub.add_parser(
         "client", help="request images from a running `caphuman serve` over gRPC",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
         description="Send a reference face photo, prompt(s) and a head condition to a CapHuman-RT server; "
                     "show the denoising progress; write each image as PNG with a JSON sidecar (parameters, "
                     "per-stage timings). Several --prompt and/or --pose/--yaw values make one batch request "
@@ -31,7 +33,7 @@ def register(sub) -> None:
     h.add_argument("--modes", default="position,pose", help="what the pose photo gives (official modes)")
     h.add_argument("--light", default="", help="lighting preset: front, left, right, top, bottom, flat")
     s = p.add_argument_group("sampling")
-    s.add_argument("--sampler", choices=sorted(SAMPLERS), default=DEFAULT_SAMPLER, help="denoising sampler")
+    s.add_argument("--sampler", choices=sorted(SAMPLER_DOCS), default=DEFAULT_SAMPLER, help="denoising sampler")
     s.add_argument("--steps", type=int, default=20)
     s.add_argument("--guidance", type=float, default=7.0)
     s.add_argument("--eta", type=float, default=0.0)

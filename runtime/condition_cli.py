@@ -10,8 +10,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
+from .cli import HelpFormatter
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +33,7 @@ def _floats(text: str) -> tuple[float, ...]:
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
-        "condition", help="render the 9-channel head hint (normal | albedo | shading) from photos and head controls",
+        "condition", formatter_class=HelpFormatter, help="render the 9-channel head hint (normal | albedo | shading) from photos and head controls",
         description="Build CapHuman's head condition: FLAME head from the reference photo (and a pose photo, "
                     "mixed by --modes), explicit pose/framing/lighting controls, rendered to PNGs and hint.npy.")
     add_head_arguments(p, reference_required=True)
@@ -81,11 +80,15 @@ def build_condition(args, renderer=None):
     return cond, ref, pose, builder, controls
 
 
-def _to_png(chw: np.ndarray) -> Image.Image:
+def _to_png(chw):
+    import numpy as np
+    from PIL import Image
     return Image.fromarray((np.clip(chw.transpose(1, 2, 0), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8))
 
 
-def write_outputs(out_dir: Path, cond, frame: np.ndarray, meta: dict) -> None:
+def write_outputs(out_dir: Path, cond, frame, meta: dict) -> None:
+    import numpy as np
+    from PIL import Image
     hint = cond.hint
     mask = np.abs(hint).sum(0) > 0
     np.save(out_dir / "hint.npy", hint)
@@ -102,11 +105,12 @@ def write_outputs(out_dir: Path, cond, frame: np.ndarray, meta: dict) -> None:
 def run(args: argparse.Namespace) -> int:
     from caphuman.runtime.cli import UserError
 
+    from .outputs import check_new_outputs
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a folder")
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        raise UserError(f"--out {out} exists and is not empty; choose a new folder or pass --overwrite")
+    if out.exists() and any(out.iterdir()):
+        check_new_outputs([out], args.overwrite)  # the one overwrite rule: the folder is replaced as a whole
     cond, ref, pose, builder, controls = build_condition(args)
 
     position_photo = pose if (pose is not None and any(m in args.modes for m in ("position", "all"))) else ref

@@ -8,6 +8,8 @@ import sys
 import time
 from pathlib import Path
 
+from .cli import HelpFormatter
+
 
 
 class UserError(ValueError):
@@ -19,7 +21,7 @@ GRAPH_HELP = ("text_encoder, image_encoder, capface, unet, denoiser, vae_decoder
 
 def register(sub) -> None:
     e = sub.add_parser("export", help="export the networks as ONNX graphs (validated against PyTorch)",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       formatter_class=HelpFormatter,
                        description="One ONNX graph per network, stable I/O names (docs/engines.md), dynamic batch "
                                    "and resolution, checked with the ONNX checker, TensorRT's operator matrix "
                                    "and ONNX Runtime against PyTorch.")
@@ -42,7 +44,7 @@ def register(sub) -> None:
     e.set_defaults(func=run_export)
 
     b = sub.add_parser("build", help="build TensorRT engines from exported graphs (needs TensorRT)",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       formatter_class=HelpFormatter,
                        description="fp16 TensorRT engines with optimization profiles, a timing cache and an engine "
                                    "cache keyed by graph hash + GPU + TensorRT version.")
     b.add_argument("--onnx-dir", required=True, help="folder written by `caphuman export`")

@@ -7,13 +7,15 @@ import signal
 import time
 from pathlib import Path
 
+from .cli import HelpFormatter
+
 log = logging.getLogger(__name__)
 
 
 def register(sub) -> None:
     p = sub.add_parser(
         "serve", help="serve CapHuman over gRPC with NVIDIA Triton Inference Server",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
         description="Start tritonserver on the CapHuman-RT model repository (models: caphuman, identity, "
                     "head_condition), wait until every model is loaded and warm, print the endpoints, and run "
                     "until Ctrl-C. Without --weights the models are tiny and have random weights (a demo). "
