@@ -70,17 +70,19 @@ def create_engine(backend: str, den: CapHumanDenoiser | None, *, device: str | t
 
         if dtype not in (None, torch.float32):
             raise ValueError("the onnxruntime backend runs the fp32 graphs; drop --fp16")
-        folder, temporary = _onnx_dir(den, engine_dir)
+        folder, temporary, artifacts = _onnx_dir(den, engine_dir)
         try:
             graphs = {g: OnnxRuntimeEngine(folder / f"{g}.onnx", specs[g]) for g in ONNX_DENOISER_GRAPHS}
         finally:
             if temporary:  # the sessions have read the graphs (and their external data) into memory
                 shutil.rmtree(folder, ignore_errors=True)
         device = torch.device(device or "cpu")
-        return GraphDenoiserEngine(graphs["capface"], graphs["unet"], schedule, dtype=torch.float32,
-                                   denoiser=graphs["denoiser"], device=device,
-                                   backend="onnxruntime-" + "+".join(graphs["unet"].providers),
-                                   hint_channels=config.capface.hint_channels)
+        engine = GraphDenoiserEngine(graphs["capface"], graphs["unet"], schedule, dtype=torch.float32,
+                                     denoiser=graphs["denoiser"], device=device,
+                                     backend="onnxruntime-" + "+".join(graphs["unet"].providers),
+                                     hint_channels=config.capface.hint_channels)
+        engine.artifacts = artifacts  # what ran, for the outputs' metadata
+        return engine
     from .tensorrt_engine import TensorRTEngine, TensorRTUnavailable, import_tensorrt
 
     try:
@@ -107,12 +109,41 @@ def _need(den: CapHumanDenoiser | None, backend: str) -> CapHumanDenoiser:
     return den
 
 
-def _onnx_dir(den: CapHumanDenoiser | None, engine_dir: str | Path | None) -> tuple[Path, bool]:
-    """(folder, whether it is temporary): `engine_dir` when it holds the denoiser's graphs; else export them
-    from `den` into `engine_dir`, or into a temporary folder."""
-    if engine_dir is not None and all((Path(engine_dir) / f"{g}.onnx").is_file() for g in ONNX_DENOISER_GRAPHS):
-        log.info("using the ONNX graphs in %s (they must come from the same weights)", engine_dir)
-        return Path(engine_dir), False
+class ForeignGraphsError(EngineError, ValueError):
+    """Graphs (or engines) made from other weights than the loaded ones: refused, never run."""
+
+
+def check_graph_weights(folder: Path, fingerprint: str, graphs=ONNX_DENOISER_GRAPHS) -> dict:
+    """The manifest entries of `graphs` in `folder`, after checking that they were exported from weights
+    with this `weights_fingerprint`; ForeignGraphsError, saying how to rebuild, otherwise."""
+    manifest = folder / "manifest.json"
+    entries = json.loads(manifest.read_text()).get("graphs", {}) if manifest.is_file() else {}
+    recorded = {g: entries.get(g, {}).get("weights_sha256") for g in graphs}
+    wrong = {g: v for g, v in recorded.items() if v != fingerprint}
+    if wrong:
+        seen = sorted({str(v)[:12] if v else "not recorded" for v in wrong.values()})
+        raise ForeignGraphsError(
+            f"the ONNX graphs {sorted(wrong)} in {folder} were not exported from the loaded weights (their weights "
+            f"fingerprint: {', '.join(seen)}; the loaded denoiser's: {fingerprint[:12]}); re-export them with the "
+            f"same weight flags: caphuman export --only {','.join(graphs)} --out {folder} ..., or delete {folder} "
+            "to have them exported there from the loaded weights")
+    return {g: entries[g] for g in graphs}
+
+
+def _onnx_dir(den: CapHumanDenoiser | None, engine_dir: str | Path | None) -> tuple[Path, bool, dict]:
+    """(folder, whether it is temporary, the graphs' identity): `engine_dir` when it holds the denoiser's
+    graphs, exported from these weights (else refused); else export them from `den` into `engine_dir`, or
+    into a temporary folder."""
+    from caphuman.export.fingerprint import weights_fingerprint
+
+    has_graphs = engine_dir is not None and all((Path(engine_dir) / f"{g}.onnx").is_file()
+                                                for g in ONNX_DENOISER_GRAPHS)
+    if has_graphs and den is not None:
+        fingerprint = weights_fingerprint(den)
+        entries = check_graph_weights(Path(engine_dir), fingerprint)
+        log.info("using the ONNX graphs in %s (exported from these weights)", engine_dir)
+        return Path(engine_dir), False, {"graphs": str(Path(engine_dir).resolve()), "weights_sha256": fingerprint,
+                                         "graph_sha256": {g: e.get("sha256") for g, e in entries.items()}}
     if den is None:
         raise FileNotFoundError(f"no ONNX graphs {ONNX_DENOISER_GRAPHS} in {engine_dir} and no weights to export "
                                 "them from (run `caphuman export` first)")
@@ -124,7 +155,10 @@ def _onnx_dir(den: CapHumanDenoiser | None, engine_dir: str | Path | None) -> tu
     device, dtype = p.device, p.dtype
     src = ExportSources(den.config, denoiser=den.float().cpu())
     try:
-        export_graphs(src, ONNX_DENOISER_GRAPHS, out, validate=False, progress=False)
+        reports = export_graphs(src, ONNX_DENOISER_GRAPHS, out, validate=False, progress=False)
+        fingerprint = weights_fingerprint(den)
     finally:
         den.to(device, dtype)
-    return out, engine_dir is None
+    temporary = engine_dir is None
+    return out, temporary, {"graphs": "exported from the loaded weights" if temporary else str(out.resolve()),
+                            "weights_sha256": fingerprint, "graph_sha256": {r.name: r.sha256 for r in reports}}

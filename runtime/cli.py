@@ -28,7 +28,8 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if "default" in text or action.default in (None, False, argparse.SUPPRESS) or action.option_strings == []:
+        shown = action.default is not None and action.default is not False and action.default not in ("", argparse.SUPPRESS)
+        if "default" in text or not shown or not action.option_strings:
             return text
         return super()._get_help_string(action)
 

@@ -75,7 +75,9 @@ def build_condition(args, renderer=None):
         builder = ConditionBuilder(args.deca_model, args.flame_model, args.flame_texture)
         cond, ref, pose = builder.build(args.reference, args.pose, args.modes, controls,
                                         allow_no_face=args.allow_no_face, renderer=renderer)
-    except (NoFaceError, PhotoError) as e:
+    except NoFaceError as e:
+        raise UserError(f"{e}: --allow-no-face") from None
+    except PhotoError as e:
         raise UserError(str(e)) from None
     return cond, ref, pose, builder, controls
 

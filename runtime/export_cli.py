@@ -1,7 +1,6 @@
 """`caphuman export` (PyTorch -> ONNX graphs) and `caphuman build` (ONNX -> TensorRT engines)."""
 from __future__ import annotations
 
-import argparse
 import json
 import resource
 import sys

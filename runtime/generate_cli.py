@@ -182,7 +182,9 @@ def check_arguments(args) -> None:
         raise UserError("--reference with real weights needs --facenet-weights and --bisenet-weights "
                         "(or pass --identity-context)")
     check_new_outputs(output_paths(args), args.overwrite)
-    from caphuman.engines.samplers import check_sampler_args  # needs torch; still no model
+    from caphuman.engines.samplers import (
+        check_sampler_args,  # needs torch; still no model
+    )
     check_sampler_args(args.sampler, args.steps, args.eta)
 
 
@@ -193,7 +195,12 @@ def run(args) -> int:
 
     from . import generate_inputs as inputs
     from .outputs import save_png_with_sidecar
-    from .pipeline import GenerationRequest, build_pipeline, load_networks, random_networks
+    from .pipeline import (
+        GenerationRequest,
+        build_pipeline,
+        load_networks,
+        random_networks,
+    )
     from .provenance import command_record
 
     record = command_record("generate", args, FILE_OPTIONS + ("weights",))  # the options as given, hashed files

@@ -51,8 +51,14 @@ def identity_from_photo(args, nets, photo) -> torch.Tensor:
     if args.bisenet_weights:
         bisenet = load_bisenet(args.bisenet_weights).eval()
     facenet, bisenet = facenet.to(nets.device), bisenet.to(nets.device)
-    with torch.no_grad():
-        return identity_context(nets.denoiser, facenet, bisenet, nets.image_encoder, photo).float().cpu()
+    from caphuman.runtime.cli import UserError
+    from caphuman.runtime.condition import NoFaceError
+    try:
+        with torch.no_grad():
+            return identity_context(nets.denoiser, facenet, bisenet, nets.image_encoder, photo,
+                                    fallback=args.allow_no_face).float().cpu()
+    except NoFaceError as e:
+        raise UserError(f"{e}: --allow-no-face") from None
 
 
 def identity(args, nets, rng_seed: int, photo=None) -> torch.Tensor:
@@ -89,10 +95,9 @@ def identity(args, nets, rng_seed: int, photo=None) -> torch.Tensor:
 
 
 def add_controlnet(args, nets, size) -> None:
-    from PIL import Image
-
     from caphuman.export.config import packaged_config
     from caphuman.export.models import load_controlnet
+    from PIL import Image
     path = Path(args.controlnet_hint)  # given, a file, strength finite: generate_cli.check_arguments
     try:
         with Image.open(path) as im:

@@ -328,6 +328,7 @@ class CapHumanPipeline:
                       identity_sha256=identity_sha256 or tensor_hash(req.identity_context),
                       noise="explicit" if req.noise is not None else "cpu-generator-per-seed",
                       models=self.model_hashes, random_weights=self.random_weights,
+                      engine={"backend": self.backend, **getattr(self.engine, "artifacts", {})},
                       controlnets=[{"scale": c.scale, "hint_sha256": tensor_hash(c.hint)}
                                    for c in self.denoiser.extra_controls])
         return params

@@ -1,7 +1,6 @@
 """`caphuman serve`: run NVIDIA Triton Inference Server on the CapHuman-RT model repository."""
 from __future__ import annotations
 
-import argparse
 import logging
 import signal
 import time
@@ -36,10 +35,10 @@ def register(sub) -> None:
                    help="tritonserver binary (default: the one in the nvidia-pytriton wheel; in the NGC container "
                         "/opt/tritonserver/bin/tritonserver)")
     p.add_argument("--host", default="0.0.0.0", help="address to listen on")
-    p.add_argument("--grpc-port", type=int, default=8001)
-    p.add_argument("--http-port", type=int, default=8000)
+    p.add_argument("--grpc-port", type=int, default=8001, help="gRPC port (what `caphuman client --url` talks to)")
+    p.add_argument("--http-port", type=int, default=8000, help="HTTP/REST port (health: /v2/health/ready)")
     p.add_argument("--metrics-port", type=int, default=8002, help="Prometheus metrics (/metrics)")
-    p.add_argument("--log-file", type=Path, default=None, help="server log (default: a temporary folder; printed)")
+    p.add_argument("--log-file", type=Path, default=None, help="server log (default: a temporary folder, printed at start and removed at exit)")
     p.add_argument("--ready-timeout", type=float, default=600.0, help="seconds to wait for the models to load")
     p.set_defaults(func=run)
 

@@ -20,7 +20,7 @@ class WeightFiles:
     flame_texture: Path | None
 
     @classmethod
-    def discover(cls, root: str | Path) -> "WeightFiles":
+    def discover(cls, root: str | Path) -> WeightFiles:
         root = Path(root)
         if not root.is_dir():
             raise FileNotFoundError(f"weights folder not found: {root}")
