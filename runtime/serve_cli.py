@@ -90,8 +90,9 @@ def run(args) -> int:
               f"Ctrl-C stops the server.", flush=True)
         while server.is_alive():
             time.sleep(0.5)
-        raise UserError(f"tritonserver exited with status {server.proc.returncode}; log {server.log_path}:\n"
-                        f"{server.log_tail()}")
+        server.failed = True
+        raise UserError(f"tritonserver exited with status {server.proc.returncode}: {server.first_error()} "
+                        f"(full log: {server.log_path})")
     except LaunchError as e:
         raise UserError(str(e)) from None
     except KeyboardInterrupt:
@@ -101,5 +102,4 @@ def run(args) -> int:
         return 0
     finally:
         signal.signal(signal.SIGTERM, old_term)
-        if server.is_alive():
-            server.stop()
+        server.stop()  # also removes its temporary folder (a failed start's log stays, and is named)
