@@ -48,4 +48,5 @@ def test_caphuman_serve_prints_the_first_real_error_and_leaves_no_temp_folder(tm
     assert len(err) == 1, out.stderr
     assert "failed to load: TritonModelException" in err[0] and "bogus_key" in err[0], err[0]
     assert "At:" not in err[0] and "+----" not in out.stderr and str(tmp_path / "serve.log") in err[0]
-    assert list(temp.iterdir()) == [], f"left behind: {list(temp.iterdir())}"
+    ours = [p.name for p in temp.iterdir() if p.name.startswith("caphuman")]  # (torch's own caches may appear)
+    assert ours == [], f"left behind: {ours}"
