@@ -102,6 +102,7 @@ class ProgressBar:
 def run(args) -> int:
     from caphuman.runtime.cli import UserError
     from caphuman.runtime.outputs import check_new_outputs, save_png_with_sidecar
+    from caphuman.runtime.provenance import command_record
     from caphuman.tritonserver.client import CapHumanClient, Progress, ServerError
     from tqdm import tqdm
 
@@ -120,6 +121,7 @@ def run(args) -> int:
                   light=args.light, sampler=args.sampler, steps=args.steps, guidance=args.guidance, eta=args.eta,
                   strength=args.strength, tau=args.tau, seed=args.seed, resolution=args.resolution,
                   progress=not args.no_progress, head_pose=items["head_pose"], pose_image=items["pose_image"])
+    record = command_record("client", args, ("reference", "pose"))  # the request's inputs, photos hashed
     bar = ProgressBar(items["items"], tqdm)
     written = []
     try:
@@ -129,7 +131,8 @@ def run(args) -> int:
                 continue
             meta = msg.metadata
             png, sidecar = save_png_with_sidecar(msg.image, args.out / f"{args.name}_{meta.get('seed', msg.index)}.png",
-                                                 {**meta, "server": args.url}, overwrite=args.overwrite)
+                                                 {**meta, "server": args.url, "inputs": record},
+                                                 overwrite=args.overwrite)
             written.append(png)
             print(f"wrote {png} and {sidecar.name}  ({meta.get('timings', {}).get('item_ms', 0) / 1e3:.1f} s)")
             for w in meta.get("warnings", []):

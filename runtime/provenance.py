@@ -30,7 +30,9 @@ def file_record(path: str | Path) -> dict:
 def command_record(command: str, args: argparse.Namespace, file_options: tuple[str, ...],
                    skip: tuple[str, ...] = ("func", "verbose", "command")) -> dict:
     """{"command", "options": every option by its dest, "files": file_record of every given file option}."""
-    options = {k: list(v) if isinstance(v, tuple) else str(v) if isinstance(v, Path) else v
-               for k, v in sorted(vars(args).items()) if k not in skip}
-    files = {k: file_record(options[k]) for k in file_options if options.get(k)}
+    def plain(v):
+        return str(v) if isinstance(v, Path) else [plain(x) for x in v] if isinstance(v, (list, tuple)) else v
+    options = {k: plain(v) for k, v in sorted(vars(args).items()) if k not in skip}
+    files = {k: [file_record(v) for v in options[k]] if isinstance(options[k], list) else file_record(options[k])
+             for k in file_options if options.get(k)}
     return {"command": command, "options": options, "files": files}
