@@ -8,6 +8,7 @@ from caphuman.engines.catalog import DEFAULT_SAMPLER, SAMPLER_DOCS
 
 from . import limits
 from .cli import HelpFormatter
+from .condition_cli import comma_floats
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +32,13 @@ def register(sub) -> None:
     h.add_argument("--pitch", type=float, action="append", help="degrees, + tilts the face down")
     h.add_argument("--roll", type=float, action="append", help="degrees, + tilts the head counter-clockwise")
     h.add_argument("--modes", default="position,pose", help="what the pose photo gives (official modes)")
-    h.add_argument("--light", default="", help="lighting preset: front, left, right, top, bottom, flat")
+    h.add_argument("--light", default="", help="lighting preset: front, left, right, top, bottom, flat "
+                                               "(default: from the photos)")
+    h.add_argument("--scale", type=float, help="face size as a fraction of the frame height [0.05, 2]")
+    h.add_argument("--center", type=float, nargs=2, metavar=("X", "Y"), help="face centre in the frame, [0, 1] each")
+    h.add_argument("--jaw", type=float, help="jaw opening in degrees [0, 40] (a server with the FLAME model)")
+    h.add_argument("--expression", type=comma_floats, help="up to 50 FLAME expression coefficients, comma-separated "
+                                                      "(a server with the FLAME model)")
     s = p.add_argument_group("sampling")
     s.add_argument("--sampler", choices=sorted(SAMPLER_DOCS), default=DEFAULT_SAMPLER,
                    help="; ".join(f"{name}: {doc}" for name, doc in sorted(SAMPLER_DOCS.items())))
@@ -62,6 +69,13 @@ def _head_poses(args) -> list[tuple[float, float, float]] | None:
             raise ValueError(f"--{k} given {len(v)} times; give it 0, 1 or {n} times (once per item)")
     pick = {k: (v * n if len(v) == 1 else v) if v else [0.0] * n for k, v in lists.items()}
     return list(zip(pick["yaw"], pick["pitch"], pick["roll"]))
+
+
+def more_head_controls(args) -> dict | None:
+    """The request's HEAD_CONTROLS (the same for every item), or None."""
+    values = {"scale": args.scale, "center": list(args.center) if args.center else None, "jaw": args.jaw,
+              "expression": list(args.expression) if args.expression else None}
+    return {k: v for k, v in values.items() if v is not None} or None
 
 
 def expand_items(args) -> dict:
@@ -120,7 +134,8 @@ def run(args) -> int:
     fields = dict(negative_prompt=args.negative_prompt, added_prompt=args.added_prompt, modes=args.modes,
                   light=args.light, sampler=args.sampler, steps=args.steps, guidance=args.guidance, eta=args.eta,
                   strength=args.strength, tau=args.tau, seed=args.seed, resolution=args.resolution,
-                  progress=not args.no_progress, head_pose=items["head_pose"], pose_image=items["pose_image"])
+                  progress=not args.no_progress, head_pose=items["head_pose"], pose_image=items["pose_image"],
+                  head_controls=more_head_controls(args))
     record = command_record("client", args, ("reference", "pose"))  # the request's inputs, photos hashed
     bar = ProgressBar(items["items"], tqdm)
     written = []

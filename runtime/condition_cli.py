@@ -24,7 +24,7 @@ def _light_arg(text: str):
     return text
 
 
-def _floats(text: str) -> tuple[float, ...]:
+def comma_floats(text: str) -> tuple[float, ...]:
     try:
         return tuple(float(v) for v in text.split(",") if v.strip())
     except ValueError:
@@ -51,7 +51,7 @@ def add_head_arguments(p, reference_required: bool) -> None:
     p.add_argument("--pitch", type=float, help="degrees, >0 tilts the face down [-60, 60]")
     p.add_argument("--roll", type=float, help="degrees, >0 tilts the head counter-clockwise [-90, 90]")
     p.add_argument("--jaw", type=float, help="jaw opening in degrees [0, 40] (needs --flame-model)")
-    p.add_argument("--expression", type=_floats, help="up to 50 FLAME expression coefficients, comma-separated "
+    p.add_argument("--expression", type=comma_floats, help="up to 50 FLAME expression coefficients, comma-separated "
                                                       "(needs --flame-model)")
     p.add_argument("--scale", type=float, help="face size as a fraction of the frame height [0.05, 2]")
     p.add_argument("--center", type=float, nargs=2, metavar=("X", "Y"), help="face centre in the frame, [0, 1] each")

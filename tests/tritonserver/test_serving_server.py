@@ -397,3 +397,31 @@ def test_served_image_equals_the_cli_image_onnxruntime(tmp_path):
         served = _served_image(CapHumanClient(srv.grpc_url, timeout=300))
     assert served.metadata["backend"].startswith("onnxruntime") and served.metadata["sampler"] == "dpmpp_2m"
     assert _psnr(served.image, _cli_image(tmp_path, "onnxruntime")) >= 40
+
+
+def test_client_head_controls_reach_the_hint_and_the_metadata(client, tmp_path):
+    """`caphuman client --scale --center` (HEAD_CONTROLS): another head framing, recorded in the metadata."""
+    ref = face("reference_196251.png")
+    plain = client.generate(ref, "a photo", seed=5, **FAST)[0]
+    framed = client.generate(ref, "a photo", seed=5, head_controls={"scale": 0.3, "center": [0.3, 0.6]}, **FAST)[0]
+    assert framed.metadata["head_controls"] == {"center": [0.3, 0.6], "scale": 0.3}
+    assert framed.metadata["hint_sha256"] != plain.metadata["hint_sha256"]
+    with pytest.raises(ServerError, match="HEAD_CONTROLS"):
+        client.generate(ref, "a photo", head_controls={"tilt": 3}, **FAST)
+    with pytest.raises(ServerError, match="scale"):
+        client.generate(ref, "a photo", head_controls={"scale": 50}, **FAST)
+
+
+def test_caphuman_client_batch_num_samples_and_sidecar(server, tmp_path):
+    out = tmp_path / "client"
+    args = [*CAPHUMAN, "client", "--url", server.grpc_url, "--reference", str(face_photo("reference_196251.png")),
+            "--prompt", "a photo", "--num-samples", "2", "--seed", "40", "--scale", "0.5", "--steps", "2",
+            "--resolution", "256", "--out", str(out)]
+    done = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr
+    import json
+    metas = [json.loads((out / f"caphuman_{s}.json").read_text()) for s in (40, 41)]
+    assert [m["timings"]["batch_size"] for m in metas] == [2, 2] and metas[0]["head_controls"] == {"scale": 0.5}
+    assert metas[0]["inputs"]["files"]["reference"]["sha256"]
+    again = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, timeout=300, check=False)
+    assert again.returncode == 2 and "--overwrite" in again.stderr

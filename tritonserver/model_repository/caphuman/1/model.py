@@ -198,7 +198,8 @@ class TritonPythonModel:
         """(hint [1, 9, R, R], its metadata hash, cache hit, notes). This instance keeps the last hints
         (a person's next request skips the BLS call and the 9-channel copy); else the head model's cache."""
         pose, head = req.item(req.pose_images, i), req.item(req.head_poses, i)
-        key = (ref_key, sha256(pose) if pose is not None else None, head, req.modes, req.light, req.resolution)
+        key = (ref_key, sha256(pose) if pose is not None else None, head, req.modes, req.light, req.head_controls,
+               req.resolution)
         cached = self.hint_cache.get(key)
         if cached is not None:
             return (*cached[:2], True, cached[2])
@@ -210,6 +211,8 @@ class TritonPythonModel:
             inputs.append(_tensor("POSE_IMAGE", [pose], np.object_))
         if head is not None:
             inputs.append(_tensor("HEAD_POSE", head, np.float32))
+        if req.head_controls:
+            inputs.append(_tensor("HEAD_CONTROLS", [req.head_controls.encode()], np.object_))
         out = self._bls(HEAD_MODEL, inputs, ["HINT", "CACHE_HIT", "ELAPSED_MS", "NOTES"])
         notes = [n.decode() for n in out["NOTES"].reshape(-1) if n]
         hint = torch.from_numpy(out["HINT"].copy())[None]
@@ -252,6 +255,7 @@ class TritonPythonModel:
                       "condition_notes": notes, "random_weights": self.random_weights,
                       "pose_image": req.item(req.pose_images, i) is not None,
                       "head_pose": req.item(req.head_poses, i), "modes": req.modes, "light": req.light or None,
+                      "head_controls": json.loads(req.head_controls) if req.head_controls else None,
                       "resolution": req.resolution}
             if self.random_weights:
                 params["notice"] = RANDOM_WEIGHTS_NOTICE
