@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import pickle
 import sys
 
 from caphuman.export.extras import MissingExtra
@@ -55,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except (UserError, MissingExtra, ValueError, FileNotFoundError, FileExistsError) as e:
+    except (UserError, MissingExtra, ValueError, FileNotFoundError, FileExistsError, pickle.UnpicklingError) as e:
         print(f"caphuman {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -37,6 +37,8 @@ def register(subparsers) -> None:
         description="Build CapHuman's head condition: FLAME head from the reference photo (and a pose photo, "
                     "mixed by --modes), explicit pose/framing/lighting controls, rendered to PNGs and hint.npy.")
     add_head_arguments(p, reference_required=True)
+    p.add_argument("--weights", metavar="DIR", help="folder of the official files (the layout of `caphuman serve "
+                                                   "--weights`): its DECA and FLAME files, unless given by flag")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--out", required=True, help="output folder")
     p.set_defaults(func=run)
@@ -108,6 +110,8 @@ def run(args: argparse.Namespace) -> int:
     from caphuman.runtime.cli import UserError
 
     from .outputs import check_new_outputs
+    from .weights_layout import use_weights_folder
+    use_weights_folder(args, require_checkpoint=False)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a folder")

@@ -12,6 +12,7 @@ from . import limits
 from .cli import HelpFormatter, UserError
 from .condition_cli import add_head_arguments
 from .outputs import check_new_outputs
+from .weights_layout import use_weights_folder
 
 log = logging.getLogger(__name__)
 
@@ -22,11 +23,6 @@ FILE_OPTIONS = ("config", "checkpoint", "sd_checkpoint", "vae_checkpoint", "clip
                 "reference", "pose", "deca_model", "flame_model", "flame_texture", "facenet_weights",
                 "bisenet_weights", "noise")
 FOLDER_OPTIONS = ("clip_dir", "weights")
-# --weights DIR fills these from the official folder layout (caphuman.runtime.weights_layout), unless given
-WEIGHTS_FOLDER_FILES = {"checkpoint": "checkpoint", "sd_checkpoint": "sd_checkpoint",
-                        "vae_checkpoint": "vae_checkpoint", "clip_dir": "clip_dir", "facenet_weights": "facenet",
-                        "bisenet_weights": "bisenet", "deca_model": "deca", "flame_model": "flame_model",
-                        "flame_texture": "flame_texture"}
 TINY_CONFIG = "cldm_tiny"
 
 RANDOM_WEIGHTS_NOTICE = f"""\
@@ -106,17 +102,6 @@ def register(sub) -> None:
 
 def _flag(dest: str) -> str:
     return "--" + dest.replace("_", "-")
-
-
-def use_weights_folder(args) -> None:
-    """Fill the file options that --weights DIR provides (a file flag given as well keeps its file)."""
-    if not args.weights:
-        return
-    from .weights_layout import WeightFiles
-    files = WeightFiles.discover(args.weights)
-    for dest, attr in WEIGHTS_FOLDER_FILES.items():
-        if getattr(args, dest) is None and getattr(files, attr) is not None:
-            setattr(args, dest, str(getattr(files, attr)))
 
 
 def output_paths(args) -> list[Path]:

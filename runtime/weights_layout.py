@@ -20,12 +20,13 @@ class WeightFiles:
     flame_texture: Path | None
 
     @classmethod
-    def discover(cls, root: str | Path) -> WeightFiles:
+    def discover(cls, root: str | Path, require_checkpoint: bool = True) -> WeightFiles:
+        """The files of `root`; without caphuman.ckpt only when not `require_checkpoint` (`caphuman condition`)."""
         root = Path(root)
         if not root.is_dir():
             raise FileNotFoundError(f"weights folder not found: {root}")
         ckpt = root / "caphuman.ckpt"
-        if not ckpt.is_file():
+        if require_checkpoint and not ckpt.is_file():
             raise FileNotFoundError(f"weights folder {root} has no caphuman.ckpt")
         files = [p for p in root.iterdir() if p.is_file()]
         vae = [p for p in files if p.name.lower().startswith("vae") and p.suffix in (".ckpt", ".safetensors")]
@@ -43,3 +44,20 @@ class WeightFiles:
                    one(lambda n: "vggface2" in n or (n.startswith("facenet") and n.endswith((".pt", ".pth")))),
                    one(lambda n: n == "79999_iter.pth"), one(lambda n: n == "deca_model.tar"),
                    one(lambda n: n == "generic_model.pkl"), one(lambda n: n == "flame_texture.npz"))
+
+
+# command-line option (dest) -> the WeightFiles field that --weights DIR fills it from
+OPTION_FILES = {"checkpoint": "checkpoint", "sd_checkpoint": "sd_checkpoint", "vae_checkpoint": "vae_checkpoint",
+                "clip_dir": "clip_dir", "facenet_weights": "facenet", "bisenet_weights": "bisenet",
+                "deca_model": "deca", "flame_model": "flame_model", "flame_texture": "flame_texture"}
+
+
+def use_weights_folder(args, require_checkpoint: bool = True) -> None:
+    """Fill the file options of `args` that --weights DIR provides; an option given as well keeps its file,
+    an option the command does not have is skipped."""
+    if not getattr(args, "weights", None):
+        return
+    files = WeightFiles.discover(args.weights, require_checkpoint)
+    for dest, field in OPTION_FILES.items():
+        if hasattr(args, dest) and getattr(args, dest) is None and getattr(files, field) is not None:
+            setattr(args, dest, str(getattr(files, field)))

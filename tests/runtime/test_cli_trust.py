@@ -256,3 +256,12 @@ def test_a_sample_of_a_batch_equals_its_seed_alone_within_the_documented_bound()
         assert d.max() <= 1 and (d > 0).mean() < 0.01, (i, d.max(), (d > 0).mean())
         rel = ((three.latents[i] - alone.latents[0]).norm() / alone.latents[0].norm()).item()
         assert rel < 1e-4, rel
+
+
+def test_condition_takes_the_weights_folder_too(tmp_path, capsys):
+    folder = tmp_path / "weights"
+    folder.mkdir()
+    (folder / "generic_model.pkl").write_bytes(b"not a pickle")
+    assert main(["condition", "--weights", str(folder), "--reference", str(face_photo("reference_196251.png")),
+                 "--out", str(tmp_path / "c")]) == 2
+    assert "generic_model.pkl" in capsys.readouterr().err  # the folder's FLAME model was used, and refused
