@@ -129,17 +129,13 @@ def tensor_hash(t: torch.Tensor) -> str:
 
 
 def file_hash(path: str | Path | None) -> str | None:
-    """Short content hash of a weights file (first/last 16 MiB + size: fast on multi-GB files)."""
+    """Short content hash of a weights file (`caphuman.runtime.provenance.file_record`'s: whole files up to
+    64 MiB, first/last 16 MiB + size above, fast on multi-GB files)."""
     if not path:
         return None
-    p = Path(path)
-    h = hashlib.sha256(str(p.stat().st_size).encode())
-    with open(p, "rb") as f:
-        h.update(f.read(1 << 24))
-        if p.stat().st_size > 1 << 25:
-            f.seek(-(1 << 24), 2)
-            h.update(f.read())
-    return h.hexdigest()[:16]
+    from .provenance import file_record
+    record = file_record(path)
+    return (record.get("sha256") or record["sha256_head_tail"])[:16]
 
 
 # ------------------------------------------------------------------------------------ networks
