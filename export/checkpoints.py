@@ -129,8 +129,10 @@ def read_state_dict(path: str | Path, label: str = "checkpoint") -> dict[str, to
     if path.suffix.lower() == ".safetensors":
         if not path.is_file():
             raise CheckpointNotFound(f"{label} not found: {path}")
-        if file_format(path) != "safetensors":
-            raise CheckpointError(f"{label} {path} is not a PyTorch checkpoint or safetensors file")
+        kind = file_format(path)
+        if kind != "safetensors":
+            why = "it is a PyTorch checkpoint: name it .ckpt" if kind else "not a PyTorch checkpoint or safetensors file"
+            raise CheckpointError(f"{label} {path} is not a readable safetensors file ({why})")
         import safetensors.torch
         try:
             return dict(safetensors.torch.load_file(str(path), device="cpu"))
