@@ -31,12 +31,11 @@ from caphuman.export.models import CapHumanDenoiser
 from caphuman.export.onnx_specs import graph_specs
 
 from .base import EngineError
+from .catalog import BACKENDS
 from .denoiser import DenoiserEngine
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("eager", "torch", "onnxruntime", "tensorrt", "tensorrt-rtx")
-TENSORRT_BACKENDS = ("tensorrt", "tensorrt-rtx")   # backend name = TensorRT library name
 ONNX_DENOISER_GRAPHS = ("capface", "unet", "denoiser")
 EXTRA_CONTROLNET_BACKENDS = ("eager", "torch")
 
@@ -75,17 +74,19 @@ def create_engine(backend: str, den: CapHumanDenoiser | None, *, device: str | t
 
         if dtype not in (None, torch.float32):
             raise ValueError("the onnxruntime backend runs the fp32 graphs; drop --fp16")
-        folder, temporary = _onnx_dir(den, engine_dir)
+        folder, temporary, artifacts = _onnx_dir(den, engine_dir)
         try:
             graphs = {g: OnnxRuntimeEngine(folder / f"{g}.onnx", specs[g]) for g in ONNX_DENOISER_GRAPHS}
         finally:
             if temporary:  # the sessions have read the graphs (and their external data) into memory
                 shutil.rmtree(folder, ignore_errors=True)
         device = torch.device(device or "cpu")
-        return GraphDenoiserEngine(graphs["capface"], graphs["unet"], schedule, dtype=torch.float32,
-                                   denoiser=graphs["denoiser"], device=device,
-                                   backend="onnxruntime-" + "+".join(graphs["unet"].providers),
-                                   hint_channels=config.capface.hint_channels)
+        engine = GraphDenoiserEngine(graphs["capface"], graphs["unet"], schedule, dtype=torch.float32,
+                                     denoiser=graphs["denoiser"], device=device,
+                                     backend="onnxruntime-" + "+".join(graphs["unet"].providers),
+                                     hint_channels=config.capface.hint_channels)
+        engine.artifacts = artifacts  # what ran, for the outputs' metadata
+        return engine
     from .tensorrt_engine import TensorRTEngine
     from .tensorrt_library import TensorRTUnavailable, library
 
@@ -116,57 +117,99 @@ def _need(den: CapHumanDenoiser | None, backend: str) -> CapHumanDenoiser:
     return den
 
 
+class ForeignGraphsError(EngineError, ValueError):
+    """Graphs (or engines) made from other weights than the loaded ones: refused, never run."""
+
+
+def _manifest_entries(folder: Path) -> dict:
+    manifest = folder / "manifest.json"
+    return json.loads(manifest.read_text()).get("graphs", {}) if manifest.is_file() else {}
+
+
+def check_graph_weights(folder: Path, fingerprint: str, graphs=ONNX_DENOISER_GRAPHS) -> dict:
+    """The manifest entries of `graphs` in `folder`, after checking that they were exported from weights
+    with this `weights_fingerprint`; ForeignGraphsError, saying how to rebuild, otherwise."""
+    entries = _manifest_entries(folder)
+    recorded = {g: entries.get(g, {}).get("weights_sha256") for g in graphs}
+    wrong = {g: v for g, v in recorded.items() if v != fingerprint}
+    if wrong:
+        seen = sorted({str(v)[:12] if v else "not recorded" for v in wrong.values()})
+        raise ForeignGraphsError(
+            f"the ONNX graphs {sorted(wrong)} in {folder} were not exported from the loaded weights (their weights "
+            f"fingerprint: {', '.join(seen)}; the loaded denoiser's: {fingerprint[:12]}); re-export them with the "
+            f"same weight flags: caphuman export --only {','.join(graphs)} --out {folder} ..., or delete {folder} "
+            "to have them exported there from the loaded weights")
+    return {g: entries[g] for g in graphs}
+
+
 def _has_graphs(folder: Path | None) -> bool:
     return folder is not None and all((folder / f"{g}.onnx").is_file() for g in ONNX_DENOISER_GRAPHS)
 
 
-def _onnx_dir(den: CapHumanDenoiser | None, engine_dir: str | Path | None) -> tuple[Path, bool]:
-    """(folder, whether it is temporary): `engine_dir` when it holds the denoiser's graphs; else export them
-    from `den` into `engine_dir`, or into a temporary folder.
+def _onnx_dir(den: CapHumanDenoiser | None, engine_dir: str | Path | None) -> tuple[Path, bool, dict]:
+    """(folder, whether it is temporary, the graphs' identity): `engine_dir` when it holds the denoiser's
+    graphs, exported from these weights (else refused); else export them from `den` into `engine_dir`, or
+    into a temporary folder.
 
     Several processes may start on one `engine_dir` at once (the server's model instances do): the export
     runs under a file lock, into a staging folder whose files are moved in with the `.onnx` files last, so
     a reader never sees a graph without its external data, and the others reuse the first one's graphs."""
     folder = Path(engine_dir) if engine_dir is not None else None
     if _has_graphs(folder):
-        log.info("using the ONNX graphs in %s (they must come from the same weights)", folder)
-        return folder, False
+        return folder, False, _existing_graphs(den, folder)
     if den is None:
         raise FileNotFoundError(f"no ONNX graphs {ONNX_DENOISER_GRAPHS} in {engine_dir} and no weights to export "
                                 "them from (run `caphuman export` first)")
     if folder is None:
         out = Path(tempfile.mkdtemp(prefix="caphuman-onnx-"))
-        _export_denoiser_graphs(den, out)
-        return out, True
+        return out, True, _export_denoiser_graphs(den, out)
     folder.mkdir(parents=True, exist_ok=True)
     with _folder_lock(folder):
         if _has_graphs(folder):  # another process exported them while this one waited
-            log.info("using the ONNX graphs another process exported into %s", folder)
-            return folder, False
+            return folder, False, _existing_graphs(den, folder)
         staging = Path(tempfile.mkdtemp(prefix=".export-", dir=folder))
         try:
             if (folder / "manifest.json").is_file():  # the export merges its entries into the folder's manifest
                 shutil.copy2(folder / "manifest.json", staging / "manifest.json")
-            _export_denoiser_graphs(den, staging)
+            identity = _export_denoiser_graphs(den, staging)
             files = sorted(staging.iterdir(), key=lambda f: f.suffix == ".onnx")
             for f in files:
                 os.replace(f, folder / f.name)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-    return folder, False
+    return folder, False, {**identity, "graphs": str(folder.resolve())}
 
 
-def _export_denoiser_graphs(den: CapHumanDenoiser, out: Path) -> None:
+def _existing_graphs(den: CapHumanDenoiser | None, folder: Path) -> dict:
+    """The identity of the graphs already in `folder`, checked against the loaded weights when there are any."""
+    if den is None:
+        log.info("using the ONNX graphs in %s (no loaded weights to check them against)", folder)
+        entries, fingerprint = _manifest_entries(folder), None
+    else:
+        from caphuman.export.fingerprint import weights_fingerprint
+
+        fingerprint = weights_fingerprint(den)
+        entries = check_graph_weights(folder, fingerprint)
+        log.info("using the ONNX graphs in %s (exported from these weights)", folder)
+    return {"graphs": str(folder.resolve()), "weights_sha256": fingerprint,
+            "graph_sha256": {g: entries.get(g, {}).get("sha256") for g in ONNX_DENOISER_GRAPHS}}
+
+
+def _export_denoiser_graphs(den: CapHumanDenoiser, out: Path) -> dict:
+    from caphuman.export.fingerprint import weights_fingerprint
     from caphuman.export.onnx_export import ExportSources, export_graphs
 
     log.info("exporting capface/unet/denoiser graphs from the loaded weights into %s", out)
     p = next(den.parameters())
     device, dtype = p.device, p.dtype
     try:
-        export_graphs(ExportSources(den.config, denoiser=den.float().cpu()), ONNX_DENOISER_GRAPHS, out,
-                      validate=False, progress=False)
+        reports = export_graphs(ExportSources(den.config, denoiser=den.float().cpu()), ONNX_DENOISER_GRAPHS, out,
+                                validate=False, progress=False)
+        fingerprint = weights_fingerprint(den)
     finally:
         den.to(device, dtype)
+    return {"graphs": "exported from the loaded weights", "weights_sha256": fingerprint,
+            "graph_sha256": {r.name: r.sha256 for r in reports}}
 
 
 @contextlib.contextmanager

@@ -26,7 +26,8 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-NUM_TRAIN_TIMESTEPS = 1000
+from .catalog import DEFAULT_SAMPLER, NUM_TRAIN_TIMESTEPS, SAMPLER_DOCS
+
 K_DIFFUSION_START = 951   # the first timestep of the official 20-step DDIM
 
 
@@ -225,13 +226,12 @@ def euler_ancestral_update(x, eps, c, state, noise=None):
     return x + eps * c[0] + noise * c[1], state
 
 
-DDIM = register_sampler(Sampler("ddim", ddim_plan, ddim_update, uses_eta=True,
-                                doc="the official DDIM (integer timesteps, eta), the default"))
+DDIM = register_sampler(Sampler("ddim", ddim_plan, ddim_update, uses_eta=True, doc=SAMPLER_DOCS["ddim"]))
 DPMPP_2M = register_sampler(Sampler("dpmpp_2m", dpmpp_2m_plan, dpmpp_2m_update, state_size=1,
-                                    doc="DPM-Solver++(2M): second order multistep, for 10-15 steps"))
+                                    doc=SAMPLER_DOCS["dpmpp_2m"]))
 EULER_A = register_sampler(Sampler("euler_a", euler_ancestral_plan, euler_ancestral_update,
-                                   doc="Euler ancestral: stochastic, fresh noise every step"))
-DEFAULT_SAMPLER = DDIM.name
+                                   doc=SAMPLER_DOCS["euler_a"]))
+assert DEFAULT_SAMPLER in SAMPLERS
 
 
 def check_sampler_args(sampler: str | Sampler, steps: int, eta: float = 0.0) -> None:

@@ -72,12 +72,39 @@ class CheckpointNotFound(CheckpointError, FileNotFoundError):
     """The checkpoint file does not exist."""
 
 
+def file_format(path: str | Path) -> str | None:
+    """'torch-zip', 'torch-legacy', 'tar' (old torch.save) or 'safetensors' from a file's first bytes;
+    None for anything else (a text file, random bytes), so that such files are refused before torch.load."""
+    with open(path, "rb") as f:
+        head = f.read(512)
+    if head.startswith(b"PK\x03\x04"):
+        return "torch-zip"
+    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:  # pickle protocol 2-5 marker
+        return "torch-legacy"
+    if head[257:262] == b"ustar":
+        return "tar"
+    if len(head) > 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < 100 << 20:
+        return "safetensors"
+    return None
+
+
+def _unpickler_reason(error: Exception) -> str:
+    """The reason of a weights-only refusal, without PyTorch's advice to load with weights_only=False
+    (which would run code from an untrusted file: we never repeat it)."""
+    for line in str(error).splitlines():
+        if "WeightsUnpickler error:" in line:
+            return line.split("WeightsUnpickler error:", 1)[1].strip()
+    return "it is not a plain tensor checkpoint"
+
+
 def read_torch_object(path: str | Path, label: str = "checkpoint"):
     """Whatever a torch file holds (dicts, tensors, numbers), through the weights-only unpickler:
     untrusted files can build no other object and run no code."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointNotFound(f"{label} not found: {path}")
+    if file_format(path) not in ("torch-zip", "torch-legacy", "tar"):
+        raise CheckpointError(f"{label} {path} is not a PyTorch checkpoint or safetensors file")
     try:
         with torch.serialization.safe_globals(_SAFE_GLOBALS + _numpy_safe_globals()):
             try:
@@ -90,7 +117,7 @@ def read_torch_object(path: str | Path, label: str = "checkpoint"):
     except pickle.UnpicklingError as e:
         raise CheckpointError(
             f"{label} {path} holds Python objects beyond tensors, which we refuse to unpickle (untrusted input): "
-            f"{str(e).splitlines()[0]}. Re-save it as a bare state dict or .safetensors.") from e
+            f"{_unpickler_reason(e)}. Re-save it as a bare state dict or .safetensors.") from None
     except Exception as e:  # weights-only loading runs no code: anything else is a damaged file
         raise CheckpointError(f"{label} {path} is not a readable checkpoint (truncated or not a torch file?): "
                               f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
@@ -102,6 +129,10 @@ def read_state_dict(path: str | Path, label: str = "checkpoint") -> dict[str, to
     if path.suffix.lower() == ".safetensors":
         if not path.is_file():
             raise CheckpointNotFound(f"{label} not found: {path}")
+        kind = file_format(path)
+        if kind != "safetensors":
+            why = "it is a PyTorch checkpoint: name it .ckpt" if kind else "not a PyTorch checkpoint or safetensors file"
+            raise CheckpointError(f"{label} {path} is not a readable safetensors file ({why})")
         import safetensors.torch
         try:
             return dict(safetensors.torch.load_file(str(path), device="cpu"))

@@ -437,15 +437,32 @@ def export_graphs(src: ExportSources, names, out_dir, *, fp16: bool = False, ops
     return reports
 
 
+def source_fingerprints(src: ExportSources, names) -> dict[str, str]:
+    """graph -> `weights_fingerprint` of the network(s) it is made from (the denoiser graphs: of the whole
+    denoiser, as the onnxruntime backend compares it with the loaded one)."""
+    from .fingerprint import weights_fingerprint
+    cache: dict[str, str] = {}
+    out = {}
+    for name in names:
+        parts = [n for n in _NEEDS[name] if getattr(src, n) is not None]
+        for n in parts:
+            if n not in cache:
+                cache[n] = weights_fingerprint(getattr(src, n))
+        out[name] = cache[parts[0]] if len(parts) == 1 else \
+            hashlib.sha256("".join(cache[n] for n in parts).encode()).hexdigest()
+    return out
+
+
 def _write_manifest(out_dir: Path, src: ExportSources, specs: dict[str, GraphSpec], reports: list[GraphReport]) -> None:
     path = out_dir / "manifest.json"
     manifest = json.loads(path.read_text()) if path.is_file() else {"graphs": {}}
     manifest.update(config=Path(src.config.path).name, torch=torch.__version__, onnx=onnx.__version__,
                     notes=src.notes)
+    fingerprints = source_fingerprints(src, [rep.name for rep in reports])
     for rep in reports:
         spec = specs[rep.name]
         manifest["graphs"][rep.name] = {
-            **asdict(rep), "path": Path(rep.path).name, "doc": spec.doc,
+            **asdict(rep), "path": Path(rep.path).name, "doc": spec.doc, "weights_sha256": fingerprints[rep.name],
             "inputs": [{"name": t.name, "dtype": t.dtype, "shape": list(t.shape)} for t in spec.inputs],
             "outputs": [{"name": t.name, "dtype": t.dtype, "shape": list(t.shape)} for t in spec.outputs],
             "fixed_size": spec.fixed_size}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import pickle
 import sys
 
 from caphuman.export.extras import MissingExtra
@@ -21,6 +22,17 @@ SUBCOMMANDS = [
 
 class UserError(Exception):
     """A problem with the user's input: printed as one clear line, exit status 2."""
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends '(default: X)' only where there is a default to show and the help does not already say it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        shown = action.default is not None and action.default is not False and action.default not in ("", argparse.SUPPRESS)
+        if "default" in text or not shown or not action.option_strings:
+            return text
+        return super()._get_help_string(action)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except (UserError, MissingExtra, ValueError, FileNotFoundError) as e:
+    except (UserError, MissingExtra, ValueError, FileNotFoundError, FileExistsError, pickle.UnpicklingError) as e:
         print(f"caphuman {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

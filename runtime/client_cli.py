@@ -1,11 +1,14 @@
 """`caphuman client`: one generation request to a CapHuman-RT server (gRPC stream, progress bar)."""
 from __future__ import annotations
 
-import argparse
 import logging
 from pathlib import Path
 
-from caphuman.engines.samplers import DEFAULT_SAMPLER, SAMPLERS
+from caphuman.engines.catalog import DEFAULT_SAMPLER, SAMPLER_DOCS
+
+from . import limits
+from .cli import HelpFormatter
+from .condition_cli import comma_floats
 
 log = logging.getLogger(__name__)
 
@@ -13,7 +16,7 @@ log = logging.getLogger(__name__)
 def register(sub) -> None:
     p = sub.add_parser(
         "client", help="request images from a running `caphuman serve` over gRPC",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
         description="Send a reference face photo, prompt(s) and a head condition to a CapHuman-RT server; "
                     "show the denoising progress; write each image as PNG with a JSON sidecar (parameters, "
                     "per-stage timings). Several --prompt and/or --pose/--yaw values make one batch request "
@@ -29,18 +32,28 @@ def register(sub) -> None:
     h.add_argument("--pitch", type=float, action="append", help="degrees, + tilts the face down")
     h.add_argument("--roll", type=float, action="append", help="degrees, + tilts the head counter-clockwise")
     h.add_argument("--modes", default="position,pose", help="what the pose photo gives (official modes)")
-    h.add_argument("--light", default="", help="lighting preset: front, left, right, top, bottom, flat")
+    h.add_argument("--light", default="", help="lighting preset: front, left, right, top, bottom, flat "
+                                               "(default: from the photos)")
+    h.add_argument("--scale", type=float, help="face size as a fraction of the frame height [0.05, 2]")
+    h.add_argument("--center", type=float, nargs=2, metavar=("X", "Y"), help="face centre in the frame, [0, 1] each")
+    h.add_argument("--jaw", type=float, help="jaw opening in degrees [0, 40] (a server with the FLAME model)")
+    h.add_argument("--expression", type=comma_floats, help="up to 50 FLAME expression coefficients, comma-separated "
+                                                      "(a server with the FLAME model)")
     s = p.add_argument_group("sampling")
-    s.add_argument("--sampler", choices=sorted(SAMPLERS), default=DEFAULT_SAMPLER, help="denoising sampler")
-    s.add_argument("--steps", type=int, default=20)
-    s.add_argument("--guidance", type=float, default=7.0)
-    s.add_argument("--eta", type=float, default=0.0)
-    s.add_argument("--strength", type=float, default=1.0)
-    s.add_argument("--tau", type=float, default=0.0)
+    s.add_argument("--sampler", choices=sorted(SAMPLER_DOCS), default=DEFAULT_SAMPLER,
+                   help="; ".join(f"{name}: {doc}" for name, doc in sorted(SAMPLER_DOCS.items())))
+    s.add_argument("--steps", type=int, default=20, help=f"denoising steps, {limits.STEPS_RULE} (official DDIM: 20)")
+    s.add_argument("--guidance", type=float, default=7.0, help="classifier-free guidance scale")
+    s.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic)")
+    s.add_argument("--strength", type=float, default=1.0, help="CapFace residual scale")
+    s.add_argument("--tau", type=float, default=0.0, help="ID dropout: identity context off for timesteps > tau (0 = off)")
     s.add_argument("--seed", type=int, default=12345, help="seed of item 0 (item i: seed + i)")
-    s.add_argument("--resolution", type=int, default=512)
+    s.add_argument("--num-samples", type=int, default=1,
+                   help="images per prompt/pose (each its own item and seed; at most the server's max_items, 8, in all)")
+    s.add_argument("--resolution", type=int, default=512, help=f"image side: {limits.RESOLUTION_RULE}")
     p.add_argument("--out", type=Path, default=Path("outputs"), help="output folder")
     p.add_argument("--name", default="caphuman", help="file name prefix")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files of the same names")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for each server message")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
@@ -58,41 +71,83 @@ def _head_poses(args) -> list[tuple[float, float, float]] | None:
     return list(zip(pick["yaw"], pick["pitch"], pick["roll"]))
 
 
+def more_head_controls(args) -> dict | None:
+    """The request's HEAD_CONTROLS (the same for every item), or None."""
+    values = {"scale": args.scale, "center": list(args.center) if args.center else None, "jaw": args.jaw,
+              "expression": list(args.expression) if args.expression else None}
+    return {k: v for k, v in values.items() if v is not None} or None
+
+
+def expand_items(args) -> dict:
+    """The request's per-item lists with every prompt/pose item repeated --num-samples times (item i gets
+    seed + i). A list of one entry stays one entry: the server uses it for every item."""
+    poses, head = args.pose or [], _head_poses(args) or []
+    n = max(len(args.prompt), len(poses), len(head))
+    m = args.num_samples
+
+    def repeat(values: list) -> list:
+        return values if len(values) <= 1 else [v for v in values for _ in range(m)]
+
+    prompts = args.prompt * n if len(args.prompt) == 1 else args.prompt
+    return {"prompts": [p for p in prompts for _ in range(m)], "pose_image": repeat(poses) or None,
+            "head_pose": repeat(head) or None, "items": n * m}
+
+
+class ProgressBar:
+    """One bar for the whole request: steps done summed over its items (a batch advances them together).
+    It starts at the first progress message, so the first rate covers real steps, not the time to get there."""
+
+    def __init__(self, items: int, tqdm):
+        self.items, self.tqdm, self.bar, self.done = items, tqdm, None, {}
+
+    def update(self, msg) -> None:
+        self.done[msg.index] = msg.step
+        if self.bar is None:
+            self.bar = self.tqdm(total=msg.total * self.items, initial=sum(self.done.values()),
+                                 desc=f"denoising {self.items} image{'s' if self.items > 1 else ''}", unit="step")
+            return
+        self.bar.update(sum(self.done.values()) - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
 def run(args) -> int:
+    from caphuman.runtime.cli import UserError
+    from caphuman.runtime.outputs import check_new_outputs, save_png_with_sidecar
+    from caphuman.runtime.provenance import command_record
+    from caphuman.tritonserver.client import CapHumanClient, Progress, ServerError
     from tqdm import tqdm
 
-    from caphuman.runtime.cli import UserError
-    from caphuman.runtime.outputs import save_png_with_sidecar
-
-    from caphuman.tritonserver.client import CapHumanClient, Progress, ServerError
     if not args.reference.is_file():
         raise UserError(f"--reference photo not found: {args.reference}")
     for pose in args.pose or []:
         if not pose.is_file():
             raise UserError(f"--pose photo not found: {pose}")
+    if args.num_samples < 1:
+        raise UserError(f"--num-samples must be >= 1, got {args.num_samples}")
+    items = expand_items(args)
+    check_new_outputs([args.out / f"{args.name}_{args.seed + i}{suffix}" for i in range(items["items"])
+                       for suffix in (".png", ".json")], args.overwrite)
     client = CapHumanClient(args.url, timeout=args.timeout)
     fields = dict(negative_prompt=args.negative_prompt, added_prompt=args.added_prompt, modes=args.modes,
-                  light=args.light, sampler=args.sampler, steps=args.steps, guidance=args.guidance, eta=args.eta, strength=args.strength,
-                  tau=args.tau, seed=args.seed, resolution=args.resolution, progress=not args.no_progress,
-                  head_pose=_head_poses(args), pose_image=args.pose or None)
-    bar = None
+                  light=args.light, sampler=args.sampler, steps=args.steps, guidance=args.guidance, eta=args.eta,
+                  strength=args.strength, tau=args.tau, seed=args.seed, resolution=args.resolution,
+                  progress=not args.no_progress, head_pose=items["head_pose"], pose_image=items["pose_image"],
+                  head_controls=more_head_controls(args))
+    record = command_record("client", args, ("reference", "pose"))  # the request's inputs, photos hashed
+    bar = ProgressBar(items["items"], tqdm)
     written = []
     try:
-        for msg in client.stream(args.reference, args.prompt, **fields):
+        for msg in client.stream(args.reference, items["prompts"], **fields):
             if isinstance(msg, Progress):
-                if bar is None or bar.desc != f"image {msg.index}":
-                    if bar is not None:
-                        bar.close()
-                    bar = tqdm(total=msg.total, desc=f"image {msg.index}", unit="step")
-                bar.n = msg.step
-                bar.refresh()
+                bar.update(msg)
                 continue
-            if bar is not None:
-                bar.close()
-                bar = None
             meta = msg.metadata
             png, sidecar = save_png_with_sidecar(msg.image, args.out / f"{args.name}_{meta.get('seed', msg.index)}.png",
-                                                 {**meta, "server": args.url})
+                                                 {**meta, "server": args.url, "inputs": record},
+                                                 overwrite=args.overwrite)
             written.append(png)
             print(f"wrote {png} and {sidecar.name}  ({meta.get('timings', {}).get('item_ms', 0) / 1e3:.1f} s)")
             for w in meta.get("warnings", []):
@@ -104,8 +159,7 @@ def run(args) -> int:
     except (ConnectionError, TimeoutError) as e:
         raise UserError(f"{e} (is `caphuman serve` running at {args.url}?)") from None
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
     if not written:
         raise UserError("the server sent no image")
     return 0

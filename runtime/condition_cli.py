@@ -10,8 +10,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
+from .cli import HelpFormatter
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +24,7 @@ def _light_arg(text: str):
     return text
 
 
-def _floats(text: str) -> tuple[float, ...]:
+def comma_floats(text: str) -> tuple[float, ...]:
     try:
         return tuple(float(v) for v in text.split(",") if v.strip())
     except ValueError:
@@ -34,10 +33,12 @@ def _floats(text: str) -> tuple[float, ...]:
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
-        "condition", help="render the 9-channel head hint (normal | albedo | shading) from photos and head controls",
+        "condition", formatter_class=HelpFormatter, help="render the 9-channel head hint (normal | albedo | shading) from photos and head controls",
         description="Build CapHuman's head condition: FLAME head from the reference photo (and a pose photo, "
                     "mixed by --modes), explicit pose/framing/lighting controls, rendered to PNGs and hint.npy.")
     add_head_arguments(p, reference_required=True)
+    p.add_argument("--weights", metavar="DIR", help="folder of the official files (the layout of `caphuman serve "
+                                                   "--weights`): its DECA and FLAME files, unless given by flag")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--out", required=True, help="output folder")
     p.set_defaults(func=run)
@@ -52,7 +53,7 @@ def add_head_arguments(p, reference_required: bool) -> None:
     p.add_argument("--pitch", type=float, help="degrees, >0 tilts the face down [-60, 60]")
     p.add_argument("--roll", type=float, help="degrees, >0 tilts the head counter-clockwise [-90, 90]")
     p.add_argument("--jaw", type=float, help="jaw opening in degrees [0, 40] (needs --flame-model)")
-    p.add_argument("--expression", type=_floats, help="up to 50 FLAME expression coefficients, comma-separated "
+    p.add_argument("--expression", type=comma_floats, help="up to 50 FLAME expression coefficients, comma-separated "
                                                       "(needs --flame-model)")
     p.add_argument("--scale", type=float, help="face size as a fraction of the frame height [0.05, 2]")
     p.add_argument("--center", type=float, nargs=2, metavar=("X", "Y"), help="face centre in the frame, [0, 1] each")
@@ -76,16 +77,22 @@ def build_condition(args, renderer=None):
         builder = ConditionBuilder(args.deca_model, args.flame_model, args.flame_texture)
         cond, ref, pose = builder.build(args.reference, args.pose, args.modes, controls,
                                         allow_no_face=args.allow_no_face, renderer=renderer)
-    except (NoFaceError, PhotoError) as e:
+    except NoFaceError as e:
+        raise UserError(f"{e}: --allow-no-face") from None
+    except PhotoError as e:
         raise UserError(str(e)) from None
     return cond, ref, pose, builder, controls
 
 
-def _to_png(chw: np.ndarray) -> Image.Image:
+def _to_png(chw):
+    import numpy as np
+    from PIL import Image
     return Image.fromarray((np.clip(chw.transpose(1, 2, 0), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8))
 
 
-def write_outputs(out_dir: Path, cond, frame: np.ndarray, meta: dict) -> None:
+def write_outputs(out_dir: Path, cond, frame, meta: dict) -> None:
+    import numpy as np
+    from PIL import Image
     hint = cond.hint
     mask = np.abs(hint).sum(0) > 0
     np.save(out_dir / "hint.npy", hint)
@@ -102,11 +109,14 @@ def write_outputs(out_dir: Path, cond, frame: np.ndarray, meta: dict) -> None:
 def run(args: argparse.Namespace) -> int:
     from caphuman.runtime.cli import UserError
 
+    from .outputs import check_new_outputs
+    from .weights_layout import use_weights_folder
+    use_weights_folder(args, require_checkpoint=False)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a folder")
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        raise UserError(f"--out {out} exists and is not empty; choose a new folder or pass --overwrite")
+    if out.exists() and any(out.iterdir()):
+        check_new_outputs([out], args.overwrite)  # the one overwrite rule: the folder is replaced as a whole
     cond, ref, pose, builder, controls = build_condition(args)
 
     position_photo = pose if (pose is not None and any(m in args.modes for m in ("position", "all"))) else ref

@@ -8,6 +8,8 @@ import sys
 import time
 from pathlib import Path
 
+from .cli import HelpFormatter
+
 
 
 class UserError(ValueError):
@@ -19,11 +21,13 @@ GRAPH_HELP = ("text_encoder, image_encoder, capface, unet, denoiser, vae_decoder
 
 def register(sub) -> None:
     e = sub.add_parser("export", help="export the networks as ONNX graphs (validated against PyTorch)",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       formatter_class=HelpFormatter,
                        description="One ONNX graph per network, stable I/O names (docs/engines.md), dynamic batch "
                                    "and resolution, checked with the ONNX checker, TensorRT's operator matrix "
                                    "and ONNX Runtime against PyTorch.")
-    e.add_argument("--config", help="official-format config (default: the packaged cldm_v15.yaml)")
+    e.add_argument("--config", help="official-format config (default: the packaged cldm_v15.yaml, the official "
+                                    "sizes: with --random-weights ~20 min and ~15 GiB on a CPU; the tiny one: "
+                                    "export/configs/cldm_tiny.yaml)")
     e.add_argument("--checkpoint", help="caphuman.ckpt")
     e.add_argument("--sd-checkpoint", help="SD1.x checkpoint overriding UNet/VAE/text encoder")
     e.add_argument("--vae-checkpoint", help="VAE checkpoint overriding the VAE")
@@ -33,7 +37,8 @@ def register(sub) -> None:
     e.add_argument("--deca", help="DECA weights (deca_model.tar)")
     e.add_argument("--random-weights", action="store_true",
                    help="no checkpoint: export random weights (size and speed checks, tests)")
-    e.add_argument("--out", required=True, help="output folder")
+    e.add_argument("--out", required=True, help="output folder (graphs of other names already there are kept)")
+    e.add_argument("--overwrite", action="store_true", help="replace graphs of the same names already in --out")
     e.add_argument("--fp16", action="store_true", help="float16 graphs (validated on a GPU, not on ORT's CPU provider)")
     e.add_argument("--only", help=f"comma-separated graphs: {GRAPH_HELP}")
     e.add_argument("--opset", type=int, default=17, help="ONNX opset (TensorRT 10 parses 9..20)")
@@ -42,7 +47,7 @@ def register(sub) -> None:
     e.set_defaults(func=run_export)
 
     b = sub.add_parser("build", help="build TensorRT engines from exported graphs (TensorRT or TensorRT for RTX)",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       formatter_class=HelpFormatter,
                        description="TensorRT engines with optimization profiles and an engine cache keyed by graph "
                                    "hash + library version + target. --backend tensorrt: datacenter TensorRT, built "
                                    "on the GPU that runs them (timing cache). --backend tensorrt-rtx: TensorRT for "
@@ -92,6 +97,8 @@ def run_export(args) -> int:
         raise UserError(f"the face network modules for {absent} are not in this installation (export/face/)")
     if args.size is not None and (args.size % 64 or args.size < 64):
         raise UserError(f"--size must be a positive multiple of 64, got {args.size}")
+    from .outputs import check_new_outputs
+    check_new_outputs([Path(args.out) / f"{n}.onnx" for n in names], args.overwrite)
     t0 = time.perf_counter()
     src = load_sources(args.config or packaged_config("cldm_v15"), args.checkpoint, args.sd_checkpoint,
                        args.vae_checkpoint, args.clip_dir, names=names, random_weights=args.random_weights,

@@ -1,47 +1,55 @@
 """`caphuman generate`: prompt + head hint + identity -> PNG images with JSON sidecars."""
 from __future__ import annotations
 
-import argparse
 import logging
+import math
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
-from tqdm import tqdm
+from caphuman.engines.catalog import BACKENDS, DEFAULT_SAMPLER, SAMPLER_DOCS
 
-from caphuman.engines.factory import BACKENDS
-from caphuman.engines.samplers import DEFAULT_SAMPLER, SAMPLERS, check_sampler_args, make_plan
-
-from .condition_cli import add_head_arguments, build_condition
-from .outputs import save_png_with_sidecar
 from . import limits
-from .pipeline import GenerationRequest, build_pipeline, load_networks, random_networks
+from .cli import HelpFormatter, UserError
+from .condition_cli import add_head_arguments
+from .outputs import check_new_outputs
+from .people_cli import add_person_argument, people_from_args
+from .weights_layout import use_weights_folder
 
 log = logging.getLogger(__name__)
 
-MAX_NPY_BYTES = 256 << 20  # inputs are small tensors; refuse anything absurd before reading it
+# Options naming input files or folders: checked to exist before any model loads, and recorded with their
+# content hashes in every sidecar.
+FILE_OPTIONS = ("config", "checkpoint", "sd_checkpoint", "vae_checkpoint", "clip_dir", "hint", "identity_context",
+                "id_features", "clip_tokens", "controlnet_checkpoint", "controlnet_config", "controlnet_hint",
+                "reference", "pose", "deca_model", "flame_model", "flame_texture", "facenet_weights",
+                "bisenet_weights", "noise")
+FOLDER_OPTIONS = ("clip_dir", "weights")
+TINY_CONFIG = "cldm_tiny"
 
-RANDOM_WEIGHTS_NOTICE = """\
-NOTE: no --checkpoint given, so this runs the BUILT-IN TINY MODEL WITH RANDOM WEIGHTS.
-      The output is a pattern, not a photo: it shows the runtime works end to end.
-      For real images, get the official weights (see README, "Official weights") and run e.g.
-        caphuman generate --checkpoint ckpts/caphuman.ckpt --sd-checkpoint ckpts/Realistic_Vision_V3.0.ckpt \\
-            --vae-checkpoint ckpts/vae-ft-mse-840000-ema-pruned.ckpt --clip-dir ckpts/clip-vit-large-patch14 \\
-            --facenet-weights ckpts/vggface2.pt --bisenet-weights ckpts/face-parsing/79999_iter.pth \\
-            --reference me.jpg --pose pose.jpg --prompt "a photo of a man in a garden"
+RANDOM_WEIGHTS_NOTICE = f"""\
+NOTE: no --checkpoint or --weights given, so this runs the BUILT-IN TINY MODEL (the packaged {TINY_CONFIG}.yaml)
+      WITH RANDOM WEIGHTS. The output is a pattern, not a photo: it shows the runtime works end to end.
+      For real images, put the official weights in one folder (see README, "Official weights") and run e.g.
+        caphuman generate --weights ckpts/ --reference me.jpg --pose pose.jpg --prompt "a photo of a man in a garden"
 """
 
 
 def register(sub) -> None:
     p = sub.add_parser(
         "generate", help="generate images (runs a tiny random-weight demo when no weights are given)",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
         description="Generate photos of one person: a text prompt, a head condition (the 9-channel FLAME hint) "
-                    "and an identity context. Without --checkpoint it runs a tiny built-in model with random "
-                    "weights, to check the installation.")
+                    f"and an identity context. Without --checkpoint or --weights it runs the built-in tiny model "
+                    f"(the packaged {TINY_CONFIG}.yaml) with random weights, to check the installation. Writes "
+                    "OUT/NAME_SEED.png and NAME_SEED.json (every input, with content hashes); existing files are "
+                    "refused unless --overwrite.")
     w = p.add_argument_group("weights (official files; all optional for the demo)")
-    w.add_argument("--config", help="official-format config (default: the packaged cldm_v15.yaml)")
+    w.add_argument("--weights", metavar="DIR",
+                   help="folder of the official files under their official names, the layout of `caphuman serve "
+                        "--weights` (caphuman.ckpt, SD/VAE checkpoints, clip-vit-large-patch14/, FaceNet, BiSeNet, "
+                        "DECA, FLAME); a file flag given as well overrides its file")
+    w.add_argument("--config", help="official-format config (default: the packaged cldm_v15.yaml with weights, "
+                                    f"{TINY_CONFIG}.yaml for the random-weight demo)")
     w.add_argument("--checkpoint", help="caphuman.ckpt (Lightning or bare state dict)")
     w.add_argument("--sd-checkpoint", help="SD1.x .ckpt/.safetensors whose UNet, VAE and text encoder override")
     w.add_argument("--vae-checkpoint", help="VAE .ckpt (e.g. vae-ft-mse-840000-ema-pruned.ckpt), overrides the VAE")
@@ -62,24 +70,27 @@ def register(sub) -> None:
     c.add_argument("--controlnet-strength", type=float, default=1.0, help="its residual scale")
     h = p.add_argument_group("photos and head controls (as `caphuman condition`; the hint and identity come from them)")
     add_head_arguments(h, reference_required=False)
+    add_person_argument(h)
     h.add_argument("--facenet-weights", help="FaceNet VGGFace2 weights (20180402-114759-vggface2.pt) for the identity")
     h.add_argument("--bisenet-weights", help="BiSeNet face parsing weights (79999_iter.pth) for the identity")
     s = p.add_argument_group("sampling")
-    s.add_argument("--sampler", choices=sorted(SAMPLERS), default=DEFAULT_SAMPLER,
-                   help="; ".join(f"{name}: {SAMPLERS[name].doc}" for name in sorted(SAMPLERS)))
-    s.add_argument("--steps", type=int, default=20, help="denoising steps (official DDIM: 20)")
+    s.add_argument("--sampler", choices=sorted(SAMPLER_DOCS), default=DEFAULT_SAMPLER,
+                   help="; ".join(f"{name}: {doc}" for name, doc in sorted(SAMPLER_DOCS.items())))
+    s.add_argument("--steps", type=int, default=20, help=f"denoising steps, {limits.STEPS_RULE} (official DDIM: 20)")
     s.add_argument("--guidance", type=float, default=7.0, help="classifier-free guidance scale")
     s.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic)")
     s.add_argument("--strength", type=float, default=1.0, help="CapFace residual scale")
     s.add_argument("--tau", type=float, default=0.0, help="ID dropout: identity context off for timesteps > tau (0 = off)")
     s.add_argument("--seed", type=int, default=12345, help="seed of the first sample (next ones: seed+1, ...)")
-    s.add_argument("--num-samples", type=int, default=1, help="images per prompt")
-    s.add_argument("--resolution", type=int, default=512, help="size of the built-in hint when --hint is not given")
+    s.add_argument("--num-samples", type=int, default=1,
+                   help=f"images per prompt, 1..{limits.MAX_NUM_SAMPLES} (sample i: seed + i)")
+    s.add_argument("--resolution", type=int, default=512,
+                   help=f"image side when --hint is not given: {limits.RESOLUTION_RULE}; 512 with --reference")
     s.add_argument("--noise", help=".npy initial noise [N,4,h,w] for bit-exact comparisons")
     s.add_argument("--cfg", choices=["batched", "serial"], default="batched",
                    help="batched: CapFace once + UNet at batch 2 per step; serial: the official way (reference mode)")
     r = p.add_argument_group("runtime")
-    r.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    r.add_argument("--device", default="auto", help="cpu, cuda, cuda:N; auto: cuda when a GPU is visible, else cpu")
     r.add_argument("--fp16", action="store_true", help="run the networks in float16 (GPU)")
     r.add_argument("--backend", choices=BACKENDS, default="eager",
                    help="denoiser backend: eager PyTorch modules (with --cfg serial: the reference mode), the torch "
@@ -88,154 +99,152 @@ def register(sub) -> None:
                                          "tensorrt-rtx)")
     r.add_argument("--out", default="outputs", help="output folder")
     r.add_argument("--name", default="caphuman", help="file name prefix")
+    r.add_argument("--overwrite", action="store_true", help="replace existing output files of the same names")
     p.set_defaults(func=run)
 
 
-def load_npy(path: str, what: str, ndim: tuple[int, ...]) -> torch.Tensor:
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"{what} file not found: {p}")
-    if p.stat().st_size > MAX_NPY_BYTES:
-        raise ValueError(f"{what} file {p} is larger than {MAX_NPY_BYTES >> 20} MiB")
-    try:
-        arr = np.load(p, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as e:
-        raise ValueError(f"{what} file {p} is not a readable .npy array ({e})") from e
-    if arr.ndim not in ndim:
-        raise ValueError(f"{what} in {p} has shape {arr.shape}; expected {' or '.join(f'{d}-D' for d in ndim)}")
-    t = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
-    if not torch.isfinite(t).all():
-        raise ValueError(f"{what} in {p} contains NaN or infinite values")
-    return t
+def _flag(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
 
 
-def _identity_from_photo(args, nets, photo) -> torch.Tensor:
-    """FaceNet + BiSeNet-parsed CLIP tokens of the reference photo, projected (caphuman.runtime.condition.identity)."""
-    from caphuman.export.face.bisenet import load_bisenet
-    from caphuman.export.face.facenet import load_facenet
-    from caphuman.runtime.condition.identity import identity_context
-    from caphuman.runtime.pipeline import random_face_networks
-    if nets.image_encoder is None:
-        raise ValueError("the identity from a photo needs the CLIP image encoder (in caphuman.ckpt)")
-    if not nets.random_weights and not (args.facenet_weights and args.bisenet_weights):
-        raise ValueError("--reference with real weights needs --facenet-weights and --bisenet-weights "
-                         "(or pass --identity-context)")
-    facenet, bisenet = random_face_networks()  # the demo's random stand-ins, the server's too
-    if args.facenet_weights:
-        facenet = load_facenet(args.facenet_weights).eval()
-    if args.bisenet_weights:
-        bisenet = load_bisenet(args.bisenet_weights).eval()
-    facenet, bisenet = facenet.to(nets.device), bisenet.to(nets.device)
-    with torch.no_grad():
-        return identity_context(nets.denoiser, facenet, bisenet, nets.image_encoder, photo).float().cpu()
+def output_paths(args) -> list[Path]:
+    out = Path(args.out)
+    return [out / f"{args.name}_{args.seed + i}{suffix}" for i in range(args.num_samples) for suffix in (".png", ".json")]
 
 
-def _identity(args, nets, rng_seed: int, photo=None) -> torch.Tensor:
-    den = nets.denoiser
-    if args.identity_context:
-        ctx = load_npy(args.identity_context, "identity context", (2, 3))
-        ctx = ctx[None] if ctx.ndim == 2 else ctx
-        if ctx.shape[-1] != nets.config.context_dim:
-            raise ValueError(f"identity context width {ctx.shape[-1]} != the model's {nets.config.context_dim}")
-        return ctx
-    if args.id_features or args.clip_tokens:
-        if not (args.id_features and args.clip_tokens):
-            raise ValueError("--id-features and --clip-tokens go together")
-        fid = load_npy(args.id_features, "FaceNet features", (1, 2)).reshape(1, -1)
-        tokens = load_npy(args.clip_tokens, "CLIP tokens", (2, 3))
-        tokens = tokens[None] if tokens.ndim == 2 else tokens
-        if fid.shape[-1] != nets.config.id_dim or tokens.shape[-1] != nets.config.img_linear_dim:
-            raise ValueError(f"need FaceNet [{nets.config.id_dim}] and CLIP tokens [257,{nets.config.img_linear_dim}], "
-                             f"got {tuple(fid.shape)} and {tuple(tokens.shape)}")
-        with torch.no_grad():
-            p = next(den.parameters())
-            return den.project_identity(tokens.to(p), fid.to(p)).float().cpu()
-    if photo is not None:
-        return _identity_from_photo(args, nets, photo)
-    if not nets.random_weights:
-        raise ValueError("real weights need an identity: --reference, --identity-context, "
-                         "or --id-features with --clip-tokens")
-    g = torch.Generator().manual_seed(rng_seed)
-    p = next(den.parameters())
-    with torch.no_grad():
-        tokens = torch.randn(1, 257, nets.config.img_linear_dim, generator=g)
-        fid = torch.nn.functional.normalize(torch.randn(1, nets.config.id_dim, generator=g), dim=-1)
-        return den.project_identity(tokens.to(p), fid.to(p)).float().cpu()
+def _check_files(args) -> None:
+    for dest in FILE_OPTIONS + ("weights",):
+        value = getattr(args, dest, None)
+        if not value:
+            continue
+        path = Path(value)
+        if dest in FOLDER_OPTIONS:
+            if not path.is_dir():
+                raise FileNotFoundError(f"{_flag(dest)} folder not found: {path}")
+        elif not path.is_file():
+            raise FileNotFoundError(f"{_flag(dest)} file not found: {path}")
+    if args.config:
+        from caphuman.export.config import load_config
+        load_config(args.config)  # a wrong config file is named before any weights are read
+    from caphuman.export.checkpoints import file_format
+    for dest in ("checkpoint", "sd_checkpoint", "vae_checkpoint", "controlnet_checkpoint", "facenet_weights",
+                 "bisenet_weights", "deca_model"):
+        value = getattr(args, dest)
+        if value and file_format(value) is None:
+            raise UserError(f"{_flag(dest)} {value} is not a PyTorch checkpoint or safetensors file")
 
 
-def _add_controlnet(args, nets, size) -> None:
-    from PIL import Image
-
-    from caphuman.export.config import packaged_config
-    from caphuman.export.models import load_controlnet
-    if not args.controlnet_hint:
-        raise ValueError("--controlnet-checkpoint needs --controlnet-hint (its condition image)")
-    if not np.isfinite(args.controlnet_strength):
-        raise ValueError("--controlnet-strength must be finite")
-    path = Path(args.controlnet_hint)
-    if not path.is_file():
-        raise FileNotFoundError(f"ControlNet hint image not found: {path}")
-    try:
-        with Image.open(path) as im:
-            if im.width * im.height > 4096 * 4096:
-                raise ValueError(f"{path} is {im.width}x{im.height}, over the 4096x4096 limit")
-            im = im.convert("RGB").resize((int(size[1]), int(size[0])), Image.BILINEAR)
-            arr = np.asarray(im, dtype=np.float32) / 255.0
-    except (OSError, Image.DecompressionBombError) as e:
-        raise ValueError(f"{path} is not a readable image ({e})") from e
-    net = load_controlnet(args.controlnet_config or packaged_config("controlnet_sd15_openpose"),
-                          args.controlnet_checkpoint, dtype=nets.dtype).to(nets.device)
-    hint = torch.from_numpy(arr.transpose(2, 0, 1).copy())[None].to(nets.device, nets.dtype)
-    nets.denoiser.add_controlnet(net, hint, args.controlnet_strength)
-
-
-def _hint_from_photos(args):
-    """The head hint from --reference/--pose and head controls, or the template head (frontal) without
-    photos. Rendered at 512x512 as the official code does (other sizes: `caphuman condition` + --hint)."""
-    from caphuman.runtime.condition import HeadControls
-    if args.reference and args.resolution != 512:
-        raise ValueError(f"--resolution must be 512 with --reference (the official hint size); got {args.resolution}")
-    limits.check_resolution("--resolution", args.resolution)
-    if args.reference:
-        cond, ref, _pose, builder, _controls = build_condition(args)
-        for note in cond.notes:
-            log.info("%s", note)
-        return torch.from_numpy(np.asarray(cond.hint, dtype=np.float32))[None], ref
-    if args.pose:
-        raise ValueError("--pose needs --reference")
-    from caphuman.runtime.condition.codes import HeadCode
-    from caphuman.runtime.condition.controls import DEFAULT_LIGHT, light_sh
-    from caphuman.runtime.condition.head import load_head_model
-    from caphuman.runtime.condition.hint import build_head_condition
-    controls = HeadControls(yaw=args.yaw, pitch=args.pitch, roll=args.roll, jaw=args.jaw, expression=args.expression,
-                            center=tuple(args.center) if args.center else None, scale=args.scale, light=args.light)
-    head = load_head_model(args.flame_model, args.flame_texture)
-    cond = build_head_condition(head, HeadCode.neutral(light_sh(DEFAULT_LIGHT)), controls=controls,
-                                size=args.resolution)
-    return torch.from_numpy(np.asarray(cond.hint, dtype=np.float32))[None], None
-
-
-def _check_arguments(args) -> None:
-    """Everything that needs no model, before any is loaded."""
-    if args.checkpoint is None and (args.sd_checkpoint or args.vae_checkpoint):
-        raise ValueError("--sd-checkpoint/--vae-checkpoint need --checkpoint (caphuman.ckpt) too")
+def check_arguments(args) -> None:
+    """Everything that needs no model, before any is loaded: one line per problem, nothing written."""
+    use_weights_folder(args)
+    _check_files(args)
+    if args.checkpoint is None and (args.sd_checkpoint or args.vae_checkpoint or args.config):
+        raise UserError("--sd-checkpoint, --vae-checkpoint and --config need --checkpoint (caphuman.ckpt) too")
     if args.fp16 and args.device == "cpu":
-        raise ValueError("--fp16 needs a GPU (--device cuda)")
+        raise UserError("--fp16 needs a GPU (--device cuda)")
     limits.check_sampling(args.steps, args.guidance, args.eta, args.strength, args.tau, args.sampler,
                           names={k: f"--{k}" for k in ("steps", "guidance", "eta", "strength", "tau", "sampler")})
-    check_sampler_args(args.sampler, args.steps, args.eta)
-    limits.check_seed("--seed", args.seed)
     if not 1 <= args.num_samples <= limits.MAX_NUM_SAMPLES:
-        raise ValueError(f"--num-samples must be in [1, {limits.MAX_NUM_SAMPLES}], got {args.num_samples}")
+        raise UserError(f"--num-samples must be in [1, {limits.MAX_NUM_SAMPLES}], got {args.num_samples}")
+    limits.check_seed("--seed", args.seed)
+    limits.check_seed("--seed + --num-samples - 1", args.seed + args.num_samples - 1)
+    if not args.hint:
+        limits.check_resolution("--resolution", args.resolution)
+        if args.reference and args.resolution != 512:
+            raise UserError(f"--resolution must be 512 with --reference (the official hint size); got "
+                            f"{args.resolution} (other sizes: `caphuman condition` then --hint)")
+    if args.pose and not args.reference:
+        raise UserError("--pose needs --reference")
+    if bool(args.id_features) != bool(args.clip_tokens):
+        raise UserError("--id-features and --clip-tokens go together")
+    if args.controlnet_checkpoint and not args.controlnet_hint:
+        raise UserError("--controlnet-checkpoint needs --controlnet-hint (its condition image)")
+    if not math.isfinite(args.controlnet_strength):
+        raise UserError("--controlnet-strength must be finite")
+    if args.person:
+        _check_people_arguments(args)
+    identity_given = args.identity_context or args.id_features
+    if args.checkpoint and not args.person and not (identity_given or args.reference):
+        raise UserError("real weights need an identity: --reference, --identity-context, "
+                        "or --id-features with --clip-tokens")
+    if args.checkpoint and (args.reference or args.person) and not identity_given \
+            and not (args.facenet_weights and args.bisenet_weights):
+        raise UserError("--reference with real weights needs --facenet-weights and --bisenet-weights "
+                        "(or pass --identity-context)")
+    check_new_outputs(output_paths(args), args.overwrite)
+    from caphuman.engines.samplers import (
+        check_sampler_args,  # needs torch; still no model
+    )
+    check_sampler_args(args.sampler, args.steps, args.eta)
+
+
+def _check_people_arguments(args) -> None:
+    """--person: no one-person input beside it, every person's photos exist, and real weights have a
+    reference photo per person (their identity)."""
+    single = [_flag(dest) for dest in ("hint", "identity_context", "id_features", "clip_tokens",
+                                        "controlnet_checkpoint") if getattr(args, dest)]
+    if single:
+        raise UserError(f"{', '.join(single)} describe one person; --person takes each person's photos")
+    try:
+        args.people = people_from_args(args)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    if args.resolution != 512:
+        raise UserError(f"--resolution must be 512 with --person (the official hint size); got {args.resolution}")
+    for i, person in enumerate(args.people, 1):
+        for what in ("reference", "pose"):
+            path = getattr(person, what)
+            if path is not None and not Path(path).is_file():
+                raise FileNotFoundError(f"--person {i}: {what} file not found: {path}")
+        if person.pose is not None and person.reference is None:
+            raise UserError(f"--person {i}: pose= needs reference=")
+        if args.checkpoint and person.reference is None:
+            raise UserError(f"--person {i}: real weights need each person's reference= photo (their identity)")
+
+
+def _people_inputs(args, nets, inputs):
+    """(hints, identity contexts, CapFace strengths, sidecar record) of the --person options: each
+    person's hint in the shared frame, identity from their photo (the demo: from seed + 1000 * i)."""
+    import numpy as np
+    import torch
+
+    from .people_cli import build_people_conditions
+    from .provenance import file_record
+
+    conds = build_people_conditions(args, args.people)
+    hints = [torch.from_numpy(np.asarray(pc.condition.hint, dtype=np.float32))[None] for pc in conds]
+    contexts = [inputs.identity(args, nets, args.seed + 1000 * i, pc.reference) for i, pc in enumerate(conds)]
+    record = [{"reference": file_record(pc.person.reference) if pc.person.reference else None,
+               "pose": file_record(pc.person.pose) if pc.person.pose else None, "modes": pc.person.modes,
+               "controls": {k: v for k, v in vars(pc.person.controls).items() if v is not None},
+               "yaw_pitch_roll": [round(float(a), 2) for a in pc.condition.euler],
+               "strength": pc.person.strength} for pc in conds]
+    return hints, contexts, [pc.person.strength for pc in conds], {"people_inputs": record}
 
 
 def run(args) -> int:
-    _check_arguments(args)
+    check_arguments(args)
+    import torch
+    from tqdm import tqdm
+
+    from . import generate_inputs as inputs
+    from .outputs import save_png_with_sidecar
+    from .pipeline import (
+        GenerationRequest,
+        build_pipeline,
+        load_networks,
+        random_networks,
+    )
+    from .provenance import command_record
+
+    record = command_record("generate", args, FILE_OPTIONS + ("weights",))  # the options as given, hashed files
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.float16 if args.fp16 else torch.float32
     t0 = time.perf_counter()
     if args.checkpoint is None:
         print(RANDOM_WEIGHTS_NOTICE)
-        nets = random_networks("cldm_tiny", device=args.device)
+        nets = random_networks(TINY_CONFIG, device=args.device)
     else:
         from caphuman.export.config import packaged_config
         nets = load_networks(args.config or packaged_config("cldm_v15"), args.checkpoint, args.sd_checkpoint,
@@ -243,22 +252,27 @@ def run(args) -> int:
                              with_image_encoder=bool(args.reference) and not args.identity_context)
     log.info("models ready in %.1f s", time.perf_counter() - t0)
 
-    photo = None
-    if args.hint:
-        hint = load_npy(args.hint, "hint", (3, 4))
+    photo, person_strength, extra = None, None, {}
+    if args.person:
+        hint, identity, person_strength, extra = _people_inputs(args, nets, inputs)
+    elif args.hint:
+        hint = inputs.load_npy(args.hint, "hint", (3, 4))
         hint = hint[None] if hint.ndim == 3 else hint
     else:
-        hint, photo = _hint_from_photos(args)
-    noise = load_npy(args.noise, "noise", (4,)) if args.noise else None
+        hint, photo, _pose = inputs.hint_from_photos(args)
+    noise = inputs.load_npy(args.noise, "noise", (4,)) if args.noise else None
     if args.controlnet_checkpoint:
-        _add_controlnet(args, nets, hint.shape[-2:])
+        inputs.add_controlnet(args, nets, hint.shape[-2:])
+    if not args.person:
+        identity = inputs.identity(args, nets, args.seed, photo)
     req = GenerationRequest(prompt=args.prompt, added_prompt=args.added_prompt, negative_prompt=args.negative_prompt,
-                            hint=hint, identity_context=_identity(args, nets, args.seed, photo), seed=args.seed,
-                            num_samples=args.num_samples, steps=args.steps, guidance=args.guidance, eta=args.eta,
-                            strength=args.strength, tau=args.tau, sampler=args.sampler, noise=noise)
+                            hint=hint, identity_context=identity, seed=args.seed, num_samples=args.num_samples,
+                            steps=args.steps, guidance=args.guidance, eta=args.eta, strength=args.strength,
+                            tau=args.tau, sampler=args.sampler, noise=noise, person_strength=person_strength)
     req.validate(nets.config.unet.in_channels)
     pipe = build_pipeline(nets, args.backend, device=args.device, dtype=dtype, engine_dir=args.engine_dir)
 
+    from caphuman.engines.samplers import make_plan
     total = make_plan(args.sampler, nets.denoiser.alphas_cumprod, args.steps, args.eta).num_steps
     bar = tqdm(total=total, desc=f"denoising ({pipe.backend}, {args.sampler})", unit="step")
 
@@ -271,6 +285,7 @@ def run(args) -> int:
     result.parameters["seconds"] = round(time.perf_counter() - t1, 3)
     for image, seed in zip(result.images, result.seeds):
         png, sidecar = save_png_with_sidecar(image, Path(args.out) / f"{args.name}_{seed}.png",
-                                             {**result.parameters, "seed": seed})
+                                             {**result.parameters, **extra, "seed": seed, "inputs": record},
+                                             overwrite=args.overwrite)
         print(f"wrote {png} and {sidecar.name}")
     return 0

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 
-from caphuman.engines.samplers import NUM_TRAIN_TIMESTEPS, SAMPLERS
+from caphuman.engines.catalog import NUM_TRAIN_TIMESTEPS
 
 MIN_RESOLUTION = 256          # the official range of image sides, in pixels
 MAX_RESOLUTION = 1024
@@ -68,6 +68,7 @@ def check_seed(name: str, value) -> int:
 
 
 def check_sampler(name: str, value: str) -> str:
+    from caphuman.engines.samplers import SAMPLERS  # the registry (torch): samplers registered at run time count
     if value not in SAMPLERS:
         raise ValueError(f"{name} must be one of {sorted(SAMPLERS)}, got {value!r}")
     return value

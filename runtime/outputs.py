@@ -89,21 +89,59 @@ def encode_png(image: np.ndarray, text: dict[str, str] | None = None, level: int
     return b"".join(parts)
 
 
-def save_png_with_sidecar(image: np.ndarray, path: str | Path, parameters: dict) -> tuple[Path, Path]:
-    """Write `path` (PNG, parameters in a 'caphuman' text chunk) and `path.json`; atomically, so a
-    crash never leaves half a file under the final name."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(parameters, indent=2, sort_keys=True, default=str)
-    png = encode_png(np.asarray(image), {"caphuman": text})
-    sidecar = path.with_suffix(".json")
-    for target, payload in ((path, png), (sidecar, text.encode() + b"\n")):
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{target.name}.")
-        try:
+class OutputExistsError(FileExistsError):
+    """An output file is already there and --overwrite was not given."""
+
+
+def check_new_outputs(paths, overwrite: bool, flag: str = "--overwrite") -> None:
+    """The one overwrite rule of every command: existing outputs are refused unless `overwrite`."""
+    if overwrite:
+        return
+    existing = [str(p) for p in paths if Path(p).exists()]
+    if existing:
+        more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
+        raise OutputExistsError(f"{existing[0]}{more} already exists; choose another --out/--name or pass {flag}")
+
+
+def _file_mode() -> int:
+    """The mode an ordinary `open(..., "w")` gives (0666 less the umask); mkstemp's files are 0600."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def write_files_atomically(payloads: dict[Path, bytes]) -> None:
+    """Write every file in full under a temporary name first, then rename each into place in the given
+    order: a crash or a full disk leaves no half-written file and, when the renames have not started,
+    none of them. Files get ordinary permissions (0644 under the usual umask)."""
+    staged: list[tuple[str, Path]] = []
+    mode = _file_mode()
+    try:
+        for target, payload in payloads.items():
+            fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
+            staged.append((tmp, target))
             with os.fdopen(fd, "wb") as f:
                 f.write(payload)
+            os.chmod(tmp, mode)
+        for tmp, target in staged:
             os.replace(tmp, target)
-        except BaseException:
-            os.unlink(tmp)
-            raise
+    except BaseException:
+        for tmp, _ in staged:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        raise
+
+
+def save_png_with_sidecar(image: np.ndarray, path: str | Path, parameters: dict,
+                          overwrite: bool = True) -> tuple[Path, Path]:
+    """Write `path` (PNG, parameters in a 'caphuman' text chunk) and `path.json` as a pair: the sidecar
+    is renamed into place first, so a PNG under its final name always has its sidecar. `overwrite=False`
+    refuses existing files (check_new_outputs)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sidecar = path.with_suffix(".json")
+    check_new_outputs((path, sidecar), overwrite)
+    text = json.dumps(parameters, indent=2, sort_keys=True, default=str)
+    png = encode_png(np.asarray(image), {"caphuman": text})
+    write_files_atomically({sidecar: text.encode() + b"\n", path: png})
     return path, sidecar

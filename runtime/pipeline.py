@@ -153,17 +153,13 @@ def tensor_hash(t: torch.Tensor) -> str:
 
 
 def file_hash(path: str | Path | None) -> str | None:
-    """Short content hash of a weights file (first/last 16 MiB + size: fast on multi-GB files)."""
+    """Short content hash of a weights file (`caphuman.runtime.provenance.file_record`'s: whole files up to
+    64 MiB, first/last 16 MiB + size above, fast on multi-GB files)."""
     if not path:
         return None
-    p = Path(path)
-    h = hashlib.sha256(str(p.stat().st_size).encode())
-    with open(p, "rb") as f:
-        h.update(f.read(1 << 24))
-        if p.stat().st_size > 1 << 25:
-            f.seek(-(1 << 24), 2)
-            h.update(f.read())
-    return h.hexdigest()[:16]
+    from .provenance import file_record
+    record = file_record(path)
+    return (record.get("sha256") or record["sha256_head_tail"])[:16]
 
 
 # ------------------------------------------------------------------------------------ networks
@@ -359,6 +355,7 @@ class CapHumanPipeline:
                                                           else [tensor_hash(x) for x in req.contexts]),
                       noise="explicit" if req.noise is not None else "cpu-generator-per-seed",
                       models=self.model_hashes, random_weights=self.random_weights,
+                      engine={"backend": self.backend, **getattr(self.engine, "artifacts", {})},
                       controlnets=[{"scale": c.scale, "hint_sha256": tensor_hash(c.hint)}
                                    for c in self.denoiser.extra_controls])
         return params

@@ -1,11 +1,12 @@
 """`caphuman serve`: run NVIDIA Triton Inference Server on the CapHuman-RT model repository."""
 from __future__ import annotations
 
-import argparse
 import logging
 import signal
 import time
 from pathlib import Path
+
+from .cli import HelpFormatter
 
 log = logging.getLogger(__name__)
 
@@ -13,7 +14,7 @@ log = logging.getLogger(__name__)
 def register(sub) -> None:
     p = sub.add_parser(
         "serve", help="serve CapHuman over gRPC with NVIDIA Triton Inference Server",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
         description="Start tritonserver on the CapHuman-RT model repository (models: caphuman, identity, "
                     "head_condition), wait until every model is loaded and warm, print the endpoints, and run "
                     "until Ctrl-C. Without --weights the models are tiny and have random weights (a demo). "
@@ -34,10 +35,10 @@ def register(sub) -> None:
                    help="tritonserver binary (default: the one in the nvidia-pytriton wheel; in the NGC container "
                         "/opt/tritonserver/bin/tritonserver)")
     p.add_argument("--host", default="0.0.0.0", help="address to listen on")
-    p.add_argument("--grpc-port", type=int, default=8001)
-    p.add_argument("--http-port", type=int, default=8000)
+    p.add_argument("--grpc-port", type=int, default=8001, help="gRPC port (what `caphuman client --url` talks to)")
+    p.add_argument("--http-port", type=int, default=8000, help="HTTP/REST port (health: /v2/health/ready)")
     p.add_argument("--metrics-port", type=int, default=8002, help="Prometheus metrics (/metrics)")
-    p.add_argument("--log-file", type=Path, default=None, help="server log (default: a temporary folder; printed)")
+    p.add_argument("--log-file", type=Path, default=None, help="server log (default: a temporary folder, printed at start and removed at exit)")
     p.add_argument("--ready-timeout", type=float, default=600.0, help="seconds to wait for the models to load")
     p.set_defaults(func=run)
 
@@ -89,8 +90,9 @@ def run(args) -> int:
               f"Ctrl-C stops the server.", flush=True)
         while server.is_alive():
             time.sleep(0.5)
-        raise UserError(f"tritonserver exited with status {server.proc.returncode}; log {server.log_path}:\n"
-                        f"{server.log_tail()}")
+        server.failed = True
+        raise UserError(f"tritonserver exited with status {server.proc.returncode}: {server.first_error()} "
+                        f"(full log: {server.log_path})")
     except LaunchError as e:
         raise UserError(str(e)) from None
     except KeyboardInterrupt:
@@ -100,5 +102,4 @@ def run(args) -> int:
         return 0
     finally:
         signal.signal(signal.SIGTERM, old_term)
-        if server.is_alive():
-            server.stop()
+        server.stop()  # also removes its temporary folder (a failed start's log stays, and is named)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -80,6 +81,30 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+_LOAD_FAILURE = re.compile(r"failed to load '([^']+)' version \d+: (.*)")
+_UNAVAILABLE = re.compile(r"^\|\s*(\S+)\s*\|\s*\d+\s*\|\s*UNAVAILABLE: (.*?)\s*\|\s*$")
+
+
+def first_error_in_log(text: str) -> str:
+    """The first real error of a tritonserver log, in one line: the first model that failed to load and
+    why (its Python exception, without the stack frames), else the first UNAVAILABLE row of the model
+    table, else the server's own last 'error:' line, else the log's last line."""
+    lines = text.splitlines()
+    for line in lines:
+        m = _LOAD_FAILURE.search(line)
+        if m:
+            reason = m.group(2).split("\\n\\nAt:")[0].split("\\n")[0].rstrip('"').removeprefix("Internal: ")
+            return f"model '{m.group(1)}' failed to load: {reason}"
+    for line in lines:
+        m = _UNAVAILABLE.match(line)
+        if m:
+            return f"model '{m.group(1)}' failed to load: {m.group(2).removeprefix('Internal: ')}"
+    errors = [line for line in lines if line.startswith("error:")]
+    if errors:
+        return errors[-1]
+    return lines[-1].strip() if lines else "the server wrote no log"
+
+
 @dataclass
 class ServerConfig:
     model_repository: Path = DEFAULT_MODEL_REPOSITORY
@@ -104,6 +129,7 @@ class TritonServer:
         self.workdir = Path(tempfile.mkdtemp(prefix="caphuman-triton-"))
         self.log_path = Path(config.log_file) if config.log_file else self.workdir / "tritonserver.log"
         self._log_handle = None
+        self.failed = False
 
     # -- endpoints ---------------------------------------------------------------------------------
     @property
@@ -168,7 +194,7 @@ class TritonServer:
     # -- lifecycle ---------------------------------------------------------------------------------
     def start(self) -> "TritonServer":
         args, env = self.command()
-        log.info("starting %s", " ".join(args))
+        log.debug("starting %s", " ".join(args))
         self._log_handle = open(self.log_path, "ab")
         self.proc = subprocess.Popen(args, env=env, stdout=self._log_handle, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, start_new_session=True)
@@ -180,6 +206,13 @@ class TritonServer:
         except OSError:
             return ""
         return "\n".join(lines[-n:])
+
+    def first_error(self) -> str:
+        """The server log's first real error, in one line (see `first_error_in_log`)."""
+        try:
+            return first_error_in_log(self.log_path.read_text(errors="replace"))
+        except OSError:
+            return f"no server log at {self.log_path}"
 
     def is_alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -196,15 +229,26 @@ class TritonServer:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if not self.is_alive():
+                self.failed = True
                 raise LaunchError(f"tritonserver exited with status {self.proc.returncode if self.proc else '?'} "
-                                  f"before becoming ready; log {self.log_path}:\n{self.log_tail()}")
+                                  f"before becoming ready: {self.first_error()} (full log: {self.log_path})")
             if self.is_ready():
                 return
             time.sleep(0.5)
-        raise LaunchError(f"tritonserver not ready after {timeout:.0f} s; log {self.log_path}:\n{self.log_tail()}")
+        self.failed = True
+        raise LaunchError(f"tritonserver not ready after {timeout:.0f} s: {self.first_error()} "
+                          f"(full log: {self.log_path})")
 
     def stop(self, timeout: float = 30.0) -> int | None:
-        """SIGTERM (Triton's graceful shutdown: finish in-flight requests, unload models), then SIGKILL."""
+        """SIGTERM (Triton's graceful shutdown: finish in-flight requests, unload models), then SIGKILL.
+        The work folder goes too, except a log in it after a failed start (the error message names it)."""
+        try:
+            return self._stop(timeout)
+        finally:
+            keep_log = self.failed and self.log_path.parent == self.workdir
+            shutil.rmtree(self.workdir / "backends" if keep_log else self.workdir, ignore_errors=True)
+
+    def _stop(self, timeout: float) -> int | None:
         if self.proc is None:
             return None
         if self.proc.poll() is None:

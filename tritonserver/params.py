@@ -52,6 +52,9 @@ INPUTS: tuple[Field, ...] = (
     Field("MODES", "STRING", (1,), "position,pose", "what the pose photo gives: position, pose, expression, "
           "lighting, all (official modes)"),
     Field("LIGHT", "STRING", (1,), "", "lighting preset (front, left, right, top, bottom, flat); '' = from photos"),
+    Field("HEAD_CONTROLS", "STRING", (1,), "", "JSON object of further head controls for every item: scale (face "
+          "height / frame height), center ([x, y] in the frame), jaw (degrees; FLAME model), expression (FLAME "
+          "coefficients; FLAME model); '' = none"),
     Field("SAMPLER", "STRING", (1,), DEFAULT_SAMPLER, f"sampler: {', '.join(sorted(SAMPLERS))} (official: ddim)"),
     Field("STEPS", "INT32", (1,), 20, f"denoising steps, {limits.MIN_STEPS}..{limits.MAX_STEPS} (official DDIM: 20)"),
     Field("GUIDANCE", "FP32", (1,), 7.0, "classifier-free guidance scale (finite)"),
@@ -134,6 +137,7 @@ class ParsedRequest:
     head_poses: list[tuple[float, float, float]]
     modes: str
     light: str
+    head_controls: str    # canonical JSON of HEAD_CONTROLS ('' = none)
     sampler: str
     steps: int
     guidance: float
@@ -204,18 +208,50 @@ def parse_request(arrays: dict[str, np.ndarray], settings: ServerSettings) -> Pa
     light = _text(_scalar(arrays, "LIGHT"), "LIGHT", 64).strip()
     if light and light not in LIGHT_NAMES:
         raise RequestError(f"LIGHT must be one of {LIGHT_NAMES} or empty, got {light!r}")
+    head_controls = parse_head_controls(_text(_scalar(arrays, "HEAD_CONTROLS"), "HEAD_CONTROLS", 4096))
     req = ParsedRequest(
         reference=ref, prompts=prompts,
         negative_prompt=_text(_scalar(arrays, "NEGATIVE_PROMPT"), "NEGATIVE_PROMPT", settings.max_prompt_bytes),
         added_prompt=_text(_scalar(arrays, "ADDED_PROMPT"), "ADDED_PROMPT", settings.max_prompt_bytes),
         pose_images=poses, head_poses=head, modes=_text(_scalar(arrays, "MODES"), "MODES", 128).strip(),
-        light=light, sampler=_text(_scalar(arrays, "SAMPLER"), "SAMPLER", 64).strip(), steps=int(_scalar(arrays, "STEPS")), guidance=float(_scalar(arrays, "GUIDANCE")),
+        light=light, head_controls=head_controls, sampler=_text(_scalar(arrays, "SAMPLER"), "SAMPLER", 64).strip(), steps=int(_scalar(arrays, "STEPS")), guidance=float(_scalar(arrays, "GUIDANCE")),
         eta=float(_scalar(arrays, "ETA")), strength=float(_scalar(arrays, "STRENGTH")),
         tau=float(_scalar(arrays, "TAU")), seed=int(_scalar(arrays, "SEED")),
         resolution=int(_scalar(arrays, "RESOLUTION")), progress=bool(_scalar(arrays, "PROGRESS")),
         preview_size=int(_scalar(arrays, "PREVIEW_SIZE")))
     _check_ranges(req)
     return req
+
+
+HEAD_CONTROL_KEYS = ("scale", "center", "jaw", "expression")
+
+
+def parse_head_controls(text: str) -> str:
+    """HEAD_CONTROLS -> canonical JSON (sorted keys; '' when empty), its values checked by HeadControls."""
+    if not text.strip():
+        return ""
+    try:
+        values = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise RequestError(f"HEAD_CONTROLS is not JSON: {e}") from None
+    if not isinstance(values, dict) or set(values) - set(HEAD_CONTROL_KEYS):
+        raise RequestError(f"HEAD_CONTROLS must be a JSON object with keys among {HEAD_CONTROL_KEYS}, got {text!r}")
+    try:
+        head_controls(json.dumps(values))
+    except (TypeError, ValueError) as e:
+        raise RequestError(f"HEAD_CONTROLS: {e}") from None
+    return json.dumps(values, sort_keys=True)
+
+
+def head_controls(text: str, **pose) -> object:
+    """`caphuman.runtime.condition.HeadControls` of a canonical HEAD_CONTROLS and the item's yaw/pitch/roll/light."""
+    from caphuman.runtime.condition import HeadControls
+    values = json.loads(text) if text else {}
+    if values.get("center") is not None:
+        values["center"] = tuple(float(v) for v in values["center"])
+    if values.get("expression") is not None:
+        values["expression"] = tuple(float(v) for v in values["expression"])
+    return HeadControls(**pose, **values)
 
 
 def _check_ranges(r: ParsedRequest) -> None:
@@ -250,6 +286,8 @@ def request_arrays(reference: bytes, prompts: list[str] | str, **kwargs) -> dict
             arrays[name] = np.array(value, dtype=np.object_)
         elif name == "HEAD_POSE":
             arrays[name] = np.asarray(value, dtype=np.float32).reshape(-1, 3)
+        elif name == "HEAD_CONTROLS" and isinstance(value, dict):
+            arrays[name] = np.array([json.dumps(value).encode()], dtype=np.object_)
         elif spec.dtype == "STRING":
             arrays[name] = np.array([value.encode() if isinstance(value, str) else value], dtype=np.object_)
         else:

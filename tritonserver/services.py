@@ -150,24 +150,28 @@ class HeadConditionService:
         return photo
 
     def hint(self, reference: bytes, pose: bytes | None, head_pose: tuple[float, float, float] | None,
-             modes: str, light: str, resolution: int) -> tuple[np.ndarray, bool, float, list[str]]:
-        """(hint [9, R, R] float32, cache hit, milliseconds, notes)."""
-        from caphuman.runtime.condition import HeadControls, NoFaceError
+             modes: str, light: str, resolution: int,
+             more_controls: str = "") -> tuple[np.ndarray, bool, float, list[str]]:
+        """(hint [9, R, R] float32, cache hit, milliseconds, notes); `more_controls`: HEAD_CONTROLS' JSON."""
+        from caphuman.runtime.condition import NoFaceError
+
+        from .params import head_controls, parse_head_controls
 
         t0 = time.perf_counter()
         try:
             limits.check_resolution("RESOLUTION", resolution)
         except ValueError as e:
             raise RequestError(str(e)) from None
-        key = (sha256(reference), sha256(pose) if pose else None, head_pose, modes, light, resolution)
+        more_controls = parse_head_controls(more_controls)
+        key = (sha256(reference), sha256(pose) if pose else None, head_pose, modes, light, more_controls, resolution)
         cached = self.cache.get(key)
         if cached is not None:
             return cached[0], True, (time.perf_counter() - t0) * 1e3, cached[1]
         try:
             yaw, pitch, roll = head_pose if head_pose is not None else (None, None, None)
-            controls = HeadControls(yaw=yaw, pitch=pitch, roll=roll, light=light or None)
+            controls = head_controls(more_controls, yaw=yaw, pitch=pitch, roll=roll, light=light or None)
         except ValueError as e:
-            raise RequestError(f"HEAD_POSE/LIGHT: {e}") from None
+            raise RequestError(f"HEAD_POSE/LIGHT/HEAD_CONTROLS: {e}") from None
         ref = self._photo(reference, "REFERENCE_IMAGE")
         pph = self._photo(pose, "POSE_IMAGE") if pose else None
         try:

@@ -1,7 +1,8 @@
 """Which networks each served model loads: the official files from a weights folder, or tiny random ones.
 
 `caphuman serve --weights DIR` sets CAPHUMAN_WEIGHTS=DIR for the server; every model reads it in
-`initialize`. The folder holds the official files under their official names:
+`initialize`. The folder holds the official files under their official names (the rule lives in
+`caphuman.runtime.weights_layout`, which `caphuman generate --weights DIR` uses too):
 
     caphuman.ckpt                          required (CapFace, projections, CLIP image encoder, UNet/VAE/text)
     <one SD1.x>.ckpt | .safetensors        optional, overrides UNet/VAE/text (e.g. Realistic_Vision_V3.0.ckpt)
@@ -21,10 +22,11 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from caphuman.runtime.weights_layout import WeightFiles  # the folder layout, shared with `caphuman generate --weights`
 
 WEIGHTS_ENV = "CAPHUMAN_WEIGHTS"
 RANDOM_CONFIG_ENV = "CAPHUMAN_RANDOM_CONFIG"   # packaged config of the random-weight networks (default cldm_tiny)
@@ -33,45 +35,6 @@ RANDOM_WEIGHTS_NOTICE = ("NO WEIGHTS GIVEN: serving the built-in TINY model with
 TINY_SEED = 0
 BACKEND_ENV = "CAPHUMAN_BACKEND"           # launch option: the caphuman model's backend (overrides config.pbtxt)
 ENGINE_DIR_ENV = "CAPHUMAN_ENGINE_DIR"     # ONNX graphs or TensorRT engines (the entrypoint sets it after a build)
-
-
-@dataclass(frozen=True)
-class WeightFiles:
-    root: Path
-    checkpoint: Path
-    sd_checkpoint: Path | None
-    vae_checkpoint: Path | None
-    clip_dir: Path | None
-    facenet: Path | None
-    bisenet: Path | None
-    deca: Path | None
-    flame_model: Path | None
-    flame_texture: Path | None
-
-    @classmethod
-    def discover(cls, root: str | Path) -> "WeightFiles":
-        root = Path(root)
-        if not root.is_dir():
-            raise FileNotFoundError(f"weights folder not found: {root}")
-        ckpt = root / "caphuman.ckpt"
-        if not ckpt.is_file():
-            raise FileNotFoundError(f"weights folder {root} has no caphuman.ckpt")
-        files = [p for p in root.iterdir() if p.is_file()]
-        vae = [p for p in files if p.name.lower().startswith("vae") and p.suffix in (".ckpt", ".safetensors")]
-        sd = [p for p in files if p.suffix in (".ckpt", ".safetensors") and p != ckpt and p not in vae]
-        if len(sd) > 1 or len(vae) > 1:
-            raise ValueError(f"weights folder {root}: more than one SD checkpoint {[p.name for p in sd]} "
-                             f"or VAE {[p.name for p in vae]}; keep one of each")
-
-        def one(pred) -> Path | None:
-            hits = [p for p in files if pred(p.name.lower())]
-            return hits[0] if hits else None
-
-        clip = root / "clip-vit-large-patch14"
-        return cls(root, ckpt, sd[0] if sd else None, vae[0] if vae else None, clip if clip.is_dir() else None,
-                   one(lambda n: "vggface2" in n or (n.startswith("facenet") and n.endswith((".pt", ".pth")))),
-                   one(lambda n: n == "79999_iter.pth"), one(lambda n: n == "deca_model.tar"),
-                   one(lambda n: n == "generic_model.pkl"), one(lambda n: n == "flame_texture.npz"))
 
 
 def weight_files(environ=os.environ) -> WeightFiles | None:

@@ -166,7 +166,12 @@ def load_flame_pickle(data: bytes, what: str = "FLAME model") -> dict[str, Any]:
     """Unpickle a FLAME ``generic_model.pkl`` (chumpy era) into a dict of NumPy arrays/values."""
     table = dict(_allowed_numpy())
     table.update(_FLAME_GLOBALS)
-    obj = _RestrictedUnpickler(io.BytesIO(data), table, what).load()
+    try:
+        obj = _RestrictedUnpickler(io.BytesIO(data), table, what).load()
+    except UnsafePickleError:
+        raise
+    except (pickle.UnpicklingError, EOFError, ValueError, IndexError) as e:  # not a pickle at all
+        raise UnsafePickleError(f"{what} is not a readable FLAME pickle ({e})") from None
     if not isinstance(obj, dict):
         raise UnsafePickleError(f"{what}: expected a dict, got {type(obj).__name__}")
     return _resolve(obj)

@@ -34,7 +34,7 @@ PARAMETERS = {
     "engine": "auto",             # auto | eager | torch | onnxruntime | tensorrt | tensorrt-rtx (CAPHUMAN_BACKEND overrides it)
     "engine_dir": "",             # ONNX graphs / TensorRT engines (CAPHUMAN_ENGINE_DIR overrides it)
     "compile": "false",           # torch.compile in the torch engine (minutes of start-up)
-    "max_batch": "0",             # items denoised together; 0: 8 on CUDA, 1 on the CPU
+    "max_batch": "0",             # items denoised together; 0: 8 (a batch request runs as one batch, CPU too)
     "batch_sizes": "1,2,4,8",     # batches are padded up to one of these (one CUDA graph each)
     "batch_gather_ms": "60",      # how long a batch may wait for the next requests of active clients
     "run_ahead_steps": "2",       # steps issued but unfinished on the GPU, running one included (a cancel stops the rest)
@@ -122,7 +122,7 @@ class TritonPythonModel:
             backend, engine_dir = serving_backend(p["engine"], p["engine_dir"], cuda)
             if p["compile"] not in ("true", "false"):
                 raise ValueError(f"compile must be 'true' or 'false', got {p['compile']!r}")
-            max_batch = int(p["max_batch"]) or (8 if cuda else 1)
+            max_batch = int(p["max_batch"]) or 8
             buckets = parse_buckets(p["batch_sizes"])
             gather_s = float(p["batch_gather_ms"]) / 1e3
             run_ahead = int(p["run_ahead_steps"])
@@ -179,24 +179,27 @@ class TritonPythonModel:
         return {n: pb_utils.get_output_tensor_by_name(response, n).as_numpy() for n in outputs}
 
     def _identity(self, key: str, reference: bytes):
-        """(context [258, C], its metadata hash, cache, ms); `key` is the photo's sha256."""
+        """(context [258, C], its metadata hash, "hit" or "miss", which cache hit (this instance's: "orchestrator",
+        or the identity model's), ms); `key` is the photo's sha256."""
         t0 = time.perf_counter()
         cached = self.identity_cache.get(key)
         if cached is not None:
-            return (*cached, "orchestrator", (time.perf_counter() - t0) * 1e3)
+            return (*cached, "hit", "orchestrator", (time.perf_counter() - t0) * 1e3)
         out = self._bls(IDENTITY_MODEL, [_tensor("IMAGE", [[reference]], np.object_)],
                         ["CONTEXT", "CACHE_HIT", "ELAPSED_MS"])
         ctx = torch.from_numpy(out["CONTEXT"][0].copy())
         digest = tensor_hash(ctx[None])
         self.identity_cache.put(key, (ctx, digest))
-        return ctx, digest, "identity-model" if bool(out["CACHE_HIT"].reshape(-1)[0]) else "miss", \
+        hit = bool(out["CACHE_HIT"].reshape(-1)[0])
+        return ctx, digest, "hit" if hit else "miss", "identity-model" if hit else None, \
             (time.perf_counter() - t0) * 1e3
 
     def _hint(self, req, i, ref_key: str):
         """(hint [1, 9, R, R], its metadata hash, cache hit, notes). This instance keeps the last hints
         (a person's next request skips the BLS call and the 9-channel copy); else the head model's cache."""
         pose, head = req.item(req.pose_images, i), req.item(req.head_poses, i)
-        key = (ref_key, sha256(pose) if pose is not None else None, head, req.modes, req.light, req.resolution)
+        key = (ref_key, sha256(pose) if pose is not None else None, head, req.modes, req.light, req.head_controls,
+               req.resolution)
         cached = self.hint_cache.get(key)
         if cached is not None:
             return (*cached[:2], True, cached[2])
@@ -208,6 +211,8 @@ class TritonPythonModel:
             inputs.append(_tensor("POSE_IMAGE", [pose], np.object_))
         if head is not None:
             inputs.append(_tensor("HEAD_POSE", head, np.float32))
+        if req.head_controls:
+            inputs.append(_tensor("HEAD_CONTROLS", [req.head_controls.encode()], np.object_))
         out = self._bls(HEAD_MODEL, inputs, ["HINT", "CACHE_HIT", "ELAPSED_MS", "NOTES"])
         notes = [n.decode() for n in out["NOTES"].reshape(-1) if n]
         hint = torch.from_numpy(out["HINT"].copy())[None]
@@ -227,7 +232,7 @@ class TritonPythonModel:
         state.remaining = req.num_items
         t_parsed = time.perf_counter()
         ref_key = sha256(req.reference)
-        ctx, id_digest, id_cache, id_ms = self._identity(ref_key, req.reference)
+        ctx, id_digest, id_cache, id_cache_level, id_ms = self._identity(ref_key, req.reference)
         jobs = []
         for i in range(req.num_items):
             t0 = time.perf_counter()
@@ -250,10 +255,12 @@ class TritonPythonModel:
                       "condition_notes": notes, "random_weights": self.random_weights,
                       "pose_image": req.item(req.pose_images, i) is not None,
                       "head_pose": req.item(req.head_poses, i), "modes": req.modes, "light": req.light or None,
+                      "head_controls": json.loads(req.head_controls) if req.head_controls else None,
                       "resolution": req.resolution}
             if self.random_weights:
                 params["notice"] = RANDOM_WEIGHTS_NOTICE
             timings = {"parse_ms": (t_parsed - t_start) * 1e3, "identity_ms": id_ms, "identity_cache": id_cache,
+                       "identity_cache_level": id_cache_level,
                        "head_condition_ms": (time.perf_counter() - t0) * 1e3,
                        "head_condition_cache": "hit" if hint_hit else "miss", "_t0": t0}
             jobs.append(Job(gen, state, i, req.progress, req.preview_size, params, timings))

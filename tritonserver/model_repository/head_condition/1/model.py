@@ -41,12 +41,14 @@ class TritonPythonModel:
                 head = _optional(request, "HEAD_POSE")
                 modes = _optional(request, "MODES")
                 light = _optional(request, "LIGHT")
+                more = _optional(request, "HEAD_CONTROLS")
                 res = int(_optional(request, "RESOLUTION")[0])
                 hint, hit, ms, notes = self.service.hint(
                     ref, None if pose is None else pose[0],
                     None if head is None else tuple(float(v) for v in head),
                     "position,pose" if modes is None else modes[0].decode("utf-8", "replace"),
-                    "" if light is None else light[0].decode("utf-8", "replace"), res)
+                    "" if light is None else light[0].decode("utf-8", "replace"), res,
+                    "" if more is None else more[0].decode("utf-8", "replace"))
                 responses.append(pb_utils.InferenceResponse(output_tensors=[
                     pb_utils.Tensor("HINT", hint),
                     pb_utils.Tensor("CACHE_HIT", np.array([hit], dtype=np.bool_)),
