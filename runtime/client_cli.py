@@ -9,6 +9,7 @@ from caphuman.engines.catalog import DEFAULT_SAMPLER, SAMPLER_DOCS
 from . import limits
 from .cli import HelpFormatter
 from .condition_cli import comma_floats
+from .people_cli import add_person_argument, request_people
 
 log = logging.getLogger(__name__)
 
@@ -22,7 +23,7 @@ def register(sub) -> None:
                     "per-stage timings). Several --prompt and/or --pose/--yaw values make one batch request "
                     "(one identity; results in order).")
     p.add_argument("--url", default="localhost:8001", help="gRPC endpoint HOST:PORT")
-    p.add_argument("--reference", required=True, type=Path, help="reference face photo (PNG/JPEG/WebP)")
+    p.add_argument("--reference", type=Path, help="reference face photo (PNG/JPEG/WebP); required unless --person")
     p.add_argument("--prompt", action="append", required=True, help="prompt (repeat for a batch)")
     p.add_argument("--negative-prompt", default="", help="negative prompt")
     p.add_argument("--added-prompt", default="", help="appended as 'PROMPT, ADDED' (official a_prompt)")
@@ -39,6 +40,7 @@ def register(sub) -> None:
     h.add_argument("--jaw", type=float, help="jaw opening in degrees [0, 40] (a server with the FLAME model)")
     h.add_argument("--expression", type=comma_floats, help="up to 50 FLAME expression coefficients, comma-separated "
                                                       "(a server with the FLAME model)")
+    add_person_argument(h)
     s = p.add_argument_group("sampling")
     s.add_argument("--sampler", choices=sorted(SAMPLER_DOCS), default=DEFAULT_SAMPLER,
                    help="; ".join(f"{name}: {doc}" for name, doc in sorted(SAMPLER_DOCS.items())))
@@ -116,15 +118,17 @@ class ProgressBar:
 def run(args) -> int:
     from caphuman.runtime.cli import UserError
     from caphuman.runtime.outputs import check_new_outputs, save_png_with_sidecar
-    from caphuman.runtime.provenance import command_record
+    from caphuman.runtime.provenance import command_record, file_record
     from caphuman.tritonserver.client import CapHumanClient, Progress, ServerError
     from tqdm import tqdm
 
-    if not args.reference.is_file():
-        raise UserError(f"--reference photo not found: {args.reference}")
-    for pose in args.pose or []:
-        if not pose.is_file():
-            raise UserError(f"--pose photo not found: {pose}")
+    people = request_people(args) if args.person else None
+    if people is None and args.reference is None:
+        raise UserError("--reference (the face photo) is required; several people: --person reference=PHOTO ...")
+    for what, photo in [("--reference", r) for r in (people["reference"] if people else [args.reference])] + \
+            [("--pose", p) for p in ((people or {}).get("pose_image") or args.pose or [])]:
+        if not photo.is_file():
+            raise UserError(f"{what} photo not found: {photo}")
     if args.num_samples < 1:
         raise UserError(f"--num-samples must be >= 1, got {args.num_samples}")
     items = expand_items(args)
@@ -136,11 +140,18 @@ def run(args) -> int:
                   strength=args.strength, tau=args.tau, seed=args.seed, resolution=args.resolution,
                   progress=not args.no_progress, head_pose=items["head_pose"], pose_image=items["pose_image"],
                   head_controls=more_head_controls(args))
+    reference = args.reference
+    if people is not None:  # each person's photos and controls; the items are the prompts
+        reference = people.pop("reference")
+        fields.update(people, head_pose=None, head_controls=None)
     record = command_record("client", args, ("reference", "pose"))  # the request's inputs, photos hashed
+    if people is not None:
+        record["files"]["people"] = [file_record(r) for r in reference] + \
+            [file_record(p) for p in fields.get("pose_image") or []]
     bar = ProgressBar(items["items"], tqdm)
     written = []
     try:
-        for msg in client.stream(args.reference, items["prompts"], **fields):
+        for msg in client.stream(reference, items["prompts"], **fields):
             if isinstance(msg, Progress):
                 bar.update(msg)
                 continue

@@ -74,6 +74,29 @@ def test_parse_request_rejects(kw, msg):
         parse_request(_arrays(**kw), ServerSettings())
 
 
+def test_parse_request_of_several_people():
+    a = request_arrays([b"anna", b"ben"], ["p", "q"], people=[{"center": [0.3, 0.5]}, {"yaw": -20, "strength": 0.5}],
+                       pose_image=[b"pa", b"pb"])
+    r = parse_request(a, ServerSettings())
+    assert r.num_people == 2 and r.num_items == 2 and r.references == [b"anna", b"ben"]  # poses are per person
+    assert r.people == [{"center": [0.3, 0.5], "strength": 1.0}, {"yaw": -20, "strength": 0.5}]
+
+
+@pytest.mark.parametrize("refs, kw, msg", [
+    ([b"a"] * 5, {}, "1 to 4 photos"),
+    ([b"a", b"b"], dict(people=[{}]), "one object per REFERENCE_IMAGE"),
+    ([b"a", b"b"], dict(people=[{"size": 2}, {}]), r"PEOPLE\[0\] must be a JSON object with keys"),
+    ([b"a", b"b"], dict(people=[{"yaw": 500}, {}]), r"PEOPLE\[0\]: .*yaw"),
+    ([b"a", b"b"], dict(people=[{"strength": "x"}, {}]), "strength must be a finite number"),
+    ([b"a", b"b"], dict(head_controls={"scale": 0.3}), "several people take their controls in PEOPLE"),
+    ([b"a", b"b"], dict(pose_image=[b"p"]), "0 or one photo per person"),
+    ([b"a"], dict(people=[{"yaw": 3}]), "PEOPLE is for several people"),
+])
+def test_parse_request_rejects_bad_people(refs, kw, msg):
+    with pytest.raises(RequestError, match=msg):
+        parse_request(request_arrays(refs, "p", **kw), ServerSettings())
+
+
 def test_parse_request_rejects_bad_utf8_and_empty_reference():
     a = _arrays()
     a["PROMPT"] = np.array([b"\xff\xfe"], dtype=object)
