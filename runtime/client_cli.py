@@ -4,10 +4,9 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from caphuman.engines.catalog import DEFAULT_SAMPLER, SAMPLER_DOCS
 
 from . import limits
-from .cli import HelpFormatter
+from .cli import HelpFormatter, add_sampling_arguments
 from .condition_cli import comma_floats
 from .people_cli import add_person_argument, request_people
 
@@ -42,13 +41,7 @@ def register(sub) -> None:
                                                       "(a server with the FLAME model)")
     add_person_argument(h)
     s = p.add_argument_group("sampling")
-    s.add_argument("--sampler", choices=sorted(SAMPLER_DOCS), default=DEFAULT_SAMPLER,
-                   help="; ".join(f"{name}: {doc}" for name, doc in sorted(SAMPLER_DOCS.items())))
-    s.add_argument("--steps", type=int, default=20, help=f"denoising steps, {limits.STEPS_RULE} (official DDIM: 20)")
-    s.add_argument("--guidance", type=float, default=7.0, help="classifier-free guidance scale")
-    s.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic)")
-    s.add_argument("--strength", type=float, default=1.0, help="CapFace residual scale")
-    s.add_argument("--tau", type=float, default=0.0, help="ID dropout: identity context off for timesteps > tau (0 = off)")
+    add_sampling_arguments(s)
     s.add_argument("--seed", type=int, default=12345, help="seed of item 0 (item i: seed + i)")
     s.add_argument("--num-samples", type=int, default=1,
                    help="images per prompt/pose (each its own item and seed; at most the server's max_items, 8, in all)")

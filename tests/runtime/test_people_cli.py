@@ -118,3 +118,25 @@ def test_people_build_in_one_frame_and_parse_person_checks_words():
     for bad in (["yaw=abc"], ["center=0.2"], ["yaw=1", "yaw=2"]):
         with pytest.raises(ValueError, match="--person 1"):
             parse_person(bad, 1)
+
+
+def _client_args(*argv):
+    from caphuman.runtime.cli import build_parser
+    return build_parser().parse_args(["client", "--prompt", "two friends", *argv])
+
+
+def test_client_person_options_become_the_requests_people_fields():
+    from caphuman.runtime.cli import UserError
+    from caphuman.runtime.people_cli import request_people
+    fields = request_people(_client_args("--person", f"reference={ANNA}", "center=0.3,0.5",
+                                         "--person", f"reference={BEN}", "yaw=-20", "strength=0.8"))
+    assert fields["reference"] == [ANNA, BEN] and fields["pose_image"] is None and fields["modes"] == "position,pose"
+    assert fields["people"] == [{"center": [0.3, 0.5], "strength": 1.0}, {"yaw": -20.0, "strength": 0.8}]
+    for argv, error in [(["--person", "center=0.3,0.5", "--person", f"reference={BEN}"], "needs reference="),
+                        (["--person", f"reference={ANNA}", f"pose={ANNA}", "--person", f"reference={BEN}"],
+                         "pose= to every --person or to none"),
+                        (["--person", f"reference={ANNA}", "light=left", "--person", f"reference={BEN}"], "--light"),
+                        (["--yaw", "10", "--person", f"reference={ANNA}", "--person", f"reference={BEN}"],
+                         "--yaw describe one person")]:
+        with pytest.raises(UserError, match=error):
+            request_people(_client_args(*argv))

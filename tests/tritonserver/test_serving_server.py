@@ -304,8 +304,11 @@ def test_16_concurrent_clients_for_60_seconds(client):
                 out = c.generate(ref, prompt, seed=seed, head_pose=[pose], progress=(k % 2 == 0), **FAST)
                 if len(out) != 1 or out[0].metadata["seed"] != seed or out[0].metadata["prompt"] != prompt:
                     errors.append(f"client {k}: wrong response {[g.metadata.get('seed') for g in out]}")
-                elif not np.array_equal(out[0].image, expected[seed]):
-                    errors.append(f"client {k}: image differs from the reference image of seed {seed}")
+                else:  # batched with other clients' items: equal up to the documented same-seed bound
+                    d = np.abs(out[0].image.astype(int) - expected[seed].astype(int))
+                    if d.max() > 1 or (d > 0).mean() >= 0.01:
+                        errors.append(f"client {k}: image of seed {seed} differs from its reference by more than "
+                                      f"the same-seed bound (max {d.max()}, {(d > 0).mean():.2%} of the values)")
                 counts[k] += 1
             except Exception as e:  # noqa: BLE001 - every failure is reported
                 errors.append(f"client {k}: {type(e).__name__}: {e}")
