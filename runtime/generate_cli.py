@@ -196,16 +196,15 @@ def _check_people_arguments(args) -> None:
             raise UserError(f"--person {i}: real weights need each person's reference= photo (their identity)")
 
 
-def _people_inputs(args, nets, inputs):
+def _people_inputs(args, conds, nets, inputs):
     """(hints, identity contexts, CapFace strengths, sidecar record) of the --person options: each
-    person's hint in the shared frame, identity from their photo (the demo: from seed + 1000 * i)."""
+    person's hint in the shared frame (`conds`, built and checked before any model loads), identity from
+    their photo (the demo: from seed + 1000 * i)."""
     import numpy as np
     import torch
 
-    from .people_cli import build_people_conditions
     from .provenance import file_record
 
-    conds = build_people_conditions(args, args.people)
     hints = [torch.from_numpy(np.asarray(pc.condition.hint, dtype=np.float32))[None] for pc in conds]
     contexts = [inputs.identity(args, nets, args.seed + 1000 * i, pc.reference) for i, pc in enumerate(conds)]
     record = [{"reference": file_record(pc.person.reference) if pc.person.reference else None,
@@ -236,6 +235,9 @@ def run(args) -> int:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.float16 if args.fp16 else torch.float32
     t0 = time.perf_counter()
+    if args.person:  # the heads' layout is checked before any network loads
+        from .people_cli import build_people_conditions
+        people_conditions = build_people_conditions(args, args.people)
     if args.checkpoint is None:
         print(RANDOM_WEIGHTS_NOTICE)
         nets = random_networks(TINY_CONFIG, device=args.device)
@@ -248,7 +250,7 @@ def run(args) -> int:
 
     photo, person_strength, extra = None, None, {}
     if args.person:
-        hint, identity, person_strength, extra = _people_inputs(args, nets, inputs)
+        hint, identity, person_strength, extra = _people_inputs(args, people_conditions, nets, inputs)
     elif args.hint:
         hint = inputs.load_npy(args.hint, "hint", (3, 4))
         hint = hint[None] if hint.ndim == 3 else hint
