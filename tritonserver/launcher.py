@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import secrets
 import shutil
 import signal
 import socket
@@ -36,6 +37,25 @@ log = logging.getLogger(__name__)
 DEFAULT_MODEL_REPOSITORY = Path(__file__).resolve().parent / "model_repository"
 WEIGHTS_ENV = "CAPHUMAN_WEIGHTS"          # folder of official weights, read by every model's initialize()
 SETTINGS_ENV = "CAPHUMAN_SERVE_SETTINGS"  # JSON overrides of tritonserver/params.py server settings (tests)
+ADMIN_KEY_ENV = "CAPHUMAN_ADMIN_KEY"      # the admin header's value; unset: a random one per start (admin APIs off)
+# Triton APIs no client of ours needs: loading/unloading models, log and trace settings, shared-memory
+# registration, statistics. They answer only requests carrying ADMIN_HEADER: ADMIN_KEY_ENV's value (HTTP
+# 403 / gRPC UNAVAILABLE otherwise). Health, metadata, model config and inference stay open. The container's
+# entrypoint.sh passes the same list (tests/tritonserver/test_deploy_runtime.py checks it).
+ADMIN_APIS = "model-repository,logging,trace,shared-memory,statistics"
+ADMIN_HEADER = "caphuman-admin-key"
+LOOPBACK = "127.0.0.1"
+WILDCARDS = ("0.0.0.0", "::")
+
+
+def is_loopback(host: str) -> bool:
+    import ipaddress
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: assume it resolves beyond this machine
+        return False
 
 
 class LaunchError(RuntimeError):
@@ -110,7 +130,8 @@ class ServerConfig:
     model_repository: Path = DEFAULT_MODEL_REPOSITORY
     binary: Path | None = None          # None: the wheel's tritonserver
     weights: Path | None = None         # None: tiny random-weight models
-    host: str = "0.0.0.0"
+    host: str = LOOPBACK                # HTTP, gRPC and metrics; "0.0.0.0" opens them to the network
+    admin_key: str | None = None        # None: ADMIN_KEY_ENV, else a random key nobody knows
     grpc_port: int = 8001
     http_port: int = 8000
     metrics_port: int = 8002
@@ -134,10 +155,18 @@ class TritonServer:
     # -- endpoints ---------------------------------------------------------------------------------
     @property
     def grpc_url(self) -> str:
-        return f"127.0.0.1:{self.config.grpc_port}"
+        host = self.config.host
+        local = LOOPBACK if host in WILDCARDS or host == "localhost" else f"[{host}]" if ":" in host else host
+        return f"{local}:{self.config.grpc_port}"
+
+    @property
+    def public(self) -> bool:
+        """Whether the ports listen beyond this machine."""
+        return not is_loopback(self.config.host)
 
     def endpoints(self) -> dict[str, str]:
-        host = "localhost" if self.config.host in ("0.0.0.0", "127.0.0.1") else self.config.host
+        """What a client on this machine calls (the banner says separately who else can reach it)."""
+        host = "localhost" if self.config.host in WILDCARDS or is_loopback(self.config.host) else self.config.host
         return {"grpc": f"{host}:{self.config.grpc_port}", "http": f"http://{host}:{self.config.http_port}",
                 "metrics": f"http://{host}:{self.config.metrics_port}/metrics"}
 
@@ -183,10 +212,13 @@ class TritonServer:
         else:
             env.pop(WEIGHTS_ENV, None)
         env.update({k: str(v) for k, v in cfg.extra_env.items()})
+        admin_key = cfg.admin_key or os.environ.get(ADMIN_KEY_ENV) or secrets.token_urlsafe(24)
         args = [str(binary), f"--model-repository={repo}", *args,
                 f"--grpc-address={cfg.host}", f"--grpc-port={cfg.grpc_port}",
                 f"--http-address={cfg.host}", f"--http-port={cfg.http_port}",
-                "--allow-metrics=true", f"--metrics-port={cfg.metrics_port}",
+                "--allow-metrics=true", f"--metrics-address={cfg.host}", f"--metrics-port={cfg.metrics_port}",
+                f"--http-restricted-api={ADMIN_APIS}:{ADMIN_HEADER}={admin_key}",
+                f"--grpc-restricted-protocol={ADMIN_APIS}:{ADMIN_HEADER}={admin_key}",
                 f"--log-verbose={cfg.verbose}", "--exit-on-error=true",
                 "--strict-readiness=true", *cfg.extra_args]
         return args, env
