@@ -122,6 +122,12 @@ class ServerSettings:
         return asdict(self)
 
 
+# Error messages start with one of these: BLS responses and streamed errors lose the error code (BLS: all
+# INTERNAL; a stream: none), so the prefix says which it was (tritonserver/backend.py, client.ServerError).
+BAD_REQUEST_PREFIX = "invalid request: "
+INTERNAL_PREFIX = "internal error "
+
+
 class RequestError(ValueError):
     """A bad request: sent back to the client as an INVALID_ARG error; the server keeps serving."""
 
