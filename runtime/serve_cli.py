@@ -104,8 +104,16 @@ def run(args) -> int:
               f"  metrics  {ep['metrics']}\n"
               f"{reach(args.host)}\n"
               f"Ctrl-C stops the server.", flush=True)
+        server.watch_stubs()
         while server.is_alive():
-            time.sleep(0.5)
+            time.sleep(1.0)
+            dead = server.dead_stubs()
+            if dead:  # Triton would keep reporting ready while that instance fails every request
+                print(f"model instance(s) {', '.join(dead)} died (their Python process is gone): restarting "
+                      "tritonserver ...", flush=True)
+                t0 = time.monotonic()
+                server.restart(args.ready_timeout)
+                print(f"ready again in {time.monotonic() - t0:.0f} s", flush=True)
         server.failed = True
         raise UserError(f"tritonserver exited with status {server.proc.returncode}: {server.first_error()} "
                         f"(full log: {server.log_path})")

@@ -249,6 +249,52 @@ class TritonServer:
     def is_alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
+    # -- self-healing ------------------------------------------------------------------------------
+    def stubs(self) -> dict[int, tuple[str, str]]:
+        """The Python-backend stub processes of this server: pid -> (model instance, shared-memory region).
+        Triton does not replace a stub that died (kill -9, OOM killer): its instance then fails every
+        request while the server still reports ready, so `caphuman serve` watches them."""
+        found = {}
+        if self.proc is None:
+            return found
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+                if int(fields[1]) != self.proc.pid or fields[0] == "Z":  # fields: state, ppid, ...
+                    continue
+                argv = (stat.parent / "cmdline").read_bytes().split(b"\0")
+            except (OSError, IndexError, ValueError):
+                continue  # gone meanwhile
+            if argv and argv[0].endswith(b"triton_python_backend_stub") and len(argv) > 8:
+                found[int(stat.parent.name)] = (argv[8].decode(), argv[2].decode())  # argv: stub, model.py, shm region, ..., instance
+        return found
+
+    def watch_stubs(self) -> None:
+        """Remember the stubs of a ready server (call after wait_ready)."""
+        self._stubs = self.stubs()
+
+    def dead_stubs(self) -> list[str]:
+        """The model instances whose stub process has died since `watch_stubs`."""
+        alive = self.stubs()
+        return sorted(name for pid, (name, _) in getattr(self, "_stubs", {}).items() if pid not in alive)
+
+    def restart(self, ready_timeout: float) -> None:
+        """Stop the server (SIGKILL soon: with a dead stub Triton's own shutdown hangs), remove the shared
+        memory regions of ITS stubs (other servers' regions on this machine are left alone), start it
+        again and wait until it is ready and warm."""
+        regions = {shm for _, shm in getattr(self, "_stubs", {}).values()} | {shm for _, shm in self.stubs().values()}
+        self._stop(timeout=10)
+        self._remove_shm(regions)
+        self.start()
+        self.wait_ready(ready_timeout)
+        self.watch_stubs()
+
+    @staticmethod
+    def _remove_shm(regions) -> None:
+        for region in regions:
+            if region.startswith("triton_python_backend_shm_region_") and "/" not in region:
+                Path("/dev/shm", region).unlink(missing_ok=True)
+
     def is_ready(self) -> bool:
         import tritonclient.grpc as grpcclient
         try:
@@ -274,9 +320,11 @@ class TritonServer:
     def stop(self, timeout: float = 30.0) -> int | None:
         """SIGTERM (Triton's graceful shutdown: finish in-flight requests, unload models), then SIGKILL.
         The work folder goes too, except a log in it after a failed start (the error message names it)."""
+        regions = {shm for _, shm in self.stubs().values()}
         try:
             return self._stop(timeout)
         finally:
+            self._remove_shm(regions)  # Triton removes them itself, except after a SIGKILL
             keep_log = self.failed and self.log_path.parent == self.workdir
             shutil.rmtree(self.workdir / "backends" if keep_log else self.workdir, ignore_errors=True)
 
