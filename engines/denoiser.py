@@ -19,7 +19,7 @@ from typing import Sequence
 
 import torch
 
-from caphuman.export.people import as_people, check_person_strength
+from caphuman.export.people import PeopleFields, as_people, check_person_strength
 
 from .samplers import Plan, Sampler
 
@@ -27,7 +27,7 @@ NUM_IDENTITY_TOKENS = 258
 
 
 @dataclass
-class Conditioning:
+class Conditioning(PeopleFields):
     """One request's conditions; tensors of batch 1 are shared by every sample of the batch. Several people:
     `hint` and `identity_context` are lists with one entry per person (each person's residuals are masked by
     that person's head mask and the contributions summed, as the official code does for a list of conds)."""
@@ -67,22 +67,6 @@ class Conditioning:
         for ctx in contexts:
             if ctx.ndim != 3:
                 raise ValueError(f"identity context must be [N, tokens, C], got {tuple(ctx.shape)}")
-
-    @property
-    def people(self) -> int:
-        return len(as_people(self.hint, self.identity_context)[0])
-
-    @property
-    def hints(self) -> list[torch.Tensor]:
-        return as_people(self.hint, self.identity_context)[0]
-
-    @property
-    def contexts(self) -> list[torch.Tensor]:
-        return as_people(self.hint, self.identity_context)[1]
-
-    @property
-    def person_scales(self) -> list[float]:
-        return check_person_strength(self.person_strength, self.people)
 
     @property
     def strengths(self) -> list[float]:

@@ -31,3 +31,25 @@ def check_person_strength(person_strength: Sequence[float] | None, people: int) 
     if len(scales) != people or not all(math.isfinite(s) for s in scales):
         raise ValueError(f"person_strength needs one finite scale per person ({people}), got {list(person_strength)}")
     return scales
+
+
+class PeopleFields:
+    """The people of a dataclass with `hint`, `identity_context` and `person_strength` fields (one tensor
+    each for one person, lists for several): the one reading of them for the engines' `Conditioning` and
+    the pipeline's `GenerationRequest`."""
+
+    @property
+    def people(self) -> int:
+        return len(self.hints)
+
+    @property
+    def hints(self) -> list[torch.Tensor]:
+        return as_people(self.hint, self.identity_context)[0]
+
+    @property
+    def contexts(self) -> list[torch.Tensor]:
+        return as_people(self.hint, self.identity_context)[1]
+
+    @property
+    def person_scales(self) -> list[float]:
+        return check_person_strength(self.person_strength, self.people)

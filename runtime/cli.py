@@ -35,6 +35,22 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+def add_sampling_arguments(group) -> None:
+    """--sampler, --steps, --guidance, --eta, --strength, --tau: the same options for generate and client."""
+    from caphuman.engines.catalog import DEFAULT_SAMPLER, SAMPLER_DOCS
+
+    from . import limits
+    group.add_argument("--sampler", choices=sorted(SAMPLER_DOCS), default=DEFAULT_SAMPLER,
+                       help="; ".join(f"{name}: {doc}" for name, doc in sorted(SAMPLER_DOCS.items())))
+    group.add_argument("--steps", type=int, default=20,
+                       help=f"denoising steps, {limits.STEPS_RULE} (official DDIM: 20)")
+    group.add_argument("--guidance", type=float, default=7.0, help="classifier-free guidance scale")
+    group.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic)")
+    group.add_argument("--strength", type=float, default=1.0, help="CapFace residual scale")
+    group.add_argument("--tau", type=float, default=0.0,
+                       help="ID dropout: identity context off for timesteps > tau (0 = off)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="caphuman",

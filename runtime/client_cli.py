@@ -6,11 +6,11 @@ from pathlib import Path
 
 import numpy as np
 
-from caphuman.engines.catalog import DEFAULT_SAMPLER, SAMPLER_DOCS
 
 from . import limits
-from .cli import HelpFormatter
+from .cli import HelpFormatter, add_sampling_arguments
 from .condition_cli import comma_floats
+from .people_cli import add_person_argument, request_people
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +24,7 @@ def register(sub) -> None:
                     "per-stage timings). Several --prompt and/or --pose/--yaw values make one batch request "
                     "(one identity; results in order).")
     p.add_argument("--url", default="localhost:8001", help="gRPC endpoint HOST:PORT")
-    p.add_argument("--reference", required=True, type=Path, help="reference face photo (PNG/JPEG/WebP)")
+    p.add_argument("--reference", type=Path, help="reference face photo (PNG/JPEG/WebP); required unless --person")
     p.add_argument("--prompt", action="append", required=True, help="prompt (repeat for a batch)")
     p.add_argument("--negative-prompt", default="", help="negative prompt")
     p.add_argument("--added-prompt", default="", help="appended as 'PROMPT, ADDED' (official a_prompt)")
@@ -41,14 +41,9 @@ def register(sub) -> None:
     h.add_argument("--jaw", type=float, help="jaw opening in degrees [0, 40] (a server with the FLAME model)")
     h.add_argument("--expression", type=comma_floats, help="up to 50 FLAME expression coefficients, comma-separated "
                                                       "(a server with the FLAME model)")
+    add_person_argument(h)
     s = p.add_argument_group("sampling")
-    s.add_argument("--sampler", choices=sorted(SAMPLER_DOCS), default=DEFAULT_SAMPLER,
-                   help="; ".join(f"{name}: {doc}" for name, doc in sorted(SAMPLER_DOCS.items())))
-    s.add_argument("--steps", type=int, default=20, help=f"denoising steps, {limits.STEPS_RULE} (official DDIM: 20)")
-    s.add_argument("--guidance", type=float, default=7.0, help="classifier-free guidance scale")
-    s.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic)")
-    s.add_argument("--strength", type=float, default=1.0, help="CapFace residual scale")
-    s.add_argument("--tau", type=float, default=0.0, help="ID dropout: identity context off for timesteps > tau (0 = off)")
+    add_sampling_arguments(s)
     s.add_argument("--seed", type=int, default=12345, help="seed of item 0 (item i: seed + i)")
     s.add_argument("--num-samples", type=int, default=1,
                    help="images per prompt/pose (each its own item and seed; at most the server's max_items, 8, in all)")
@@ -152,15 +147,17 @@ def save_reply(msg, out: Path, name: str, seed: int, items: int, extra: dict, ov
 def run(args) -> int:
     from caphuman.runtime.cli import UserError
     from caphuman.runtime.outputs import check_new_outputs
-    from caphuman.runtime.provenance import command_record
+    from caphuman.runtime.provenance import command_record, file_record
     from caphuman.tritonserver.client import CapHumanClient, Progress, ServerError
     from tqdm import tqdm
 
-    if not args.reference.is_file():
-        raise UserError(f"--reference photo not found: {args.reference}")
-    for pose in args.pose or []:
-        if not pose.is_file():
-            raise UserError(f"--pose photo not found: {pose}")
+    people = request_people(args) if args.person else None
+    if people is None and args.reference is None:
+        raise UserError("--reference (the face photo) is required; several people: --person reference=PHOTO ...")
+    for what, photo in [("--reference", r) for r in (people["reference"] if people else [args.reference])] + \
+            [("--pose", p) for p in ((people or {}).get("pose_image") or args.pose or [])]:
+        if not photo.is_file():
+            raise UserError(f"{what} photo not found: {photo}")
     if args.num_samples < 1:
         raise UserError(f"--num-samples must be >= 1, got {args.num_samples}")
     items = expand_items(args)
@@ -172,11 +169,18 @@ def run(args) -> int:
                   strength=args.strength, tau=args.tau, seed=args.seed, resolution=args.resolution,
                   progress=not args.no_progress, head_pose=items["head_pose"], pose_image=items["pose_image"],
                   head_controls=more_head_controls(args))
+    reference = args.reference
+    if people is not None:  # each person's photos and controls; the items are the prompts
+        reference = people.pop("reference")
+        fields.update(people, head_pose=None, head_controls=None)
     record = command_record("client", args, ("reference", "pose"))  # the request's inputs, photos hashed
+    if people is not None:
+        record["files"]["people"] = [file_record(r) for r in reference] + \
+            [file_record(p) for p in fields.get("pose_image") or []]
     bar = ProgressBar(items["items"], tqdm)
     written = []
     try:
-        for msg in client.stream(args.reference, items["prompts"], **fields):
+        for msg in client.stream(reference, items["prompts"], **fields):
             if isinstance(msg, Progress):
                 bar.update(msg)
                 continue

@@ -11,6 +11,7 @@ import tempfile
 from pathlib import Path
 
 from .cli import HelpFormatter
+from .people_cli import add_person_argument, people_from_args
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +36,10 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "condition", formatter_class=HelpFormatter, help="render the 9-channel head hint (normal | albedo | shading) from photos and head controls",
         description="Build CapHuman's head condition: FLAME head from the reference photo (and a pose photo, "
-                    "mixed by --modes), explicit pose/framing/lighting controls, rendered to PNGs and hint.npy.")
-    add_head_arguments(p, reference_required=True)
+                    "mixed by --modes), explicit pose/framing/lighting controls, rendered to PNGs and hint.npy. "
+                    "Several people (--person, repeated): hint_1.npy, hint_2.npy... and one overlay of all heads.")
+    add_head_arguments(p, reference_required=False)
+    add_person_argument(p)
     p.add_argument("--weights", metavar="DIR", help="folder of the official files (the layout of `caphuman serve "
                                                    "--weights`): its DECA and FLAME files, unless given by flag")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
@@ -93,16 +96,15 @@ def _to_png(chw):
 def write_outputs(out_dir: Path, cond, frame, meta: dict) -> None:
     import numpy as np
     from PIL import Image
+
+    from caphuman.runtime.condition.people import people_overlay
     hint = cond.hint
     mask = np.abs(hint).sum(0) > 0
     np.save(out_dir / "hint.npy", hint)
     _to_png(hint[0:3] * 0.5 + 0.5 * mask[None]).save(out_dir / "normal.png")  # (n + 1) / 2 on the head, black elsewhere
     _to_png(hint[3:6]).save(out_dir / "albedo.png")
     _to_png(hint[6:9]).save(out_dir / "shading.png")
-    overlay = frame.astype(np.float32) / 255.0
-    shade = np.clip(hint[6:9].transpose(1, 2, 0), 0, 1)
-    overlay[mask] = 0.45 * overlay[mask] + 0.55 * shade[mask]
-    Image.fromarray((overlay * 255 + 0.5).astype(np.uint8)).save(out_dir / "overlay.png")
+    Image.fromarray(people_overlay(frame, [cond], tinted=False)).save(out_dir / "overlay.png")
     (out_dir / "condition.json").write_text(json.dumps(meta, indent=2))
 
 
@@ -117,6 +119,10 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--out {out} exists and is not a folder")
     if out.exists() and any(out.iterdir()):
         check_new_outputs([out], args.overwrite)  # the one overwrite rule: the folder is replaced as a whole
+    if args.person:
+        return _run_people(args, out)
+    if not args.reference:
+        raise UserError("--reference (the face photo) is required; several people: --person reference=PHOTO ...")
     cond, ref, pose, builder, controls = build_condition(args)
 
     position_photo = pose if (pose is not None and any(m in args.modes for m in ("position", "all"))) else ref
@@ -131,10 +137,58 @@ def run(args: argparse.Namespace) -> int:
         "hint": {"file": "hint.npy", "shape": list(cond.hint.shape), "dtype": "float32",
                  "channels": "0-2 normal (world x right, y up, z to camera), 3-5 albedo, 6-8 rendered (Lambertian)"},
     }
+    _write_folder(out, lambda tmp: write_outputs(tmp, cond, position_photo.frame, meta))
+    for note in cond.notes:
+        log.info("%s", note)
+    log.info("wrote %s: normal.png albedo.png shading.png overlay.png hint.npy condition.json "
+             "(yaw %.1f, pitch %.1f, roll %.1f)", out, yaw, pitch, roll)
+    return 0
+
+
+def _run_people(args: argparse.Namespace, out: Path) -> int:
+    """--person: each person's hint (hint_<i>.npy, in the shared frame) and one overlay of all heads."""
+    import numpy as np
+    from PIL import Image
+
+    from caphuman.runtime.cli import UserError
+    from caphuman.runtime.condition.people import PERSON_COLOURS, people_overlay
+
+    from .people_cli import build_people_conditions
+    try:
+        people = people_from_args(args)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    conds = build_people_conditions(args, people)
+    meta = {"people": [{
+        "reference": str(pc.reference.path) if pc.reference else None,
+        "pose": str(pc.pose.path) if pc.pose else None, "modes": pc.person.modes,
+        "controls": {k: v for k, v in vars(pc.person.controls).items() if v is not None},
+        "strength": pc.person.strength, "overlay_colour": PERSON_COLOURS[i % len(PERSON_COLOURS)],
+        "euler_degrees": dict(zip(("yaw", "pitch", "roll"), pc.condition.euler)),
+        "hint": {"file": f"hint_{i + 1}.npy", "shape": list(pc.condition.hint.shape), "dtype": "float32"},
+        "notes": pc.condition.notes} for i, pc in enumerate(conds)],
+        "hint_channels": "0-2 normal (world x right, y up, z to camera), 3-5 albedo, 6-8 rendered (Lambertian)"}
+    size = conds[0].condition.hint.shape[-1]
+    grey = np.full((size, size, 3), 128, np.uint8)  # the people's photos are different pictures: no one frame
+
+    def write(tmp: Path) -> None:
+        for i, pc in enumerate(conds):
+            np.save(tmp / f"hint_{i + 1}.npy", np.asarray(pc.condition.hint, dtype=np.float32))
+        Image.fromarray(people_overlay(grey, [pc.condition for pc in conds])).save(tmp / "overlay.png")
+        (tmp / "condition.json").write_text(json.dumps(meta, indent=2))
+
+    _write_folder(out, write)
+    log.info("wrote %s: %s overlay.png condition.json (%d people)", out,
+             " ".join(f"hint_{i + 1}.npy" for i in range(len(conds))), len(conds))
+    return 0
+
+
+def _write_folder(out: Path, write) -> None:
+    """Fill a fresh folder with `write(folder)` and put it in place of `out` whole: never half a result."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        write_outputs(tmp, cond, position_photo.frame, meta)
+        write(tmp)
         if out.exists():
             old = out.with_name(f".{out.name}.old{os.getpid()}")
             out.rename(old)
@@ -145,8 +199,3 @@ def run(args: argparse.Namespace) -> int:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    for note in cond.notes:
-        log.info("%s", note)
-    log.info("wrote %s: normal.png albedo.png shading.png overlay.png hint.npy condition.json "
-             "(yaw %.1f, pitch %.1f, roll %.1f)", out, yaw, pitch, roll)
-    return 0

@@ -6,10 +6,10 @@ import math
 import time
 from pathlib import Path
 
-from caphuman.engines.catalog import BACKENDS, DEFAULT_SAMPLER, SAMPLER_DOCS
+from caphuman.engines.catalog import BACKENDS
 
 from . import limits
-from .cli import HelpFormatter, UserError
+from .cli import HelpFormatter, UserError, add_sampling_arguments
 from .condition_cli import add_head_arguments
 from .outputs import check_new_outputs
 from .people_cli import add_person_argument, people_from_args
@@ -74,13 +74,7 @@ def register(sub) -> None:
     h.add_argument("--facenet-weights", help="FaceNet VGGFace2 weights (20180402-114759-vggface2.pt) for the identity")
     h.add_argument("--bisenet-weights", help="BiSeNet face parsing weights (79999_iter.pth) for the identity")
     s = p.add_argument_group("sampling")
-    s.add_argument("--sampler", choices=sorted(SAMPLER_DOCS), default=DEFAULT_SAMPLER,
-                   help="; ".join(f"{name}: {doc}" for name, doc in sorted(SAMPLER_DOCS.items())))
-    s.add_argument("--steps", type=int, default=20, help=f"denoising steps, {limits.STEPS_RULE} (official DDIM: 20)")
-    s.add_argument("--guidance", type=float, default=7.0, help="classifier-free guidance scale")
-    s.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic)")
-    s.add_argument("--strength", type=float, default=1.0, help="CapFace residual scale")
-    s.add_argument("--tau", type=float, default=0.0, help="ID dropout: identity context off for timesteps > tau (0 = off)")
+    add_sampling_arguments(s)
     s.add_argument("--seed", type=int, default=12345, help="seed of the first sample (next ones: seed+1, ...)")
     s.add_argument("--num-samples", type=int, default=1,
                    help=f"images per prompt, 1..{limits.MAX_NUM_SAMPLES} (sample i: seed + i)")

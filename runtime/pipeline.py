@@ -31,7 +31,7 @@ from caphuman.export.clip import ImageEncoder, TextEncoder
 from caphuman.export.config import CapHumanConfig, load_config, packaged_config
 from caphuman.export.models import (VAE, CapHumanDenoiser, clip_folder_state, denoiser_from_state,
                                     image_encoder_from_state, text_encoder_from_state, vae_from_state)
-from caphuman.export.people import as_people, check_person_strength
+from caphuman.export.people import PeopleFields, as_people, check_person_strength
 
 from . import limits
 
@@ -44,7 +44,7 @@ MAX_SEED = limits.MAX_SEED
 
 
 @dataclass
-class GenerationRequest:
+class GenerationRequest(PeopleFields):
     """One prompt's generation. Several people in one image: `hint` and `identity_context` are lists, one
     entry per person (each person's head hint rendered in the full frame)."""
     prompt: str
@@ -63,18 +63,6 @@ class GenerationRequest:
     sampler: str = DEFAULT_SAMPLER        # a name in caphuman.engines.samplers.SAMPLERS
     noise: torch.Tensor | None = None     # explicit initial noise [N, 4, h, w] (bit-exact comparisons)
     person_strength: list[float] | None = None   # several people: one CapFace scale per person (default 1 each)
-
-    @property
-    def people(self) -> int:
-        return len(self.hints)
-
-    @property
-    def hints(self) -> list[torch.Tensor]:
-        return as_people(self.hint, self.identity_context)[0]
-
-    @property
-    def contexts(self) -> list[torch.Tensor]:
-        return as_people(self.hint, self.identity_context)[1]
 
     def full_prompt(self) -> str:
         return f"{self.prompt}, {self.added_prompt}" if self.added_prompt else self.prompt

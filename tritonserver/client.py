@@ -87,12 +87,16 @@ class CapHumanClient:
         except Exception:  # noqa: BLE001 (unreachable counts as not ready)
             return False
 
-    def inputs(self, reference: bytes | str | Path, prompts: str | list[str], **fields):
+    def inputs(self, reference: bytes | str | Path | list, prompts: str | list[str], **fields):
+        """The request's input tensors. `reference`: one photo, or a list of one per person (several people
+        in one image; their controls in `people=[{...}, ...]`)."""
         grpcclient = require("tritonclient.grpc", "the gRPC client")
         if "pose_image" in fields and fields["pose_image"] is not None:
             pi = fields["pose_image"]
             fields["pose_image"] = [_photo_bytes(p) for p in ([pi] if isinstance(pi, (bytes, str, Path)) else pi)]
-        arrays = request_arrays(_photo_bytes(reference), prompts, **fields)
+        refs = _photo_bytes(reference) if isinstance(reference, (bytes, str, Path)) else \
+            [_photo_bytes(r) for r in reference]
+        arrays = request_arrays(refs, prompts, **fields)
         out = []
         for name, arr in arrays.items():
             t = grpcclient.InferInput(name, list(arr.shape), _TRITON_TYPES[INPUT_BY_NAME[name].dtype])

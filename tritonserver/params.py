@@ -7,6 +7,11 @@ checks that config.pbtxt and this table agree; docs/serving.md renders it.
 
 Batch requests: PROMPT holds 1..MAX_ITEMS prompts; POSE_IMAGE and HEAD_POSE hold 1 or N entries.
 N = the longest of the three; a list of length 1 is used for every item. Item i uses seed SEED + i.
+
+Several people in one image: REFERENCE_IMAGE holds one photo per person (up to MAX_PEOPLE); PEOPLE (JSON,
+one object per person) gives each person's head controls and CapFace strength, POSE_IMAGE holds 0 or one
+pose photo per person, and the items are the prompts (HEAD_POSE and HEAD_CONTROLS are per person there:
+PEOPLE). The heads must make a usable layout (each mostly in the frame, none hidden by the others).
 Results (one IMAGE response per item) come back in item order, each tagged with INDEX.
 
 Prompts longer than CLIP's 77 tokens are TRUNCATED, as CLIP and the official code do, and the
@@ -23,6 +28,7 @@ from dataclasses import asdict, dataclass, fields
 import numpy as np
 
 from caphuman.engines.samplers import DEFAULT_SAMPLER, SAMPLERS
+from caphuman.export.people import MAX_PEOPLE
 from caphuman.runtime import limits
 
 MODEL_NAME = "caphuman"
@@ -42,12 +48,14 @@ class Field:
 
 # ---------------------------------------------------------------------------------------- inputs
 INPUTS: tuple[Field, ...] = (
-    Field("REFERENCE_IMAGE", "STRING", (1,), None,
-          "encoded reference face photo (PNG/JPEG/WebP bytes); exactly one face is used (the largest)", False),
+    Field("REFERENCE_IMAGE", "STRING", (-1,), None,
+          "encoded reference face photo (PNG/JPEG/WebP bytes); exactly one face is used (the largest); "
+          f"several people in one image: one photo per person, up to {MAX_PEOPLE}", False),
     Field("PROMPT", "STRING", (-1,), None, "1..MAX_ITEMS UTF-8 prompts (one image each)", False),
     Field("NEGATIVE_PROMPT", "STRING", (1,), "", "negative prompt (the unconditional branch), shared by all items"),
     Field("ADDED_PROMPT", "STRING", (1,), "", "appended as 'PROMPT, ADDED_PROMPT' (official a_prompt)"),
-    Field("POSE_IMAGE", "STRING", (-1,), None, "0, 1 or N encoded pose photos (head position/pose per MODES)"),
+    Field("POSE_IMAGE", "STRING", (-1,), None, "0, 1 or N encoded pose photos (head position/pose per MODES); "
+          "several people: 0 or one per person"),
     Field("HEAD_POSE", "FP32", (-1, 3), None,
           "0, 1 or N rows of explicit (yaw, pitch, roll) degrees; override the photos' pose"),
     Field("MODES", "STRING", (1,), "position,pose", "what the pose photo gives: position, pose, expression, "
@@ -55,7 +63,10 @@ INPUTS: tuple[Field, ...] = (
     Field("LIGHT", "STRING", (1,), "", "lighting preset (front, left, right, top, bottom, flat); '' = from photos"),
     Field("HEAD_CONTROLS", "STRING", (1,), "", "JSON object of further head controls for every item: scale (face "
           "height / frame height), center ([x, y] in the frame), jaw (degrees; FLAME model), expression (FLAME "
-          "coefficients; FLAME model); '' = none"),
+          "coefficients; FLAME model), yaw, pitch, roll (degrees; HEAD_POSE overrides them); '' = none"),
+    Field("PEOPLE", "STRING", (1,), "", "several people: JSON list, one object per REFERENCE_IMAGE, with that "
+          "person's head controls (the HEAD_CONTROLS keys) and strength (its CapFace scale); a person with a "
+          "center and no scale is sized to fit beside the others; '' = every person where their photo puts them"),
     Field("SAMPLER", "STRING", (1,), DEFAULT_SAMPLER, f"sampler: {', '.join(sorted(SAMPLERS))} (official: ddim)"),
     Field("STEPS", "INT32", (1,), 20, f"denoising steps, {limits.MIN_STEPS}..{limits.MAX_STEPS} (official DDIM: 20)"),
     Field("GUIDANCE", "FP32", (1,), 7.0, f"classifier-free guidance scale, in [{limits.MIN_GUIDANCE:g}, {limits.MAX_GUIDANCE:g}]"),
@@ -137,7 +148,7 @@ class RequestError(ValueError):
 # --------------------------------------------------------------------------------- request parsing
 @dataclass
 class ParsedRequest:
-    reference: bytes
+    references: list[bytes]   # one per person
     prompts: list[str]
     negative_prompt: str
     added_prompt: str
@@ -156,9 +167,20 @@ class ParsedRequest:
     resolution: int
     progress: bool
     preview_size: int
+    people: list[dict]    # several people: each person's canonical head controls (and strength)
+
+    @property
+    def reference(self) -> bytes:
+        return self.references[0]
+
+    @property
+    def num_people(self) -> int:
+        return len(self.references)
 
     @property
     def num_items(self) -> int:
+        if self.num_people > 1:  # the pose photos are the people's
+            return len(self.prompts)
         return max(len(self.prompts), len(self.pose_images), len(self.head_poses), 1)
 
     def item(self, lst: list, i: int):
@@ -208,8 +230,10 @@ def parse_request(arrays: dict[str, np.ndarray], settings: ServerSettings) -> Pa
     for f in INPUTS:
         if not f.optional and f.name not in arrays:
             raise RequestError(f"missing required input {f.name}: {f.doc}")
-    ref = _scalar(arrays, "REFERENCE_IMAGE")
-    if not isinstance(ref, bytes) or not ref:
+    refs = list(arrays["REFERENCE_IMAGE"].reshape(-1))
+    if not 1 <= len(refs) <= MAX_PEOPLE:
+        raise RequestError(f"REFERENCE_IMAGE must hold 1 to {MAX_PEOPLE} photos (one per person), got {len(refs)}")
+    if any(not isinstance(ref, bytes) or not ref for ref in refs):
         raise RequestError("REFERENCE_IMAGE must be the non-empty bytes of an encoded photo")
     prompts = [_text(p, f"PROMPT[{i}]", settings.max_prompt_bytes) for i, p in enumerate(arrays["PROMPT"].reshape(-1))]
     poses = [] if "POSE_IMAGE" not in arrays else list(arrays["POSE_IMAGE"].reshape(-1))
@@ -219,7 +243,15 @@ def parse_request(arrays: dict[str, np.ndarray], settings: ServerSettings) -> Pa
     for row in head:
         if not all(math.isfinite(v) for v in row):
             raise RequestError(f"HEAD_POSE must be finite (yaw, pitch, roll) degrees, got {row}")
-    lengths = {"PROMPT": len(prompts), "POSE_IMAGE": len(poses), "HEAD_POSE": len(head)}
+    people = parse_people(_text(_scalar(arrays, "PEOPLE"), "PEOPLE", 16384), len(refs))
+    if len(refs) > 1:
+        given = [k for k in ("HEAD_POSE", "HEAD_CONTROLS") if k in arrays]
+        if given:
+            raise RequestError(f"{', '.join(given)} describe one person; several people take their controls in PEOPLE")
+        if len(poses) not in (0, len(refs)):
+            raise RequestError(f"POSE_IMAGE must hold 0 or one photo per person ({len(refs)}), got {len(poses)}")
+    lengths = {"PROMPT": len(prompts)} if len(refs) > 1 else \
+        {"PROMPT": len(prompts), "POSE_IMAGE": len(poses), "HEAD_POSE": len(head)}
     if not prompts:
         raise RequestError("PROMPT must hold at least one prompt")
     n = max(lengths.values())
@@ -233,7 +265,7 @@ def parse_request(arrays: dict[str, np.ndarray], settings: ServerSettings) -> Pa
         raise RequestError(f"LIGHT must be one of {LIGHT_NAMES} or empty, got {light!r}")
     head_controls = parse_head_controls(_text(_scalar(arrays, "HEAD_CONTROLS"), "HEAD_CONTROLS", 4096))
     req = ParsedRequest(
-        reference=ref, prompts=prompts,
+        references=refs, prompts=prompts, people=people,
         negative_prompt=_text(_scalar(arrays, "NEGATIVE_PROMPT"), "NEGATIVE_PROMPT", settings.max_prompt_bytes),
         added_prompt=_text(_scalar(arrays, "ADDED_PROMPT"), "ADDED_PROMPT", settings.max_prompt_bytes),
         pose_images=poses, head_poses=head, modes=_text(_scalar(arrays, "MODES"), "MODES", 128).strip(),
@@ -245,13 +277,24 @@ def parse_request(arrays: dict[str, np.ndarray], settings: ServerSettings) -> Pa
     _check_ranges(req, settings)
     # Photos last (their headers are the costliest part of parsing, and still no pixel is decoded): a request
     # that will be refused is refused here, before any model runs or any cache is filled.
-    check_photo(req.reference, "REFERENCE_IMAGE", settings)
+    for i, ref in enumerate(refs):
+        check_photo(ref, f"REFERENCE_IMAGE[{i}]" if len(refs) > 1 else "REFERENCE_IMAGE", settings)
     for i, pose in enumerate(poses):
         check_photo(pose, f"POSE_IMAGE[{i}]" if len(poses) > 1 else "POSE_IMAGE", settings)
     return req
 
 
-HEAD_CONTROL_KEYS = ("scale", "center", "jaw", "expression")
+HEAD_CONTROL_KEYS = ("scale", "center", "jaw", "expression", "yaw", "pitch", "roll")
+
+
+def _check_controls(values, what: str) -> dict:
+    if not isinstance(values, dict) or set(values) - set(HEAD_CONTROL_KEYS):
+        raise RequestError(f"{what} must be a JSON object with keys among {HEAD_CONTROL_KEYS}, got {values!r}")
+    try:
+        head_controls(json.dumps(values))
+    except (TypeError, ValueError) as e:
+        raise RequestError(f"{what}: {e}") from None
+    return values
 
 
 def parse_head_controls(text: str) -> str:
@@ -262,24 +305,44 @@ def parse_head_controls(text: str) -> str:
         values = json.loads(text)
     except json.JSONDecodeError as e:
         raise RequestError(f"HEAD_CONTROLS is not JSON: {e}") from None
-    if not isinstance(values, dict) or set(values) - set(HEAD_CONTROL_KEYS):
-        raise RequestError(f"HEAD_CONTROLS must be a JSON object with keys among {HEAD_CONTROL_KEYS}, got {text!r}")
+    return json.dumps(_check_controls(values, "HEAD_CONTROLS"), sort_keys=True)
+
+
+def parse_people(text: str, people: int) -> list[dict]:
+    """PEOPLE -> one dict per person: head controls (checked) plus "strength" (default 1)."""
+    if not text.strip():
+        return [{"strength": 1.0} for _ in range(people)]
+    if people == 1:
+        raise RequestError("PEOPLE is for several people (one REFERENCE_IMAGE each); one person: HEAD_CONTROLS")
     try:
-        head_controls(json.dumps(values))
-    except (TypeError, ValueError) as e:
-        raise RequestError(f"HEAD_CONTROLS: {e}") from None
-    return json.dumps(values, sort_keys=True)
+        values = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise RequestError(f"PEOPLE is not JSON: {e}") from None
+    if not isinstance(values, list) or len(values) != people:
+        raise RequestError(f"PEOPLE must be a JSON list of one object per REFERENCE_IMAGE ({people}), got {text!r}")
+    out = []
+    for i, person in enumerate(values):
+        if not isinstance(person, dict):
+            raise RequestError(f"PEOPLE[{i}] must be a JSON object, got {person!r}")
+        controls = {k: v for k, v in person.items() if k != "strength"}
+        strength = person.get("strength", 1.0)
+        if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not math.isfinite(strength):
+            raise RequestError(f"PEOPLE[{i}].strength must be a finite number, got {strength!r}")
+        out.append({**_check_controls(controls, f"PEOPLE[{i}]"), "strength": float(strength)})
+    return out
 
 
 def head_controls(text: str, **pose) -> object:
-    """`caphuman.runtime.condition.HeadControls` of a canonical HEAD_CONTROLS and the item's yaw/pitch/roll/light."""
+    """`caphuman.runtime.condition.HeadControls` of a canonical HEAD_CONTROLS and the item's yaw/pitch/roll/light
+    (given ones override the JSON's)."""
     from caphuman.runtime.condition import HeadControls
     values = json.loads(text) if text else {}
+    values.update({k: v for k, v in pose.items() if v is not None})
     if values.get("center") is not None:
         values["center"] = tuple(float(v) for v in values["center"])
     if values.get("expression") is not None:
         values["expression"] = tuple(float(v) for v in values["expression"])
-    return HeadControls(**pose, **values)
+    return HeadControls(**values)
 
 
 def _check_ranges(r: ParsedRequest, settings: ServerSettings) -> None:
@@ -298,9 +361,10 @@ def _check_ranges(r: ParsedRequest, settings: ServerSettings) -> None:
         raise RequestError(f"PREVIEW_SIZE must be 0 or in [16, 256], got {r.preview_size}")
 
 
-def request_arrays(reference: bytes, prompts: list[str] | str, **kwargs) -> dict[str, np.ndarray]:
+def request_arrays(reference: bytes | list[bytes], prompts: list[str] | str, **kwargs) -> dict[str, np.ndarray]:
     """Client side: keyword arguments (lower-case input names) -> named numpy arrays, typed per INPUTS."""
-    arrays = {"REFERENCE_IMAGE": np.array([reference], dtype=np.object_),
+    refs = [reference] if isinstance(reference, bytes) else list(reference)
+    arrays = {"REFERENCE_IMAGE": np.array(refs, dtype=np.object_),
               "PROMPT": np.array([p.encode() for p in ([prompts] if isinstance(prompts, str) else prompts)],
                                  dtype=np.object_)}
     for key, value in kwargs.items():
@@ -315,7 +379,7 @@ def request_arrays(reference: bytes, prompts: list[str] | str, **kwargs) -> dict
             arrays[name] = np.array(value, dtype=np.object_)
         elif name == "HEAD_POSE":
             arrays[name] = np.asarray(value, dtype=np.float32).reshape(-1, 3)
-        elif name == "HEAD_CONTROLS" and isinstance(value, dict):
+        elif name == "HEAD_CONTROLS" and isinstance(value, dict) or name == "PEOPLE" and isinstance(value, list):
             arrays[name] = np.array([json.dumps(value).encode()], dtype=np.object_)
         elif spec.dtype == "STRING":
             arrays[name] = np.array([value.encode() if isinstance(value, str) else value], dtype=np.object_)

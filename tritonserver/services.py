@@ -134,9 +134,12 @@ class HeadConditionService:
 
     def hint(self, reference: bytes, pose: bytes | None, head_pose: tuple[float, float, float] | None,
              modes: str, light: str, resolution: int,
-             more_controls: str = "") -> tuple[np.ndarray, bool, float, list[str]]:
-        """(hint [9, R, R] float32, cache hit, milliseconds, notes); `more_controls`: HEAD_CONTROLS' JSON."""
+             more_controls: str = "") -> tuple[np.ndarray, bool, float, list[str], float]:
+        """(hint [9, R, R] float32, cache hit, milliseconds, notes, the fraction of the head inside the frame);
+        `more_controls`: HEAD_CONTROLS' JSON."""
         from caphuman.runtime.condition import NoFaceError
+
+        from caphuman.runtime.condition.people import in_frame_fraction
 
         from .params import head_controls, parse_head_controls
 
@@ -149,7 +152,7 @@ class HeadConditionService:
         key = (sha256(reference), sha256(pose) if pose else None, head_pose, modes, light, more_controls, resolution)
         cached = self.cache.get(key)
         if cached is not None:
-            return cached[0], True, (time.perf_counter() - t0) * 1e3, cached[1]
+            return cached[0], True, (time.perf_counter() - t0) * 1e3, cached[1], cached[2]
         try:
             yaw, pitch, roll = head_pose if head_pose is not None else (None, None, None)
             controls = head_controls(more_controls, yaw=yaw, pitch=pitch, roll=roll, light=light or None)
@@ -169,5 +172,6 @@ class HeadConditionService:
                                                    align_corners=False, antialias=True)
         out = hint[0].numpy()
         notes = list(cond.notes) + [f"head euler (yaw, pitch, roll) = {tuple(round(float(a), 2) for a in cond.euler)}"]
-        self.cache.put(key, (out, notes))
-        return out, False, (time.perf_counter() - t0) * 1e3, notes
+        in_frame = in_frame_fraction(cond)
+        self.cache.put(key, (out, notes, in_frame))
+        return out, False, (time.perf_counter() - t0) * 1e3, notes, in_frame

@@ -55,16 +55,19 @@ def check_people_count(people: int) -> None:
 
 
 def spread_controls(people: list[Person]) -> list[HeadControls]:
-    """Each person's controls; with several people, a person whose position no photo gives and whose
-    `center` is unset is placed at its slot left to right (and sized to fit beside the others)."""
+    """Each person's controls. With several people, a person placed neither by a photo nor by `center`
+    gets its slot left to right, and a person placed by `center` or by its slot is sized to fit beside the
+    others unless `scale` is given; a photo's position (the official mode) stands when no `center` is given."""
     if len(people) == 1:
         return [people[0].controls]
+    fit = min(DEFAULT_SCALE, 0.9 / (len(people) + 1))
     out = []
     for i, p in enumerate(people):
         c = p.controls
-        if c.center is None and p.reference is None:  # with a photo, the photo gives the position
-            c = replace(c, center=((i + 1) / (len(people) + 1), 0.5),
-                        scale=c.scale if c.scale is not None else min(DEFAULT_SCALE, 0.9 / (len(people) + 1)))
+        if c.center is None and p.reference is None:
+            c = replace(c, center=((i + 1) / (len(people) + 1), 0.5))
+        if c.center is not None and c.scale is None:
+            c = replace(c, scale=fit)
         out.append(c)
     return out
 
@@ -90,21 +93,26 @@ def build_people(builder, people: list[Person], *, size: int = HINT_SIZE, allow_
             ref = pose = None
         out.append(PersonCondition(person, cond, ref, pose))
     if len(out) > 1:
-        check_layout([pc.condition for pc in out])
+        check_layout([in_frame_fraction(pc.condition) for pc in out], [head_silhouette(pc.condition) for pc in out])
     return out
 
 
-def head_silhouette(cond: HeadCondition) -> np.ndarray:
-    """[H, W] bool: where the head is drawn (the hint is zero off the head)."""
-    return np.abs(np.asarray(cond.hint)).sum(0) > 0
+def head_silhouette(cond: HeadCondition | np.ndarray) -> np.ndarray:
+    """[H, W] bool: where the head is drawn (the hint, [9, H, W], is zero off the head)."""
+    hint = cond.hint if isinstance(cond, HeadCondition) else cond
+    return np.abs(np.asarray(hint)).sum(0) > 0
 
 
-def check_layout(conds: list[HeadCondition]) -> None:
-    """LayoutError when a head is mostly off the frame or mostly covered by the other heads."""
-    silhouettes = [head_silhouette(c) for c in conds]
-    for i, (cond, sil) in enumerate(zip(conds, silhouettes)):
-        v = np.asarray(cond.verts_ndc)[:, :2]
-        inside = float(np.mean((np.abs(v) <= 1.0).all(axis=1)))
+def in_frame_fraction(cond: HeadCondition) -> float:
+    """The fraction of the head's vertices inside the frame."""
+    v = np.asarray(cond.verts_ndc)[:, :2]
+    return float(np.mean((np.abs(v) <= 1.0).all(axis=1)))
+
+
+def check_layout(in_frame: list[float], silhouettes: list[np.ndarray]) -> None:
+    """LayoutError when a head is mostly off the frame or mostly covered by the other heads; per person,
+    the fraction of its head inside the frame and its [H, W] silhouette (`head_silhouette`)."""
+    for i, (inside, sil) in enumerate(zip(in_frame, silhouettes)):
         if inside < MIN_IN_FRAME or not sil.any():
             raise LayoutError(f"person {i + 1}'s head is outside the frame ({inside:.0%} of it inside); "
                               "move its center into the frame or make it smaller (center, scale)")
@@ -119,19 +127,16 @@ def check_layout(conds: list[HeadCondition]) -> None:
                               f"{MAX_COVERED:.0%}): its mask would hide it; move the heads apart (center, scale)")
 
 
-def hints_array(conds: list[PersonCondition]) -> list[np.ndarray]:
-    return [np.asarray(pc.condition.hint, dtype=np.float32) for pc in conds]
-
-
 PERSON_COLOURS = [(1.0, 0.35, 0.3), (0.3, 0.6, 1.0), (0.35, 0.9, 0.4), (1.0, 0.8, 0.25)]
 
 
-def people_overlay(frame: np.ndarray, conds: list[HeadCondition]) -> np.ndarray:
-    """uint8 [H, W, 3]: every head's shading over the frame, each tinted in its person's colour."""
+def people_overlay(frame: np.ndarray, conds: list[HeadCondition], tinted: bool = True) -> np.ndarray:
+    """uint8 [H, W, 3]: every head's shading over the frame, each tinted in its person's colour (`tinted`)."""
     out = frame.astype(np.float32) / 255.0
     for i, cond in enumerate(conds):
         sil = head_silhouette(cond)
         shade = np.clip(np.asarray(cond.hint)[6:9].transpose(1, 2, 0), 0, 1)
-        tint = shade * np.asarray(PERSON_COLOURS[i % len(PERSON_COLOURS)], dtype=np.float32)
-        out[sil] = 0.4 * out[sil] + 0.6 * tint[sil]
+        if tinted:
+            shade = shade * np.asarray(PERSON_COLOURS[i % len(PERSON_COLOURS)], dtype=np.float32)
+        out[sil] = 0.45 * out[sil] + 0.55 * shade[sil]
     return (out * 255 + 0.5).astype(np.uint8)

@@ -117,6 +117,33 @@ def test_request_cost_limit_is_a_setting():
         parse_request(_arrays(steps=11), ServerSettings(max_request_cost=10))
 
 
+def test_parse_request_of_several_people():
+    anna, ben = _png(64, 64), _png(80, 64)
+    a = request_arrays([anna, ben], ["p", "q"], people=[{"center": [0.3, 0.5]}, {"yaw": -20, "strength": 0.5}],
+                       pose_image=[PHOTO, PHOTO])
+    r = parse_request(a, ServerSettings())
+    assert r.num_people == 2 and r.num_items == 2 and r.references == [anna, ben]  # poses are per person
+    assert r.people == [{"center": [0.3, 0.5], "strength": 1.0}, {"yaw": -20, "strength": 0.5}]
+
+
+@pytest.mark.parametrize("refs, kw, msg", [
+    ([b"a"] * 5, {}, "1 to 4 photos"),
+    ([PHOTO, b"not a photo"], {}, r"REFERENCE_IMAGE\[1\] is not a readable image"),
+    ([b"a", b"b"], dict(people=[{}]), "one object per REFERENCE_IMAGE"),
+    ([b"a", b"b"], dict(people=[{"size": 2}, {}]), r"PEOPLE\[0\] must be a JSON object with keys"),
+    ([b"a", b"b"], dict(people=[{"yaw": 500}, {}]), r"PEOPLE\[0\]: .*yaw"),
+    ([b"a", b"b"], dict(people=[{"strength": "x"}, {}]), "strength must be a finite number"),
+    ([b"a", b"b"], dict(head_controls={"scale": 0.3}), "several people take their controls in PEOPLE"),
+    ([b"a", b"b"], dict(pose_image=[b"p"]), "0 or one photo per person"),
+    ([b"a"], dict(people=[{"yaw": 3}]), "PEOPLE is for several people"),
+])
+def test_parse_request_rejects_bad_people(refs, kw, msg):
+    with pytest.raises(RequestError, match=msg):
+        parse_request(request_arrays([PHOTO if r == b"a" else r for r in refs], "p",
+                                     **{k: [PHOTO if p == b"p" else p for p in v] if k == "pose_image" else v
+                                        for k, v in kw.items()}), ServerSettings())
+
+
 def test_parse_request_rejects_bad_utf8_and_empty_reference():
     a = _arrays()
     a["PROMPT"] = np.array([b"\xff\xfe"], dtype=object)

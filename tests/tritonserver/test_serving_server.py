@@ -196,6 +196,19 @@ BAD_REQUESTS = {
                          "1 or N=3"),
     "unknown light": (lambda: (face("reference_196251.png"), "a", {"light": "disco"}), "LIGHT must be"),
     "bad modes": (lambda: (face("reference_196251.png"), "a", {"modes": "everything"}), "mode"),
+    "overlapping people": (lambda: ([face("reference_196251.png"), face("IMG_0392_inputs.jpg")], "a",
+                                    {"people": [{"center": [0.5, 0.5]}, {"center": [0.52, 0.5]}]}),
+                           "covered by the other heads"),
+    "person off the frame": (lambda: ([face("reference_196251.png"), face("IMG_0392_inputs.jpg")], "a",
+                                      {"people": [{"center": [1.0, 0.5], "scale": 0.6}, {"center": [0.3, 0.5]}]}),
+                             "outside the frame"),
+    "five people": (lambda: ([face("reference_196251.png")] * 5, "a", {}), "1 to 4 photos"),
+    "PEOPLE of the wrong length": (lambda: ([face("reference_196251.png"), face("IMG_0392_inputs.jpg")], "a",
+                                            {"people": [{}]}), "one object per REFERENCE_IMAGE"),
+    "HEAD_POSE with several people": (lambda: ([face("reference_196251.png"), face("IMG_0392_inputs.jpg")], "a",
+                                               {"head_pose": [(10, 0, 0)]}), "several people take their controls"),
+    "a person with no face": (lambda: ([face("reference_196251.png"), _no_face_png()], "a",
+                                       {"people": [{"center": [0.3, 0.5]}, {"center": [0.7, 0.5]}]}), "no face"),
 }
 
 
@@ -312,8 +325,11 @@ def test_16_concurrent_clients_for_60_seconds(client):
                 out = c.generate(ref, prompt, seed=seed, head_pose=[pose], progress=(k % 2 == 0), **FAST)
                 if len(out) != 1 or out[0].metadata["seed"] != seed or out[0].metadata["prompt"] != prompt:
                     errors.append(f"client {k}: wrong response {[g.metadata.get('seed') for g in out]}")
-                elif not np.array_equal(out[0].image, expected[seed]):
-                    errors.append(f"client {k}: image differs from the reference image of seed {seed}")
+                else:  # batched with other clients' items: equal up to the documented same-seed bound
+                    d = np.abs(out[0].image.astype(int) - expected[seed].astype(int))
+                    if d.max() > 1 or (d > 0).mean() >= 0.01:
+                        errors.append(f"client {k}: image of seed {seed} differs from its reference by more than "
+                                      f"the same-seed bound (max {d.max()}, {(d > 0).mean():.2%} of the values)")
                 counts[k] += 1
             except Exception as e:  # noqa: BLE001 - every failure is reported
                 errors.append(f"client {k}: {type(e).__name__}: {e}")
@@ -446,3 +462,34 @@ def test_caphuman_client_batch_num_samples_and_sidecar(server, tmp_path):
     assert metas[0]["inputs"]["files"]["reference"]["sha256"]
     again = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, timeout=300, check=False)
     assert again.returncode == 2 and "--overwrite" in again.stderr
+
+
+# ------------------------------------------------------------------------- several people == CLI
+TWO_PEOPLE = [("reference_196251.png", {"center": [0.3, 0.5]}),
+              ("IMG_0392_inputs.jpg", {"center": [0.7, 0.5], "yaw": -20.0, "strength": 0.8})]
+
+
+def test_two_people_request_equals_the_cli_image(client, tmp_path):
+    """One request with two reference photos and PEOPLE returns the image of `caphuman generate --person ...`;
+    the identity cache serves each person (the second request hits for both)."""
+    from caphuman.runtime.cli import main
+    out = tmp_path / "cli_people"
+    args = ["generate", "--prompt", CLI_REQUEST["prompt"], "--seed", str(CLI_REQUEST["seed"]), "--steps",
+            str(CLI_REQUEST["steps"]), "--sampler", CLI_REQUEST["sampler"], "--device", "cpu", "--out", str(out)]
+    for name, controls in TWO_PEOPLE:
+        words = [f"reference={face_photo(name)}"] + [
+            f"{k}={','.join(str(v) for v in value) if isinstance(value, list) else value}" for k, value in controls.items()]
+        args += ["--person", *words]
+    assert main(args) == 0
+    cli = np.asarray(Image.open(out / f"caphuman_{CLI_REQUEST['seed']}.png").convert("RGB"))
+    kw = {k: v for k, v in CLI_REQUEST.items() if k != "prompt"}
+    refs = [face(name) for name, _ in TWO_PEOPLE]
+    people = [controls for _, controls in TWO_PEOPLE]
+    first = client.generate(refs, CLI_REQUEST["prompt"], people=people, resolution=512, **kw)
+    assert len(first) == 1
+    meta = first[0].metadata
+    assert meta["people"] == 2 and meta["person_strength"] == [1.0, 0.8] and len(meta["hint_sha256"]) == 2
+    assert _psnr(first[0].image, cli) >= 40
+    again = client.generate(refs, CLI_REQUEST["prompt"], people=people, resolution=512, **kw)[0]
+    assert again.metadata["timings"]["identity_cache"] == ["hit", "hit"]
+    np.testing.assert_array_equal(again.image, first[0].image)

@@ -194,16 +194,15 @@ class TritonPythonModel:
         return ctx, digest, "hit" if hit else "miss", "identity-model" if hit else None, \
             (time.perf_counter() - t0) * 1e3
 
-    def _hint(self, req, i, ref_key: str):
-        """(hint [1, 9, R, R], its metadata hash, cache hit, notes). This instance keeps the last hints
-        (a person's next request skips the BLS call and the 9-channel copy); else the head model's cache."""
-        pose, head = req.item(req.pose_images, i), req.item(req.head_poses, i)
-        key = (ref_key, sha256(pose) if pose is not None else None, head, req.modes, req.light, req.head_controls,
+    def _hint(self, req, reference: bytes, ref_key: str, pose, head, head_controls: str):
+        """(hint [1, 9, R, R], its metadata hash, cache hit, notes, fraction in frame). This instance keeps the
+        last hints (a person's next request skips the BLS call and the 9-channel copy); else the head model's cache."""
+        key = (ref_key, sha256(pose) if pose is not None else None, head, req.modes, req.light, head_controls,
                req.resolution)
         cached = self.hint_cache.get(key)
         if cached is not None:
-            return (*cached[:2], True, cached[2])
-        inputs = [_tensor("REFERENCE_IMAGE", [req.reference], np.object_),
+            return (*cached[:2], True, *cached[2:])
+        inputs = [_tensor("REFERENCE_IMAGE", [reference], np.object_),
                   _tensor("RESOLUTION", [req.resolution], np.int32),
                   _tensor("MODES", [req.modes.encode()], np.object_),
                   _tensor("LIGHT", [req.light.encode()], np.object_)]
@@ -211,16 +210,37 @@ class TritonPythonModel:
             inputs.append(_tensor("POSE_IMAGE", [pose], np.object_))
         if head is not None:
             inputs.append(_tensor("HEAD_POSE", head, np.float32))
-        if req.head_controls:
-            inputs.append(_tensor("HEAD_CONTROLS", [req.head_controls.encode()], np.object_))
-        out = self._bls(HEAD_MODEL, inputs, ["HINT", "CACHE_HIT", "ELAPSED_MS", "NOTES"])
+        if head_controls:
+            inputs.append(_tensor("HEAD_CONTROLS", [head_controls.encode()], np.object_))
+        out = self._bls(HEAD_MODEL, inputs, ["HINT", "CACHE_HIT", "ELAPSED_MS", "NOTES", "IN_FRAME"])
         notes = [n.decode() for n in out["NOTES"].reshape(-1) if n]
         hint = torch.from_numpy(out["HINT"].copy())[None]
         if not torch.isfinite(hint).all():
             raise RuntimeError("head condition hint is not finite")
         digest = tensor_hash(hint)
-        self.hint_cache.put(key, (hint, digest, notes))
-        return hint, digest, bool(out["CACHE_HIT"].reshape(-1)[0]), notes
+        in_frame = float(out["IN_FRAME"].reshape(-1)[0])
+        self.hint_cache.put(key, (hint, digest, notes, in_frame))
+        return hint, digest, bool(out["CACHE_HIT"].reshape(-1)[0]), notes, in_frame
+
+    def _people(self, req, ref_keys: list[str]):
+        """Several people: each person's (hint, its hash, cache hit, notes) in the shared frame, the layout
+        checked (the rule of `caphuman generate --person`)."""
+        from caphuman.runtime.condition.people import LayoutError, Person, check_layout, head_silhouette, spread_controls
+
+        from caphuman.tritonserver.params import head_controls
+        people = [Person(reference=key, controls=head_controls(json.dumps({k: v for k, v in p.items() if k != "strength"})))
+                  for key, p in zip(ref_keys, req.people)]
+        hints = []
+        for i, (person, controls) in enumerate(zip(people, spread_controls(people))):
+            values = {k: v for k, v in vars(controls).items() if v is not None and k != "light"}
+            pose = req.pose_images[i] if req.pose_images else None  # 0 or one per person (parse_request)
+            hints.append(self._hint(req, req.references[i], ref_keys[i], pose, None,
+                                    json.dumps(values, sort_keys=True) if values else ""))
+        try:
+            check_layout([h[4] for h in hints], [head_silhouette(h[0][0].numpy()) for h in hints])
+        except LayoutError as e:
+            raise RequestError(f"PEOPLE: {e}") from None
+        return [h[:4] for h in hints]
 
     def _prepare(self, request, state: _Request) -> list:
         """Steps 1-3 for every item: the jobs. Raises RequestError for a bad request."""
@@ -231,17 +251,30 @@ class TritonPythonModel:
         req = parse_request(arrays, self.settings)
         state.remaining = req.num_items
         t_parsed = time.perf_counter()
-        ref_key = sha256(req.reference)
-        ctx, id_digest, id_cache, id_cache_level, id_ms = self._identity(ref_key, req.reference)
+        ref_keys = [sha256(r) for r in req.references]
+        identities = [self._identity(key, ref) for key, ref in zip(ref_keys, req.references)]
+        ctx, id_digest = identities[0][0], identities[0][1]
+        id_cache = [i[2] for i in identities] if req.num_people > 1 else identities[0][2]
+        id_cache_level = [i[3] for i in identities] if req.num_people > 1 else identities[0][3]
+        id_ms = sum(i[4] for i in identities)
+        people = self._people(req, ref_keys) if req.num_people > 1 else None
         jobs = []
         for i in range(req.num_items):
             t0 = time.perf_counter()
-            hint, hint_digest, hint_hit, notes = self._hint(req, i, ref_key)
+            if people is None:
+                hint, hint_digest, hint_hit, notes, _ = self._hint(
+                    req, req.reference, ref_keys[0], req.item(req.pose_images, i), req.item(req.head_poses, i),
+                    req.head_controls)
+                person = dict(hint=hint, identity_context=ctx[None])
+            else:
+                hint_digest, id_digest = [p[1] for p in people], [ident[1] for ident in identities]
+                hint_hit, notes = all(p[2] for p in people), [n for p in people for n in p[3]]
+                person = dict(hint=[p[0] for p in people], identity_context=[ident[0][None] for ident in identities],
+                              person_strength=[p["strength"] for p in req.people])
             gen = GenerationRequest(prompt=req.prompts[0] if len(req.prompts) == 1 else req.prompts[i],
-                                    negative_prompt=req.negative_prompt, added_prompt=req.added_prompt, hint=hint,
-                                    identity_context=ctx[None], seed=req.seed + i, steps=req.steps,
-                                    guidance=req.guidance, eta=req.eta, strength=req.strength, tau=req.tau,
-                                    sampler=req.sampler)
+                                    negative_prompt=req.negative_prompt, added_prompt=req.added_prompt,
+                                    seed=req.seed + i, steps=req.steps, guidance=req.guidance, eta=req.eta,
+                                    strength=req.strength, tau=req.tau, sampler=req.sampler, **person)
             try:
                 gen.validate(self.pipe.config.unet.in_channels)
             except ValueError as e:
@@ -253,9 +286,11 @@ class TritonPythonModel:
                 warnings.append("negative prompt is longer than 77 tokens and was truncated")
             params = {**self.pipe.parameters(gen, "batched", hint_digest, id_digest), "index": i, "seed": req.seed + i, "warnings": warnings,
                       "condition_notes": notes, "random_weights": self.random_weights,
-                      "pose_image": req.item(req.pose_images, i) is not None,
+                      "pose_image": req.item(req.pose_images, i) is not None if people is None
+                      else len(req.pose_images) > 0,
                       "head_pose": req.item(req.head_poses, i), "modes": req.modes, "light": req.light or None,
                       "head_controls": json.loads(req.head_controls) if req.head_controls else None,
+                      "people_controls": req.people if people is not None else None,
                       "resolution": req.resolution}
             if self.random_weights:
                 params["notice"] = RANDOM_WEIGHTS_NOTICE

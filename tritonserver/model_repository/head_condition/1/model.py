@@ -43,7 +43,7 @@ class TritonPythonModel:
                 light = _optional(request, "LIGHT")
                 more = _optional(request, "HEAD_CONTROLS")
                 res = int(_optional(request, "RESOLUTION")[0])
-                hint, hit, ms, notes = self.service.hint(
+                hint, hit, ms, notes, in_frame = self.service.hint(
                     ref, None if pose is None else pose[0],
                     None if head is None else tuple(float(v) for v in head),
                     "position,pose" if modes is None else modes[0].decode("utf-8", "replace"),
@@ -53,7 +53,8 @@ class TritonPythonModel:
                     pb_utils.Tensor("HINT", hint),
                     pb_utils.Tensor("CACHE_HIT", np.array([hit], dtype=np.bool_)),
                     pb_utils.Tensor("ELAPSED_MS", np.array([ms], dtype=np.float32)),
-                    pb_utils.Tensor("NOTES", np.array([n.encode() for n in notes] or [b""], dtype=np.object_))]))
+                    pb_utils.Tensor("NOTES", np.array([n.encode() for n in notes] or [b""], dtype=np.object_)),
+                    pb_utils.Tensor("IN_FRAME", np.array([in_frame], dtype=np.float32))]))
             except Exception as e:  # noqa: BLE001 - every request gets its own response or error
                 responses.append(pb_utils.InferenceResponse(error=triton_error(pb_utils, e)))
         return responses
