@@ -4,6 +4,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import numpy as np
+
 
 from . import limits
 from .cli import HelpFormatter, add_sampling_arguments
@@ -108,9 +110,43 @@ class ProgressBar:
             self.bar.close()
 
 
+def printable(value, limit: int = 200) -> str:
+    """A server-provided value as one line of plain text for the terminal (no control characters)."""
+    text = str(value)
+    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def save_reply(msg, out: Path, name: str, seed: int, items: int, extra: dict, overwrite: bool) -> tuple[Path, Path]:
+    """One image reply -> `out/<name>_<seed + index>.png` and its JSON sidecar (written as a pair, atomically).
+
+    The file name comes from what this client asked for (its --seed, the reply's item index checked against
+    the request's items), never from strings in the server's reply: a reply's `seed` of "../x" or a hostile
+    index cannot place a file outside `out`. A reply that is not an image of this request is refused."""
+    from caphuman.runtime.cli import UserError
+    from caphuman.runtime.outputs import save_png_with_sidecar
+
+    index = msg.index
+    if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < items:
+        raise UserError(f"the server sent an image for item {index!r} of a {items}-item request; refused")
+    image = msg.image
+    if not (isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3
+            and min(image.shape[:2]) >= 1):
+        shape = getattr(image, "shape", None)
+        raise UserError(f"the server sent item {index} as {getattr(image, 'dtype', type(image).__name__)} "
+                        f"{shape}, not an RGB uint8 image; refused")
+    if not isinstance(msg.metadata, dict):
+        raise UserError(f"the server sent item {index}'s metadata as {type(msg.metadata).__name__}, not a JSON object")
+    if "seed" in msg.metadata and msg.metadata["seed"] != seed + index:
+        raise UserError(f"the server sent item {index} with seed {printable(msg.metadata['seed'])}, "
+                        f"not the requested {seed + index}; refused")
+    return save_png_with_sidecar(image, out / f"{name}_{seed + index}.png", {**msg.metadata, **extra},
+                                 overwrite=overwrite)
+
+
 def run(args) -> int:
     from caphuman.runtime.cli import UserError
-    from caphuman.runtime.outputs import check_new_outputs, save_png_with_sidecar
+    from caphuman.runtime.outputs import check_new_outputs
     from caphuman.runtime.provenance import command_record, file_record
     from caphuman.tritonserver.client import CapHumanClient, Progress, ServerError
     from tqdm import tqdm
@@ -148,18 +184,21 @@ def run(args) -> int:
             if isinstance(msg, Progress):
                 bar.update(msg)
                 continue
+            png, sidecar = save_reply(msg, args.out, args.name, args.seed, items["items"],
+                                      {"server": args.url, "inputs": record}, args.overwrite)
             meta = msg.metadata
-            png, sidecar = save_png_with_sidecar(msg.image, args.out / f"{args.name}_{meta.get('seed', msg.index)}.png",
-                                                 {**meta, "server": args.url, "inputs": record},
-                                                 overwrite=args.overwrite)
             written.append(png)
-            print(f"wrote {png} and {sidecar.name}  ({meta.get('timings', {}).get('item_ms', 0) / 1e3:.1f} s)")
-            for w in meta.get("warnings", []):
-                print(f"warning: {w}")
+            timings = meta.get("timings")
+            ms = timings.get("item_ms") if isinstance(timings, dict) else None
+            took = f"  ({ms / 1e3:.1f} s)" if isinstance(ms, (int, float)) and not isinstance(ms, bool) else ""
+            print(f"wrote {png} and {sidecar.name}{took}")
+            warnings = meta.get("warnings")
+            for w in warnings if isinstance(warnings, list) else []:
+                print(f"warning: {printable(w)}")
             if meta.get("random_weights"):
                 print("note: the server runs the tiny RANDOM-weight demo model (no --weights): the image is a pattern")
     except ServerError as e:
-        raise UserError(f"the server refused the request: {e}") from None
+        raise UserError(f"the server refused the request: {printable(e, 2000)}") from None
     except (ConnectionError, TimeoutError) as e:
         raise UserError(f"{e} (is `caphuman serve` running at {args.url}?)") from None
     finally:

@@ -93,8 +93,35 @@ class OutputExistsError(FileExistsError):
     """An output file is already there and --overwrite was not given."""
 
 
+class OutputFolderError(ValueError):
+    """An output's folder cannot be created or written (read-only, not a folder, no permission)."""
+
+
+def check_writable_folder(folder: Path) -> None:
+    """`folder` exists and takes new files, or can be created: probed by creating (and removing) a file in
+    it or in its nearest existing parent, which also catches read-only mounts and ACLs that permission
+    bits do not show (and works for root, whom permission bits do not stop)."""
+    folder = Path(folder).absolute()
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise OutputFolderError(f"cannot write into {folder}: {existing} is not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(dir=existing, prefix=".caphuman-write-check-")
+    except OSError as e:
+        where = "" if existing == folder else f" (its nearest existing folder {existing})"
+        raise OutputFolderError(f"cannot write into {folder}{where}: {e.strerror or e}") from None
+    os.close(fd)
+    os.unlink(probe)
+
+
 def check_new_outputs(paths, overwrite: bool, flag: str = "--overwrite") -> None:
-    """The one overwrite rule of every command: existing outputs are refused unless `overwrite`."""
+    """The one output rule of every command, checked before any work: every output's folder takes new
+    files (`check_writable_folder`), and existing outputs are refused unless `overwrite`."""
+    paths = [Path(p) for p in paths]
+    for folder in dict.fromkeys(p.parent for p in paths):
+        check_writable_folder(folder)
     if overwrite:
         return
     existing = [str(p) for p in paths if Path(p).exists()]

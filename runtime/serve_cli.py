@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import time
 from pathlib import Path
@@ -34,7 +35,9 @@ def register(sub) -> None:
     p.add_argument("--tritonserver", type=Path, default=None,
                    help="tritonserver binary (default: the one in the nvidia-pytriton wheel; in the NGC container "
                         "/opt/tritonserver/bin/tritonserver)")
-    p.add_argument("--host", default="0.0.0.0", help="address to listen on")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address the HTTP, gRPC and metrics ports listen on (default: this machine only; 0.0.0.0: "
+                        "every interface, then put TLS and authentication in front: docs/serving.md)")
     p.add_argument("--grpc-port", type=int, default=8001, help="gRPC port (what `caphuman client --url` talks to)")
     p.add_argument("--http-port", type=int, default=8000, help="HTTP/REST port (health: /v2/health/ready)")
     p.add_argument("--metrics-port", type=int, default=8002, help="Prometheus metrics (/metrics)")
@@ -52,6 +55,18 @@ def launch_env(args) -> dict[str, str]:
     if args.engine_dir:
         env[ENGINE_DIR_ENV] = str(args.engine_dir.resolve())
     return env
+
+
+def reach(host: str) -> str:
+    """The banner's line on who can connect (the ports all listen on --host)."""
+    from caphuman.tritonserver.launcher import ADMIN_HEADER, ADMIN_KEY_ENV, is_loopback
+    admin = (f"admin APIs (model loading, logging, trace, shared memory, statistics) need the "
+             f"'{ADMIN_HEADER}' header (value: ${ADMIN_KEY_ENV}" + (")" if os.environ.get(ADMIN_KEY_ENV)
+                                                                      else "; unset, so they are off)"))
+    if is_loopback(host):
+        return f"listening on {host} only: reachable from this machine, not the network; {admin}"
+    return (f"listening on {host}: reachable from the NETWORK, without TLS or authentication (put a proxy with "
+            f"both in front, docs/serving.md); {admin}")
 
 
 def run(args) -> int:
@@ -87,9 +102,18 @@ def run(args) -> int:
               f"  gRPC     {ep['grpc']}   (caphuman client --url {ep['grpc']} ...)\n"
               f"  HTTP     {ep['http']}\n"
               f"  metrics  {ep['metrics']}\n"
+              f"{reach(args.host)}\n"
               f"Ctrl-C stops the server.", flush=True)
+        server.watch_stubs()
         while server.is_alive():
-            time.sleep(0.5)
+            time.sleep(1.0)
+            dead = server.dead_stubs()
+            if dead:  # Triton would keep reporting ready while that instance fails every request
+                print(f"model instance(s) {', '.join(dead)} died (their Python process is gone): restarting "
+                      "tritonserver ...", flush=True)
+                t0 = time.monotonic()
+                server.restart(args.ready_timeout)
+                print(f"ready again in {time.monotonic() - t0:.0f} s", flush=True)
         server.failed = True
         raise UserError(f"tritonserver exited with status {server.proc.returncode}: {server.first_error()} "
                         f"(full log: {server.log_path})")

@@ -9,11 +9,9 @@ import os
 
 import torch
 
-from .params import RequestError, ServerSettings
+from .params import BAD_REQUEST_PREFIX, INTERNAL_PREFIX, RequestError, ServerSettings
 
 KNOWN_PARAMETERS = {"torch_threads"}
-# BLS responses lose the error code (they arrive as INTERNAL), so bad-request errors also carry this prefix.
-BAD_REQUEST_PREFIX = "invalid request: "
 
 
 def model_setup(args: dict, pb_utils, extra_parameters=()) -> tuple[dict, str, ServerSettings]:
@@ -50,7 +48,7 @@ def triton_error(pb_utils, exc: BaseException):
     if isinstance(exc, RequestError):
         code, msg = pb_utils.TritonError.INVALID_ARG, f"{BAD_REQUEST_PREFIX}{exc}"
     else:
-        code, msg = pb_utils.TritonError.INTERNAL, f"internal error ({type(exc).__name__}): {exc}"
+        code, msg = pb_utils.TritonError.INTERNAL, f"{INTERNAL_PREFIX}({type(exc).__name__}): {exc}"
     return pb_utils.TritonError(msg, code)
 
 

@@ -24,20 +24,25 @@ import numpy as np
 
 from caphuman.export.extras import require
 
-from .params import MODEL_NAME, NUMPY_DTYPES, INPUT_BY_NAME, request_arrays
+from .params import BAD_REQUEST_PREFIX, INPUT_BY_NAME, INTERNAL_PREFIX, MODEL_NAME, NUMPY_DTYPES, request_arrays
 
 
 class ServerError(RuntimeError):
-    """The server rejected or failed the request (message from the server; `status` is Triton's code,
-    e.g. 'StatusCode.INVALID_ARGUMENT' for a bad request)."""
+    """The server rejected or failed the request (message from the server; `status` is a gRPC code name:
+    'StatusCode.INVALID_ARGUMENT' for a bad request, 'StatusCode.INTERNAL' for a failure of our models,
+    'StatusCode.UNKNOWN' for other errors on the stream, such as Triton's own input checks)."""
 
     def __init__(self, message: str, status: str | None = None):
         super().__init__(message)
-        self.status = status
+        # A streamed reply's error carries only its message (Triton's ModelStreamInferResponse has no code
+        # field), so the code comes from our models' message prefixes (tritonserver/backend.py triton_error).
+        self.status = status or ("StatusCode.INVALID_ARGUMENT" if self.bad_request
+                                 else "StatusCode.INTERNAL" if message.startswith(INTERNAL_PREFIX)
+                                 else "StatusCode.UNKNOWN")
 
     @property
     def bad_request(self) -> bool:
-        return str(self).startswith("invalid request: ")
+        return str(self).startswith(BAD_REQUEST_PREFIX)
 
 
 @dataclass

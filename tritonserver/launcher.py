@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import secrets
 import shutil
 import signal
 import socket
@@ -36,6 +37,25 @@ log = logging.getLogger(__name__)
 DEFAULT_MODEL_REPOSITORY = Path(__file__).resolve().parent / "model_repository"
 WEIGHTS_ENV = "CAPHUMAN_WEIGHTS"          # folder of official weights, read by every model's initialize()
 SETTINGS_ENV = "CAPHUMAN_SERVE_SETTINGS"  # JSON overrides of tritonserver/params.py server settings (tests)
+ADMIN_KEY_ENV = "CAPHUMAN_ADMIN_KEY"      # the admin header's value; unset: a random one per start (admin APIs off)
+# Triton APIs no client of ours needs: loading/unloading models, log and trace settings, shared-memory
+# registration, statistics. They answer only requests carrying ADMIN_HEADER: ADMIN_KEY_ENV's value (HTTP
+# 403 / gRPC UNAVAILABLE otherwise). Health, metadata, model config and inference stay open. The container's
+# entrypoint.sh passes the same list (tests/tritonserver/test_deploy_runtime.py checks it).
+ADMIN_APIS = "model-repository,logging,trace,shared-memory,statistics"
+ADMIN_HEADER = "caphuman-admin-key"
+LOOPBACK = "127.0.0.1"
+WILDCARDS = ("0.0.0.0", "::")
+
+
+def is_loopback(host: str) -> bool:
+    import ipaddress
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: assume it resolves beyond this machine
+        return False
 
 
 class LaunchError(RuntimeError):
@@ -110,7 +130,8 @@ class ServerConfig:
     model_repository: Path = DEFAULT_MODEL_REPOSITORY
     binary: Path | None = None          # None: the wheel's tritonserver
     weights: Path | None = None         # None: tiny random-weight models
-    host: str = "0.0.0.0"
+    host: str = LOOPBACK                # HTTP, gRPC and metrics; "0.0.0.0" opens them to the network
+    admin_key: str | None = None        # None: ADMIN_KEY_ENV, else a random key nobody knows
     grpc_port: int = 8001
     http_port: int = 8000
     metrics_port: int = 8002
@@ -134,10 +155,18 @@ class TritonServer:
     # -- endpoints ---------------------------------------------------------------------------------
     @property
     def grpc_url(self) -> str:
-        return f"127.0.0.1:{self.config.grpc_port}"
+        host = self.config.host
+        local = LOOPBACK if host in WILDCARDS or host == "localhost" else f"[{host}]" if ":" in host else host
+        return f"{local}:{self.config.grpc_port}"
+
+    @property
+    def public(self) -> bool:
+        """Whether the ports listen beyond this machine."""
+        return not is_loopback(self.config.host)
 
     def endpoints(self) -> dict[str, str]:
-        host = "localhost" if self.config.host in ("0.0.0.0", "127.0.0.1") else self.config.host
+        """What a client on this machine calls (the banner says separately who else can reach it)."""
+        host = "localhost" if self.config.host in WILDCARDS or is_loopback(self.config.host) else self.config.host
         return {"grpc": f"{host}:{self.config.grpc_port}", "http": f"http://{host}:{self.config.http_port}",
                 "metrics": f"http://{host}:{self.config.metrics_port}/metrics"}
 
@@ -183,10 +212,13 @@ class TritonServer:
         else:
             env.pop(WEIGHTS_ENV, None)
         env.update({k: str(v) for k, v in cfg.extra_env.items()})
+        admin_key = cfg.admin_key or os.environ.get(ADMIN_KEY_ENV) or secrets.token_urlsafe(24)
         args = [str(binary), f"--model-repository={repo}", *args,
                 f"--grpc-address={cfg.host}", f"--grpc-port={cfg.grpc_port}",
                 f"--http-address={cfg.host}", f"--http-port={cfg.http_port}",
-                "--allow-metrics=true", f"--metrics-port={cfg.metrics_port}",
+                "--allow-metrics=true", f"--metrics-address={cfg.host}", f"--metrics-port={cfg.metrics_port}",
+                f"--http-restricted-api={ADMIN_APIS}:{ADMIN_HEADER}={admin_key}",
+                f"--grpc-restricted-protocol={ADMIN_APIS}:{ADMIN_HEADER}={admin_key}",
                 f"--log-verbose={cfg.verbose}", "--exit-on-error=true",
                 "--strict-readiness=true", *cfg.extra_args]
         return args, env
@@ -217,6 +249,52 @@ class TritonServer:
     def is_alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
+    # -- self-healing ------------------------------------------------------------------------------
+    def stubs(self) -> dict[int, tuple[str, str]]:
+        """The Python-backend stub processes of this server: pid -> (model instance, shared-memory region).
+        Triton does not replace a stub that died (kill -9, OOM killer): its instance then fails every
+        request while the server still reports ready, so `caphuman serve` watches them."""
+        found = {}
+        if self.proc is None:
+            return found
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+                if int(fields[1]) != self.proc.pid or fields[0] == "Z":  # fields: state, ppid, ...
+                    continue
+                argv = (stat.parent / "cmdline").read_bytes().split(b"\0")
+            except (OSError, IndexError, ValueError):
+                continue  # gone meanwhile
+            if argv and argv[0].endswith(b"triton_python_backend_stub") and len(argv) > 8:
+                found[int(stat.parent.name)] = (argv[8].decode(), argv[2].decode())  # argv: stub, model.py, shm region, ..., instance
+        return found
+
+    def watch_stubs(self) -> None:
+        """Remember the stubs of a ready server (call after wait_ready)."""
+        self._stubs = self.stubs()
+
+    def dead_stubs(self) -> list[str]:
+        """The model instances whose stub process has died since `watch_stubs`."""
+        alive = self.stubs()
+        return sorted(name for pid, (name, _) in getattr(self, "_stubs", {}).items() if pid not in alive)
+
+    def restart(self, ready_timeout: float) -> None:
+        """Stop the server (SIGKILL soon: with a dead stub Triton's own shutdown hangs), remove the shared
+        memory regions of ITS stubs (other servers' regions on this machine are left alone), start it
+        again and wait until it is ready and warm."""
+        regions = {shm for _, shm in getattr(self, "_stubs", {}).values()} | {shm for _, shm in self.stubs().values()}
+        self._stop(timeout=10)
+        self._remove_shm(regions)
+        self.start()
+        self.wait_ready(ready_timeout)
+        self.watch_stubs()
+
+    @staticmethod
+    def _remove_shm(regions) -> None:
+        for region in regions:
+            if region.startswith("triton_python_backend_shm_region_") and "/" not in region:
+                Path("/dev/shm", region).unlink(missing_ok=True)
+
     def is_ready(self) -> bool:
         import tritonclient.grpc as grpcclient
         try:
@@ -242,9 +320,11 @@ class TritonServer:
     def stop(self, timeout: float = 30.0) -> int | None:
         """SIGTERM (Triton's graceful shutdown: finish in-flight requests, unload models), then SIGKILL.
         The work folder goes too, except a log in it after a failed start (the error message names it)."""
+        regions = {shm for _, shm in self.stubs().values()}
         try:
             return self._stop(timeout)
         finally:
+            self._remove_shm(regions)  # Triton removes them itself, except after a SIGKILL
             keep_log = self.failed and self.log_path.parent == self.workdir
             shutil.rmtree(self.workdir / "backends" if keep_log else self.workdir, ignore_errors=True)
 

@@ -19,6 +19,7 @@ response metadata carries a warning (`warnings`), as does the server log.
 """
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -68,9 +69,9 @@ INPUTS: tuple[Field, ...] = (
           "center and no scale is sized to fit beside the others; '' = every person where their photo puts them"),
     Field("SAMPLER", "STRING", (1,), DEFAULT_SAMPLER, f"sampler: {', '.join(sorted(SAMPLERS))} (official: ddim)"),
     Field("STEPS", "INT32", (1,), 20, f"denoising steps, {limits.MIN_STEPS}..{limits.MAX_STEPS} (official DDIM: 20)"),
-    Field("GUIDANCE", "FP32", (1,), 7.0, "classifier-free guidance scale (finite)"),
+    Field("GUIDANCE", "FP32", (1,), 7.0, f"classifier-free guidance scale, in [{limits.MIN_GUIDANCE:g}, {limits.MAX_GUIDANCE:g}]"),
     Field("ETA", "FP32", (1,), 0.0, "DDIM eta >= 0"),
-    Field("STRENGTH", "FP32", (1,), 1.0, "CapFace residual scale (finite)"),
+    Field("STRENGTH", "FP32", (1,), 1.0, f"CapFace residual scale, in [{limits.MIN_STRENGTH:g}, {limits.MAX_STRENGTH:g}]"),
     Field("TAU", "FP32", (1,), 0.0, f"ID dropout: identity off for timesteps > tau (0 = off), 0..{limits.MAX_TAU}"),
     Field("SEED", "INT64", (1,), 12345, "seed of item 0 (item i: SEED + i), 0..2^32-1"),
     Field("RESOLUTION", "INT32", (1,), 512, f"square output size: {limits.RESOLUTION_RULE}"),
@@ -109,6 +110,7 @@ class ServerSettings:
     max_image_pixels: int = 4096 * 4096    # decoded width * height per photo (checked before decoding)
     max_items: int = 8                     # prompts/poses per request
     max_prompt_bytes: int = limits.MAX_PROMPT_BYTES  # per prompt, before tokenizing
+    max_request_cost: int = limits.MAX_REQUEST_COST  # steps x images x (resolution/512)^2 per request
     identity_cache_entries: int = 256      # LRU of identity contexts by photo sha256 (per model instance)
     hint_cache_entries: int = 128          # LRU of head hints by (photos, controls, resolution)
 
@@ -131,6 +133,12 @@ class ServerSettings:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+# Error messages start with one of these: BLS responses and streamed errors lose the error code (BLS: all
+# INTERNAL; a stream: none), so the prefix says which it was (tritonserver/backend.py, client.ServerError).
+BAD_REQUEST_PREFIX = "invalid request: "
+INTERNAL_PREFIX = "internal error "
 
 
 class RequestError(ValueError):
@@ -187,6 +195,21 @@ def _text(value, name: str, max_bytes: int) -> str:
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise RequestError(f"{name} is not valid UTF-8 ({e})") from None
+
+
+def check_photo(data, what: str, settings: ServerSettings) -> None:
+    """A photo's byte size and header (format, width x height) within the limits, before any pixel is
+    decoded or any model runs. Raises RequestError naming `what`."""
+    from caphuman.runtime.condition.images import PhotoError, open_photo
+    if not isinstance(data, bytes) or not data:
+        raise RequestError(f"{what} is empty; send the bytes of a PNG/JPEG/WebP photo")
+    if len(data) > settings.max_image_bytes:
+        raise RequestError(f"{what} is {len(data) / 2**20:.1f} MiB, over the "
+                           f"{settings.max_image_bytes / 2**20:.0f} MiB limit")
+    try:
+        open_photo(io.BytesIO(data), what, settings.max_image_pixels).close()
+    except PhotoError as e:
+        raise RequestError(str(e)) from None
 
 
 def _scalar(arrays: dict, name: str):
@@ -251,7 +274,13 @@ def parse_request(arrays: dict[str, np.ndarray], settings: ServerSettings) -> Pa
         tau=float(_scalar(arrays, "TAU")), seed=int(_scalar(arrays, "SEED")),
         resolution=int(_scalar(arrays, "RESOLUTION")), progress=bool(_scalar(arrays, "PROGRESS")),
         preview_size=int(_scalar(arrays, "PREVIEW_SIZE")))
-    _check_ranges(req)
+    _check_ranges(req, settings)
+    # Photos last (their headers are the costliest part of parsing, and still no pixel is decoded): a request
+    # that will be refused is refused here, before any model runs or any cache is filled.
+    for i, ref in enumerate(refs):
+        check_photo(ref, f"REFERENCE_IMAGE[{i}]" if len(refs) > 1 else "REFERENCE_IMAGE", settings)
+    for i, pose in enumerate(poses):
+        check_photo(pose, f"POSE_IMAGE[{i}]" if len(poses) > 1 else "POSE_IMAGE", settings)
     return req
 
 
@@ -316,13 +345,14 @@ def head_controls(text: str, **pose) -> object:
     return HeadControls(**values)
 
 
-def _check_ranges(r: ParsedRequest) -> None:
+def _check_ranges(r: ParsedRequest, settings: ServerSettings) -> None:
     from caphuman.engines.samplers import check_sampler_args
     try:
         limits.check_sampling(r.steps, r.guidance, r.eta, r.strength, r.tau, r.sampler,
                               names={k: k.upper() for k in ("steps", "guidance", "eta", "strength", "tau", "sampler")})
         check_sampler_args(r.sampler, r.steps, r.eta)
         limits.check_resolution("RESOLUTION", r.resolution)
+        limits.check_request_cost(r.steps, r.resolution, r.num_items, settings.max_request_cost)
     except ValueError as e:
         raise RequestError(str(e)) from None
     if not 0 <= r.seed <= MAX_SEED - (r.num_items - 1):

@@ -12,7 +12,6 @@ import hashlib
 import io
 import threading
 import time
-import warnings
 from collections import OrderedDict
 from pathlib import Path
 
@@ -20,9 +19,9 @@ import numpy as np
 import torch
 
 from caphuman.runtime import limits
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-from .params import RequestError, ServerSettings
+from .params import RequestError, ServerSettings, check_photo
 
 # Photos never come from files here; this path exists only so messages and DECA's "<photo>.txt"
 # landmark lookup have something to look at (it never exists).
@@ -60,29 +59,13 @@ def sha256(data: bytes) -> str:
 
 
 def decode_photo(data: bytes, what: str, settings: ServerSettings) -> Image.Image:
-    """Encoded bytes -> RGB PIL image, within the size limits. Raises RequestError naming `what`."""
-    if not isinstance(data, bytes) or not data:
-        raise RequestError(f"{what} is empty; send the bytes of a PNG/JPEG/WebP photo")
-    if len(data) > settings.max_image_bytes:
-        raise RequestError(f"{what} is {len(data) / 2**20:.1f} MiB, over the "
-                           f"{settings.max_image_bytes / 2**20:.0f} MiB limit")
+    """Encoded bytes -> upright 8-bit RGB PIL image, within the size limits. Raises RequestError naming `what`."""
+    from caphuman.runtime.condition.images import PhotoError, decode_photo_source
+    check_photo(data, what, settings)  # the request parser checked it too; BLS callers may skip that
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))  # header only
-            w, h = img.size
-            if w < 1 or h < 1 or w * h > settings.max_image_pixels:
-                raise RequestError(f"{what} is {w}x{h} pixels, over the {settings.max_image_pixels}-pixel limit "
-                                   f"(e.g. {int(settings.max_image_pixels ** 0.5)}x{int(settings.max_image_pixels ** 0.5)})")
-            img.load()
-    except RequestError:
-        raise
-    except UnidentifiedImageError:
-        raise RequestError(f"{what} is not a readable image (unknown or corrupt format; send PNG/JPEG/WebP)") from None
-    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError,
-            Image.DecompressionBombWarning) as e:
-        raise RequestError(f"{what} is not a readable image ({type(e).__name__}: {e})") from None
-    return img if img.mode == "RGB" else img.convert("RGB")
+        return decode_photo_source(io.BytesIO(data), what, settings.max_image_pixels)
+    except PhotoError as e:
+        raise RequestError(str(e)) from None
 
 
 def photo_from_bytes(analyzer, data: bytes, what: str, settings: ServerSettings):

@@ -90,3 +90,38 @@ def test_deca_resize_matches_skimage_rules():
     up = resize_like_deca(small, 512)
     assert up.shape == (512, 512, 3) and up.dtype == np.uint8
     assert abs(up.astype(float).mean() - small.astype(float).mean()) < 2
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    """A phone portrait stored sideways with EXIF orientation 6 ("rotate 90 clockwise to view") reads upright."""
+    upright = Image.open(face_photo("pose1.png")).convert("RGB")
+    sideways = upright.transpose(Image.Transpose.ROTATE_90)   # what the sensor stored
+    exif = Image.Exif()
+    exif[0x0112] = 6                                            # Orientation
+    path = tmp_path / "phone.jpg"
+    sideways.save(path, quality=95, exif=exif)
+    got = load_photo(path)
+    assert got.size == upright.size
+    diff = np.abs(np.asarray(got, dtype=int) - np.asarray(upright, dtype=int))
+    assert diff.mean() < 4, diff.mean()                         # JPEG loss only
+    assert FaceAnalyzer().analyze(path).has_face
+
+
+def test_16_bit_greyscale_is_scaled_to_8_bits(tmp_path):
+    grey8 = np.asarray(Image.open(face_photo("pose1.png")).convert("L"))
+    path = tmp_path / "grey16.png"
+    Image.fromarray(grey8.astype(np.uint16) * 257).save(path)     # the same picture in 16 bits
+    assert Image.open(path).mode.startswith("I")
+    got = np.asarray(load_photo(path))
+    assert got.shape == (*grey8.shape, 3) and np.array_equal(got[..., 0], grey8)
+    assert FaceAnalyzer().analyze(path).has_face
+
+
+def test_modes_without_an_8_bit_reading_are_refused_clearly(tmp_path):
+    path = tmp_path / "float.tiff"
+    Image.fromarray(np.linspace(0, 1, 64 * 64, dtype=np.float32).reshape(64, 64)).save(path)
+    with pytest.raises(PhotoError, match="pixel mode 'F'"):
+        load_photo(path)
+    rgba = tmp_path / "rgba.png"
+    Image.new("RGBA", (32, 32), (10, 20, 30, 0)).save(rgba)
+    assert load_photo(rgba).getpixel((0, 0)) == (10, 20, 30)

@@ -59,6 +59,8 @@ def test_serial_and_batched_cfg_give_the_same_image():
     (["--steps", "37"], "not usable"),
     (["--guidance", "nan"], "--guidance must be a finite number"),
     (["--strength", "inf"], "--strength must be a finite number"),
+    (["--guidance", "1e38"], "--guidance must be in [0, 100], got 1e+38"),
+    (["--strength", "1e38"], "--strength must be in [0, 10], got 1e+38"),
     (["--eta", "-1"], "eta must be >= 0"),
     (["--tau", "2000"], "tau must be in"),
     (["--resolution", "500"], "multiple of 64"),

@@ -53,3 +53,37 @@ def test_parallel_zlib_stream_is_one_valid_stream():
     raw[::7] = 0  # some structure
     for level in (0, 1, 6):
         assert zlib.decompress(_zlib_parallel(raw, level)) == raw.tobytes()  # checks the Adler-32 too
+
+
+def read_only_folder(tmp_path):
+    """A folder that refuses new files: permission bits for ordinary users; root ignores those, so for root
+    a folder under sysfs (which refuses new files to everyone)."""
+    import os
+    from pathlib import Path
+    if os.geteuid() == 0:
+        return Path("/sys/kernel/caphuman-outputs")
+    ro = tmp_path / "read_only"
+    ro.mkdir()
+    ro.chmod(0o555)
+    return ro / "out"
+
+
+def test_check_new_outputs_refuses_a_folder_that_takes_no_files(tmp_path):
+    from caphuman.runtime.outputs import OutputFolderError, check_new_outputs
+    with pytest.raises(OutputFolderError, match="cannot write into"):
+        check_new_outputs([read_only_folder(tmp_path) / "a.png"], overwrite=True)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(OutputFolderError, match="is not a folder"):
+        check_new_outputs([tmp_path / "file" / "sub" / "a.png"], overwrite=False)
+    check_new_outputs([tmp_path / "new" / "deeper" / "a.png"], overwrite=False)   # creatable: fine
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"], "the probe leaves nothing behind"
+
+
+def test_generate_refuses_a_read_only_out_folder_before_generating(tmp_path, capsys):
+    import time
+    from caphuman.runtime.cli import main
+    t0 = time.monotonic()
+    rc = main(["generate", "--out", str(read_only_folder(tmp_path)), "--steps", "2", "--resolution", "256"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "cannot write into" in err[0], err
+    assert time.monotonic() - t0 < 5, "refused before any model loads"

@@ -78,7 +78,10 @@ def test_services_pdb_and_selectors_agree(default):
     assert res["PodDisruptionBudget/caphuman"]["spec"]["selector"]["matchLabels"] == labels
     assert res["Deployment/caphuman"]["spec"]["selector"]["matchLabels"] == labels
     net = res["NetworkPolicy/caphuman"]["spec"]
-    assert sorted(r["ports"][0]["port"] for r in net["ingress"]) == [8000, 8001, 8002]
+    # private by default: gRPC from this namespace, metrics from monitoring, HTTP only to the kubelet's probes
+    rules = {r["ports"][0]["port"]: r.get("from") for r in net["ingress"]}
+    assert rules == {8001: [{"podSelector": {}}],
+                     8002: [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]}
     for name in res:
         assert res[name]["metadata"]["namespace"] == "caphuman"
 
@@ -172,7 +175,9 @@ def test_compose_runs_the_image_on_every_gpu_with_readonly_weights():
     assert (ROOT / svc["build"]["dockerfile"]).resolve() == DEPLOY / "Dockerfile"
     dockerfile = (DEPLOY / "Dockerfile").read_text()
     assert f"ARG TRITON_VERSION={svc['build']['args']['TRITON_VERSION']}" in dockerfile
-    assert [default_of(p) for p in svc["ports"]] == ["8000:8000", "8001:8001", "8002:8002"]
+    # published on the host's loopback only unless CAPHUMAN_BIND_ADDRESS says otherwise
+    assert [default_of(p) for p in svc["ports"]] == ["127.0.0.1:8000:8000", "127.0.0.1:8001:8001",
+                                                     "127.0.0.1:8002:8002"]
     dev = svc["deploy"]["resources"]["reservations"]["devices"][0]
     assert dev["driver"] == "nvidia" and dev["capabilities"] == ["gpu"] and default_of(dev["count"]) == "all"
     vols = {v["target"]: v for v in svc["volumes"]}

@@ -54,6 +54,11 @@ def box(tmp_path):
     return run
 
 
+def server_args_of(result, box) -> dict[str, str]:
+    assert result.returncode == 0, result.stderr
+    return server_args(box)
+
+
 def server_args(box) -> dict[str, str]:
     lines = (box.out / "args").read_text().split("\n")
     return dict(a.split("=", 1) if "=" in a else (a, "") for a in lines if a)
@@ -81,6 +86,13 @@ def test_serve_on_two_gpus_generates_per_gpu_configs_and_execs_tritonserver(box)
     assert args["--strict-readiness"] == "true" and args["--allow-metrics"] == "true"
     assert args["--exit-on-error"] == "true" and args["--exit-timeout-secs"] == "90"
     assert "--log-info" in args and args["--x"] == "1"          # TRITON_EXTRA_ARGS split into flags
+    # admin APIs behind a header, as `caphuman serve` does (one list: launcher.ADMIN_APIS)
+    from caphuman.tritonserver.launcher import ADMIN_APIS, ADMIN_HEADER
+    for flag in ("--http-restricted-api", "--grpc-restricted-protocol"):
+        apis, key = args[flag].split(":", 1)
+        assert apis == ADMIN_APIS and key.startswith(f"{ADMIN_HEADER}=") and len(key) > len(ADMIN_HEADER) + 16
+    pinned = server_args_of(box("serve", CAPHUMAN_ADMIN_KEY="k3y"), box)
+    assert pinned["--http-restricted-api"] == f"{ADMIN_APIS}:{ADMIN_HEADER}=k3y"
     # no weights mounted: the tiny model serves, and the server is not pointed at an empty folder
     assert (box.out / "weights").read_text().strip() == "<unset>"
     assert "tiny random-weight model" in r.stderr

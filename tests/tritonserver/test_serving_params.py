@@ -50,8 +50,17 @@ def test_every_model_config_parses_and_has_instances(model):
         assert cfg.max_batch_size > 0 and cfg.HasField("dynamic_batching")
 
 
+def _png(w: int, h: int, mode: str = "RGB") -> bytes:
+    buf = io.BytesIO()
+    Image.new(mode, (w, h)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+PHOTO = _png(64, 64)
+
+
 def _arrays(**kw):
-    return request_arrays(b"photo-bytes", kw.pop("prompts", "a photo"), **kw)
+    return request_arrays(kw.pop("reference", PHOTO), kw.pop("prompts", "a photo"), **kw)
 
 
 def test_parse_request_defaults_and_batch():
@@ -68,22 +77,58 @@ def test_parse_request_defaults_and_batch():
     (dict(prompts=["a"] * 9), "at most 8"), (dict(prompts=["a", "b"], head_pose=[(0, 0, 0)] * 3), "1 or N=3"),
     (dict(head_pose=[(float("inf"), 0, 0)]), "HEAD_POSE"), (dict(light="disco"), "LIGHT"),
     (dict(prompts=["x" * 5000]), "byte limit"),
+    (dict(guidance=1e38), "GUIDANCE must be in \\[0, 100\\]"), (dict(strength=1e38), "STRENGTH must be in \\[0, 10\\]"),
+    (dict(guidance=-3.0), "GUIDANCE"), (dict(strength=-1.0), "STRENGTH"),
 ])
 def test_parse_request_rejects(kw, msg):
     with pytest.raises(RequestError, match=msg):
         parse_request(_arrays(**kw), ServerSettings())
 
 
+def huge_header_png(w: int, h: int) -> bytes:
+    """A PNG whose header says w x h (and whose pixels are not there): only a header check can refuse it cheaply."""
+    import struct
+    import zlib
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
+    chunk = struct.pack(">I", len(ihdr)) + b"IHDR" + ihdr + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
+    idat = struct.pack(">I", 0) + b"IDAT" + struct.pack(">I", zlib.crc32(b"IDAT"))
+    return b"\x89PNG\r\n\x1a\n" + chunk + idat
+
+
+@pytest.mark.parametrize("kw,msg", [
+    # every photo's header is read while parsing, before any model runs (no identity/hint work, no cache)
+    (dict(reference=huge_header_png(5000, 5000)), "REFERENCE_IMAGE is 5000x5000 pixels"),
+    (dict(pose_image=[PHOTO, huge_header_png(8000, 3000)]), "POSE_IMAGE\\[1\\] is 8000x3000 pixels"),
+    (dict(pose_image=[PHOTO, b"not an image at all"]), "POSE_IMAGE\\[1\\] is not a readable image"),
+    # the per-request cost bound: steps x images x (resolution / 512)^2 <= 400 by default
+    (dict(steps=500), "over the server's limit of 400"),
+    (dict(steps=100, resolution=1024, prompts=["a", "b"]), "800 steps-at-512x512"),
+    (dict(steps=50, prompts=["a"] * 8, resolution=576), "over the server's limit"),
+])
+def test_parse_request_refuses_before_any_model_runs(kw, msg):
+    with pytest.raises(RequestError, match=msg):
+        parse_request(_arrays(**kw), ServerSettings())
+
+
+def test_request_cost_limit_is_a_setting():
+    assert parse_request(_arrays(steps=50, prompts=["a"] * 8), ServerSettings()).steps == 50   # 400: at the limit
+    parse_request(_arrays(steps=500), ServerSettings(max_request_cost=500))
+    with pytest.raises(RequestError, match="limit of 10"):
+        parse_request(_arrays(steps=11), ServerSettings(max_request_cost=10))
+
+
 def test_parse_request_of_several_people():
-    a = request_arrays([b"anna", b"ben"], ["p", "q"], people=[{"center": [0.3, 0.5]}, {"yaw": -20, "strength": 0.5}],
-                       pose_image=[b"pa", b"pb"])
+    anna, ben = _png(64, 64), _png(80, 64)
+    a = request_arrays([anna, ben], ["p", "q"], people=[{"center": [0.3, 0.5]}, {"yaw": -20, "strength": 0.5}],
+                       pose_image=[PHOTO, PHOTO])
     r = parse_request(a, ServerSettings())
-    assert r.num_people == 2 and r.num_items == 2 and r.references == [b"anna", b"ben"]  # poses are per person
+    assert r.num_people == 2 and r.num_items == 2 and r.references == [anna, ben]  # poses are per person
     assert r.people == [{"center": [0.3, 0.5], "strength": 1.0}, {"yaw": -20, "strength": 0.5}]
 
 
 @pytest.mark.parametrize("refs, kw, msg", [
     ([b"a"] * 5, {}, "1 to 4 photos"),
+    ([PHOTO, b"not a photo"], {}, r"REFERENCE_IMAGE\[1\] is not a readable image"),
     ([b"a", b"b"], dict(people=[{}]), "one object per REFERENCE_IMAGE"),
     ([b"a", b"b"], dict(people=[{"size": 2}, {}]), r"PEOPLE\[0\] must be a JSON object with keys"),
     ([b"a", b"b"], dict(people=[{"yaw": 500}, {}]), r"PEOPLE\[0\]: .*yaw"),
@@ -94,7 +139,9 @@ def test_parse_request_of_several_people():
 ])
 def test_parse_request_rejects_bad_people(refs, kw, msg):
     with pytest.raises(RequestError, match=msg):
-        parse_request(request_arrays(refs, "p", **kw), ServerSettings())
+        parse_request(request_arrays([PHOTO if r == b"a" else r for r in refs], "p",
+                                     **{k: [PHOTO if p == b"p" else p for p in v] if k == "pose_image" else v
+                                        for k, v in kw.items()}), ServerSettings())
 
 
 def test_parse_request_rejects_bad_utf8_and_empty_reference():
@@ -123,12 +170,6 @@ def test_settings_from_env():
         ServerSettings.from_env({"CAPHUMAN_SERVE_SETTINGS": '{"max_itemz": 2}'})
     with pytest.raises(ValueError, match="positive integer"):
         ServerSettings.from_env({"CAPHUMAN_SERVE_SETTINGS": '{"max_items": -1}'})
-
-
-def _png(w: int, h: int, mode: str = "RGB") -> bytes:
-    buf = io.BytesIO()
-    Image.new(mode, (w, h)).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def test_decode_photo_limits_and_errors():

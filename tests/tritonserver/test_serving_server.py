@@ -249,6 +249,27 @@ def test_bad_request_gets_clear_error_then_server_serves(client, case):
     _good_request_works(client)
 
 
+def test_a_refused_request_leaves_the_caches_unchanged(client):
+    """Every field and every photo's header is checked before any model runs: a refused request computes no
+    identity and renders no hint, so the same photo's next request misses every cache."""
+    arr = np.asarray(Image.open(io.BytesIO(face("reference_196251.png"))).convert("RGB")).copy()
+    arr[0, 0] ^= 1  # one pixel: a photo no other test sends (nothing of it cached)
+    ref = png(arr)
+    with pytest.raises(ServerError) as refused:   # item 1's pose photo is not an image
+        client.generate(ref, ["a photo", "a photo"], pose_image=[face("pose1.png"), b"not an image"], **FAST)
+    assert refused.value.bad_request and "POSE_IMAGE[1]" in str(refused.value)
+    first = client.generate(ref, "a photo", pose_image=face("pose1.png"), **FAST)[0].metadata["timings"]
+    assert (first["identity_cache"], first["head_condition_cache"]) == ("miss", "miss"), first
+    # the per-request cost bound (steps x images x (resolution/512)^2 <= 400) and DDIM's unusable counts
+    for over in (dict(steps=500, resolution=512), dict(steps=3, resolution=1024)):
+        t0 = time.monotonic()
+        with pytest.raises(ServerError) as refused:
+            client.generate(ref, "a photo", pose_image=face("pose2.png"), **over)
+        assert refused.value.bad_request and time.monotonic() - t0 < 20
+    again = client.generate(ref, "a photo", pose_image=face("pose2.png"), **FAST)[0].metadata["timings"]
+    assert again["head_condition_cache"] == "miss", "no hint was rendered for the refused requests"
+
+
 @pytest.mark.parametrize("case", list(RAW_BAD))
 def test_wrong_tensor_type_or_shape_is_rejected(client, case):
     args, expected = RAW_BAD[case]

@@ -18,6 +18,11 @@ set -euo pipefail
 : "${TRITON_EXIT_TIMEOUT_SECS:=90}"        # graceful shutdown: finish in-flight requests first
 : "${TRITON_LOG_VERBOSE:=0}"
 : "${TRITON_EXTRA_ARGS:=}"
+# Admin APIs (model loading, logging, trace, shared memory, statistics) answer only requests with the header
+# caphuman-admin-key: $CAPHUMAN_ADMIN_KEY; unset, a random key nobody knows (they are off). Same list as
+# caphuman.tritonserver.launcher.ADMIN_APIS.
+: "${CAPHUMAN_ADMIN_KEY:=$(head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n')}"
+TRITON_ADMIN_APIS="model-repository,logging,trace,shared-memory,statistics"
 export CAPHUMAN_ENGINE_CACHE CAPHUMAN_WEIGHTS
 
 log() { echo "[caphuman-entrypoint] $*" >&2; }
@@ -87,6 +92,8 @@ serve() {
         --strict-readiness=true --exit-on-error=true \
         --exit-timeout-secs="${TRITON_EXIT_TIMEOUT_SECS}" \
         --log-verbose="${TRITON_LOG_VERBOSE}" \
+        --http-restricted-api="${TRITON_ADMIN_APIS}:caphuman-admin-key=${CAPHUMAN_ADMIN_KEY}" \
+        --grpc-restricted-protocol="${TRITON_ADMIN_APIS}:caphuman-admin-key=${CAPHUMAN_ADMIN_KEY}" \
         ${TRITON_EXTRA_ARGS}
 }
 
