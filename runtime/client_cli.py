@@ -57,9 +57,12 @@ def register(sub) -> None:
 
 
 def _head_poses(args) -> list[tuple[float, float, float]] | None:
+    """HEAD_POSE rows, one per item, where an angle is given several times (a batch of poses); an angle not
+    given is 0 there. Angles given once travel in HEAD_CONTROLS instead (`more_head_controls`), so an angle
+    not given stays the photo's, as with `caphuman generate`."""
     lists = {k: getattr(args, k) or [] for k in ("yaw", "pitch", "roll")}
     n = max(len(v) for v in lists.values())
-    if n == 0:
+    if n <= 1:
         return None
     for k, v in lists.items():
         if len(v) not in (0, 1, n):
@@ -69,9 +72,11 @@ def _head_poses(args) -> list[tuple[float, float, float]] | None:
 
 
 def more_head_controls(args) -> dict | None:
-    """The request's HEAD_CONTROLS (the same for every item), or None."""
+    """The request's HEAD_CONTROLS (the same for every item), or None; yaw/pitch/roll when given once."""
     values = {"scale": args.scale, "center": list(args.center) if args.center else None, "jaw": args.jaw,
               "expression": list(args.expression) if args.expression else None}
+    if _head_poses(args) is None:
+        values.update({k: getattr(args, k)[0] for k in ("yaw", "pitch", "roll") if getattr(args, k)})
     return {k: v for k, v in values.items() if v is not None} or None
 
 
@@ -172,7 +177,8 @@ def run(args) -> int:
     reference = args.reference
     if people is not None:  # each person's photos and controls; the items are the prompts
         reference = people.pop("reference")
-        fields.update(people, head_pose=None, head_controls=None)
+        fields.update(head_pose=None, head_controls=None)
+        fields.update(people)
     record = command_record("client", args, ("reference", "pose"))  # the request's inputs, photos hashed
     if people is not None:
         record["files"]["people"] = [file_record(r) for r in reference] + \

@@ -178,7 +178,8 @@ def _check_people_arguments(args) -> None:
     single = [_flag(dest) for dest in ("hint", "identity_context", "id_features", "clip_tokens",
                                         "controlnet_checkpoint") if getattr(args, dest)]
     if single:
-        raise UserError(f"{', '.join(single)} describe one person; --person takes each person's photos")
+        raise UserError(f"{', '.join(single)} {'is' if len(single) == 1 else 'are'} for one person; "
+                        "--person takes each person's photos")
     try:
         args.people = people_from_args(args)
     except ValueError as e:
@@ -212,7 +213,7 @@ def _people_inputs(args, conds, nets, inputs):
                "controls": {k: v for k, v in vars(pc.person.controls).items() if v is not None},
                "yaw_pitch_roll": [round(float(a), 2) for a in pc.condition.euler],
                "strength": pc.person.strength} for pc in conds]
-    return hints, contexts, [pc.person.strength for pc in conds], {"people_inputs": record}
+    return hints, contexts, [pc.person.strength for pc in conds], {"people": record}
 
 
 def run(args) -> int:
@@ -248,9 +249,11 @@ def run(args) -> int:
                              with_image_encoder=bool(args.reference) and not args.identity_context)
     log.info("models ready in %.1f s", time.perf_counter() - t0)
 
-    photo, person_strength, extra = None, None, {}
+    photo, person_strength, extra, strength = None, None, {}, args.strength
     if args.person:
         hint, identity, person_strength, extra = _people_inputs(args, people_conditions, nets, inputs)
+        if len(hint) == 1:  # one --person is the one-person path, its strength folded in
+            hint, identity, strength, person_strength = hint[0], identity[0], strength * person_strength[0], None
     elif args.hint:
         hint = inputs.load_npy(args.hint, "hint", (3, 4))
         hint = hint[None] if hint.ndim == 3 else hint
@@ -263,7 +266,7 @@ def run(args) -> int:
         identity = inputs.identity(args, nets, args.seed, photo)
     req = GenerationRequest(prompt=args.prompt, added_prompt=args.added_prompt, negative_prompt=args.negative_prompt,
                             hint=hint, identity_context=identity, seed=args.seed, num_samples=args.num_samples,
-                            steps=args.steps, guidance=args.guidance, eta=args.eta, strength=args.strength,
+                            steps=args.steps, guidance=args.guidance, eta=args.eta, strength=strength,
                             tau=args.tau, sampler=args.sampler, noise=noise, person_strength=person_strength)
     req.validate(nets.config.unet.in_channels)
     pipe = build_pipeline(nets, args.backend, device=args.device, dtype=dtype, engine_dir=args.engine_dir)
@@ -281,7 +284,7 @@ def run(args) -> int:
     result.parameters["seconds"] = round(time.perf_counter() - t1, 3)
     for image, seed in zip(result.images, result.seeds):
         png, sidecar = save_png_with_sidecar(image, Path(args.out) / f"{args.name}_{seed}.png",
-                                             {**result.parameters, **extra, "seed": seed, "inputs": record},
+                                             {**result.parameters, "seed": seed, "inputs": {**record, **extra}},
                                              overwrite=args.overwrite)
         print(f"wrote {png} and {sidecar.name}")
     return 0

@@ -80,7 +80,7 @@ def people_from_args(args: argparse.Namespace, single_options=SINGLE_PERSON_OPTI
     from caphuman.runtime.condition.people import check_people_count
     given = [flag for dest, flag in single_options if getattr(args, dest, None) is not None]
     if given:
-        raise ValueError(f"{', '.join(given)} describe one person; with --person, give them inside each --person "
+        raise ValueError(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} for one person; with --person, give them inside each --person "
                          "(e.g. --person reference=me.jpg yaw=20)")
     people = [parse_person(words, i + 1) for i, words in enumerate(args.person)]
     check_people_count(len(people))
@@ -103,7 +103,8 @@ def build_people_conditions(args: argparse.Namespace, people: list, size: int = 
 
 def request_people(args: argparse.Namespace) -> dict:
     """`caphuman client --person ...`: the request fields of several people (reference photos, their pose
-    photos, PEOPLE, MODES). The server takes one MODES and one LIGHT for everyone."""
+    photos, PEOPLE, MODES; one --person: the one-person request). The server takes one MODES and one LIGHT
+    for everyone."""
     from caphuman.runtime.cli import UserError
     try:
         people = people_from_args(args, [o for o in SINGLE_PERSON_OPTIONS if o[0] != "light"])
@@ -123,6 +124,11 @@ def request_people(args: argparse.Namespace) -> dict:
         controls = {k: list(v) if isinstance(v, tuple) else v for k, v in vars(p.controls).items()
                     if v is not None and k != "light"}
         entries.append({**controls, "strength": p.strength})
+    if len(people) == 1:  # one person is the one-person request (HEAD_CONTROLS), its strength folded in
+        strength = entries[0].pop("strength")
+        return {"reference": Path(people[0].reference),
+                "pose_image": [Path(people[0].pose)] if people[0].pose else None,
+                "head_controls": entries[0] or None, "modes": people[0].modes, "strength": args.strength * strength}
     return {"reference": [Path(p.reference) for p in people],
             "pose_image": [Path(p.pose) for p in people] if all(with_pose) else None,
             "people": entries, "modes": people[0].modes}

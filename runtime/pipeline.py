@@ -338,8 +338,8 @@ class CapHumanPipeline:
         params.update(seeds=req.sample_seeds(), cfg=cfg, backend=self.backend, width=w, height=h,
                       dtype=str(self.dtype).removeprefix("torch."), config=Path(self.config.path).name,
                       people=req.people,
-                      hint_sha256=hint_sha256 or (tensor_hash(req.hint) if one else [tensor_hash(x) for x in req.hints]),
-                      identity_sha256=identity_sha256 or (tensor_hash(req.identity_context) if one
+                      hint_sha256=hint_sha256 or (tensor_hash(req.hints[0]) if one else [tensor_hash(x) for x in req.hints]),
+                      identity_sha256=identity_sha256 or (tensor_hash(req.contexts[0]) if one
                                                           else [tensor_hash(x) for x in req.contexts]),
                       noise="explicit" if req.noise is not None else "cpu-generator-per-seed",
                       models=self.model_hashes, random_weights=self.random_weights,

@@ -28,7 +28,7 @@ def test_generate_two_people_writes_one_image_with_both_recorded(tmp_path):
     meta = json.loads((tmp_path / "out" / "caphuman_12345.json").read_text())
     assert meta["people"] == 2 and meta["person_strength"] == [1.0, 0.8]
     assert len(meta["hint_sha256"]) == 2 and len(set(meta["identity_sha256"])) == 2  # two identities
-    inputs = meta["people_inputs"]
+    inputs = meta["inputs"]["people"]
     assert [p["reference"]["path"] for p in inputs] == [str(ANNA), str(BEN)]
     assert inputs[1]["controls"] == {"yaw": -20.0, "center": [0.7, 0.5]} and inputs[1]["yaw_pitch_roll"][0] == -20.0
     assert np.asarray(Image.open(tmp_path / "out" / "caphuman_12345.png")).shape == (512, 512, 3)
@@ -58,9 +58,20 @@ def test_a_person_with_no_face_is_refused_naming_the_way_out(tmp_path, capsys):
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
+def test_one_person_is_the_one_person_path(tmp_path):
+    """One --person gives the image of the same photo and controls given as one-person options."""
+    assert _generate(tmp_path / "a", "--person", f"reference={ANNA}", "yaw=20", "strength=0.5") == 0
+    assert _generate(tmp_path / "b", "--reference", str(ANNA), "--yaw", "20", "--strength", "0.5") == 0
+    meta = [json.loads((tmp_path / d / "out" / "caphuman_12345.json").read_text()) for d in "ab"]
+    assert meta[0]["people"] == meta[1]["people"] == 1 and meta[0]["strength"] == 0.5
+    assert meta[0]["hint_sha256"] == meta[1]["hint_sha256"] and meta[0]["identity_sha256"] == meta[1]["identity_sha256"]
+    images = [np.asarray(Image.open(tmp_path / d / "out" / "caphuman_12345.png")) for d in "ab"]
+    np.testing.assert_array_equal(images[0], images[1])
+
+
 def test_single_person_options_beside_person_are_refused(tmp_path, capsys):
     assert _generate(tmp_path, "--reference", str(ANNA), "--person", f"reference={BEN}") != 0
-    assert "--reference describe one person" in capsys.readouterr().err
+    assert "--reference is for one person" in capsys.readouterr().err
 
 
 def test_condition_draws_every_head_and_each_hint_is_the_one_person_hint(tmp_path):
@@ -132,11 +143,24 @@ def test_client_person_options_become_the_requests_people_fields():
                                          "--person", f"reference={BEN}", "yaw=-20", "strength=0.8"))
     assert fields["reference"] == [ANNA, BEN] and fields["pose_image"] is None and fields["modes"] == "position,pose"
     assert fields["people"] == [{"center": [0.3, 0.5], "strength": 1.0}, {"yaw": -20.0, "strength": 0.8}]
+    one = request_people(_client_args("--strength", "0.5", "--person", f"reference={ANNA}", "yaw=20", "strength=0.8"))
+    assert one == {"reference": ANNA, "pose_image": None, "head_controls": {"yaw": 20.0}, "modes": "position,pose",
+                   "strength": 0.4}
     for argv, error in [(["--person", "center=0.3,0.5", "--person", f"reference={BEN}"], "needs reference="),
                         (["--person", f"reference={ANNA}", f"pose={ANNA}", "--person", f"reference={BEN}"],
                          "pose= to every --person or to none"),
                         (["--person", f"reference={ANNA}", "light=left", "--person", f"reference={BEN}"], "--light"),
                         (["--yaw", "10", "--person", f"reference={ANNA}", "--person", f"reference={BEN}"],
-                         "--yaw describe one person")]:
+                         "--yaw is for one person")]:
         with pytest.raises(UserError, match=error):
             request_people(_client_args(*argv))
+
+
+def test_client_sends_angles_given_once_as_head_controls():
+    """An angle given once travels in HEAD_CONTROLS, so the angles not given stay the photo's (as in
+    `caphuman generate`); angles given per item are HEAD_POSE rows."""
+    from caphuman.runtime.client_cli import _head_poses, more_head_controls
+    args = _client_args("--reference", str(ANNA), "--yaw", "20")
+    assert _head_poses(args) is None and more_head_controls(args) == {"yaw": 20.0}
+    args = _client_args("--reference", str(ANNA), "--yaw", "20", "--yaw", "-10", "--roll", "5")
+    assert _head_poses(args) == [(20.0, 0.0, 5.0), (-10.0, 0.0, 5.0)] and more_head_controls(args) is None
