@@ -22,14 +22,17 @@ class WeightFiles:
     flame_texture: Path | None
 
     @classmethod
-    def discover(cls, root: str | Path, require_checkpoint: bool = True) -> WeightFiles:
-        """The files of `root`; without caphuman.ckpt only when not `require_checkpoint` (`caphuman condition`)."""
+    def discover(cls, root: str | Path, require_checkpoint: bool = True, use_merged: bool = True) -> WeightFiles:
+        """The files of `root`; without caphuman.ckpt only when not `require_checkpoint` (`caphuman condition`).
+        Its merged weights file, when there is one, stands for caphuman.ckpt + SD + VAE (unless not
+        `use_merged`: the build that merges them anew)."""
         root = Path(root)
         if not root.is_dir():
             raise FileNotFoundError(f"weights folder not found: {root}")
         ckpt = root / "caphuman.ckpt"
         merged = root / MERGED_FILE_NAME
-        if require_checkpoint and not ckpt.is_file() and not merged.is_file():
+        use_merged = use_merged and merged.is_file()
+        if require_checkpoint and not ckpt.is_file() and not use_merged:
             raise FileNotFoundError(f"weights folder {root} has no caphuman.ckpt (nor {MERGED_FILE_NAME})")
         files = [p for p in root.iterdir() if p.is_file() and p != merged]
         vae = [p for p in files if p.name.lower().startswith("vae") and p.suffix in (".ckpt", ".safetensors")]
@@ -43,7 +46,7 @@ class WeightFiles:
             return hits[0] if hits else None
 
         sd, vae = sd[0] if sd else None, vae[0] if vae else None
-        if merged.is_file():  # it replaces caphuman.ckpt + SD + VAE: one read, straight to the device
+        if use_merged:  # it replaces caphuman.ckpt + SD + VAE: one read, straight to the device
             _check_merged_sources(merged, {"checkpoint": ckpt, "sd_checkpoint": sd, "vae_checkpoint": vae})
             ckpt, sd, vae = merged, None, None
         clip = root / "clip-vit-large-patch14"
@@ -75,12 +78,12 @@ OPTION_FILES = {"checkpoint": "checkpoint", "sd_checkpoint": "sd_checkpoint", "v
                 "deca_model": "deca", "flame_model": "flame_model", "flame_texture": "flame_texture"}
 
 
-def use_weights_folder(args, require_checkpoint: bool = True) -> None:
+def use_weights_folder(args, require_checkpoint: bool = True, use_merged: bool = True) -> None:
     """Fill the file options of `args` that --weights DIR provides; an option given as well keeps its file,
     an option the command does not have is skipped."""
     if not getattr(args, "weights", None):
         return
-    files = WeightFiles.discover(args.weights, require_checkpoint)
+    files = WeightFiles.discover(args.weights, require_checkpoint, use_merged)
     for dest, field in OPTION_FILES.items():
         if hasattr(args, dest) and getattr(args, dest) is None and getattr(files, field) is not None:
             setattr(args, dest, str(getattr(files, field)))
