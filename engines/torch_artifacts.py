@@ -20,6 +20,10 @@ where inductor bakes them in (the `freezing` option; by default weights are grap
 serves any weights of the same config). An artifact whose fields differ from the process's is refused with
 the fields that differ (StaleArtifactError), never loaded; one whose bytes do not match its sidecar
 (truncated, corrupt) is refused as such (ArtifactError).
+
+Trust: inductor's cache entries are code (generated Python and kernels, pickled) that the process runs, so
+an artifact folder is as trusted as the installed package: only the build job may write to it. The
+sidecar's sha256 catches damage, not a writer that rewrites both files.
 """
 from __future__ import annotations
 
@@ -79,7 +83,8 @@ def engine_fields(engine) -> dict:
     if options.get("freezing"):  # inductor then folds the weights into the compiled code
         from caphuman.export.fingerprint import weights_fingerprint
         weights = weights_fingerprint(engine.den)
-    config = json.dumps(dataclasses.asdict(engine.den.config), sort_keys=True, default=str)
+    config = {k: v for k, v in dataclasses.asdict(engine.den.config).items() if k != "path"}  # content, not place
+    config = json.dumps(config, sort_keys=True, default=str)
     return {
         "kind": ARTIFACT_KIND,
         "config_sha256": hashlib.sha256(config.encode()).hexdigest(),
@@ -191,10 +196,14 @@ def load_artifacts(engine, folder: str | Path) -> dict | None:
     for path, sidecar in fits:
         data = _read_checked(path, sidecar)
         try:
-            torch.compiler.load_cache_artifacts(data)
+            info = torch.compiler.load_cache_artifacts(data)
         except Exception as e:  # inductor's own error types; the bytes matched their sidecar
-            raise ArtifactError(f"torch artifact {path}: this torch could not load it ({type(e).__name__}: {e}); "
-                                f"rebuild it: caphuman build --backend torch --out {folder}") from e
+            info, error = None, f"{type(e).__name__}: {e}"
+        else:
+            error = "it returned nothing (unreadable bytes: its warning above says why)"
+        if info is None:  # torch logs a bad file and returns None instead of raising
+            raise ArtifactError(f"torch artifact {path}: torch {torch.__version__} could not load it ({error}); "
+                                f"rebuild it: caphuman build --backend torch --out {folder}")
         loaded.append(path.name)
         shapes += [tuple(s) for s in sidecar["fields"]["shapes"]]
     if misfits:
