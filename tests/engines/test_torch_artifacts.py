@@ -113,6 +113,24 @@ def test_no_artifacts_compiles_at_first_use_and_says_so(den, tmp_path, caplog):
         create_engine("torch", copy.deepcopy(den), device="cpu", engine_dir=tmp_path, compile=False)
 
 
+def test_server_loads_torch_artifacts_from_its_engine_folder(den, tmp_path):
+    """The caphuman model's pipeline (`load_generation_pipeline`, CAPHUMAN_ENGINE_DIR): a folder with torch
+    artifacts gives a compiled engine that loads them (here: refuses foreign ones); a folder of TensorRT plans
+    only leaves the torch engine as configured (no compile turned on)."""
+    from caphuman.tritonserver.weights import load_generation_pipeline
+
+    trt_only = tmp_path / "trt"
+    trt_only.mkdir()
+    (trt_only / "engines.json").write_text("{}")
+    assert load_generation_pipeline(None, "cpu", "torch", str(trt_only)).backend == "torch"
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    fields = engine_fields(_engine(den))
+    _fake_artifact(foreign, {**fields, "device": {"type": "cuda", "name": "NVIDIA H200", "capability": "sm90"}}, b"z")
+    with pytest.raises(StaleArtifactError, match="device.type: artifact 'cuda', this process 'cpu'"):
+        load_generation_pipeline(None, "cpu", "torch", str(foreign))
+
+
 _FRESH_PROCESS = textwrap.dedent("""
     import json, sys, time
     t0 = time.perf_counter()
