@@ -158,13 +158,28 @@ def _run(args, cache_dir, timeout=900):
     return done
 
 
+@pytest.fixture(scope="module")
+def full_checkpoint(tmp_path_factory, tiny_config):
+    """A tiny caphuman.ckpt with every network the pipeline loads (text encoder and VAE too)."""
+    from caphuman.export.clip import ImageEncoder, TextEncoder
+    from caphuman.export.models import VAE, CapHumanDenoiser, official_state_dict
+    from tests.ldm_reference import randomize_
+
+    path = tmp_path_factory.mktemp("full") / "caphuman.ckpt"
+    torch.save(official_state_dict(randomize_(CapHumanDenoiser(tiny_config), 0), randomize_(VAE(tiny_config), 1, std=0.03),
+                                   randomize_(TextEncoder(tiny_config.text_clip), 2),
+                                   randomize_(ImageEncoder(tiny_config.vision_clip), 3)), path)
+    return path
+
+
 @pytest.mark.slow
-def test_fresh_process_loads_the_artifacts_and_compiles_nothing(tmp_path, official_checkpoint, den):
+def test_fresh_process_loads_the_artifacts_and_compiles_nothing(tmp_path, full_checkpoint):
     """Build in one process (its own inductor cache), then start another with an empty inductor cache and the
     artifacts: every compiled graph comes from them (hits, no misses) and the latents equal the eager engine's.
     A third process without artifacts gives the compile-at-start figure (printed, not asserted: 2 CPU cores)."""
     out = tmp_path / "artifacts"
     t = __import__("time").perf_counter()
+    official_checkpoint = full_checkpoint
     _run(["-m", "caphuman.runtime.cli", "build", "--backend", "torch", "--config", str(TINY), "--checkpoint",
           str(official_checkpoint), "--out", str(out), "--batch-sizes", "1", "--resolutions", "256", "--device", "cpu"],
          tmp_path / "cache-build")
