@@ -7,7 +7,8 @@
 Backends:
 - eager: the PyTorch modules as they are (the reference; `cfg="serial"` is the official way of running);
 - torch: the fast engine (fp16 or fp32, Triton attention, cross-attention K/V once per request, one CUDA
-  graph per step on the GPU; `compile=True` adds torch.compile);
+  graph per step on the GPU; `compile=True` adds torch.compile; `engine_dir` (compile implied): the
+  compiled artifacts `caphuman build --backend torch` wrote there, loaded before anything compiles);
 - onnxruntime: the `capface` + `unet` (+ `denoiser`) ONNX graphs from `engine_dir`, exported there (or into a
   temporary folder) from the given denoiser's weights when the folder lacks them;
 - tensorrt: the TensorRT plans `caphuman build` wrote into `engine_dir` (its `engines.json`);
@@ -62,8 +63,17 @@ def create_engine(backend: str, den: CapHumanDenoiser | None, *, device: str | t
         from .torch_engine import TorchDenoiserEngine
 
         _need(den, backend)
-        return TorchDenoiserEngine(den, device=device or next(den.parameters()).device,
-                                   dtype=dtype or next(den.parameters()).dtype, **torch_options)
+        if engine_dir is not None:  # the folder of `caphuman build --backend torch`: the compiled engine's artifacts
+            if not torch_options.setdefault("compile", True):
+                raise ValueError("an engine folder holds compiled torch artifacts: drop compile=False, or the folder")
+        engine = TorchDenoiserEngine(den, device=device or next(den.parameters()).device,
+                                     dtype=dtype or next(den.parameters()).dtype, **torch_options)
+        if engine_dir is not None:
+            from .torch_artifacts import load_artifacts
+
+            # before the first request: inductor must find the artifacts in its caches when it compiles
+            engine.artifacts = load_artifacts(engine, engine_dir) or {"torch_artifacts": None}
+        return engine
     config = config if config is not None else _need(den, backend).config
     schedule = alphas_cumprod if alphas_cumprod is not None else _need(den, backend).alphas_cumprod
     specs = graph_specs(config)

@@ -16,7 +16,6 @@ weight map) is plain Python with its own tests.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
@@ -28,6 +27,7 @@ import torch
 
 from caphuman.export.onnx_specs import GraphSpec, ShapeError
 
+from .artifacts import content_key, is_cached, read_sidecar, write_sidecar
 from .base import Engine, EngineError
 from .tensorrt_library import (DATACENTER, LIBRARIES, RTX, BuildTarget, TensorRTLibrary, TensorRTUnavailable,
                                gpu_identity)
@@ -91,9 +91,8 @@ def engine_cache_key(graph_sha256: str, target: BuildTarget, settings: BuildSett
     """Content key of an engine: graph hash + library, its version and the build target (the GPU, or the
     RTX compute capabilities) + settings + profile shapes. Any change rebuilds; nothing is reused on
     "file exists" alone."""
-    blob = json.dumps({"graph": graph_sha256, "target": asdict(target), "settings": asdict(settings),
-                       "shapes": {k: [list(s) for s in v] for k, v in shapes.items()}}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()
+    return content_key({"graph": graph_sha256, "target": asdict(target), "settings": asdict(settings),
+                        "shapes": {k: [list(s) for s in v] for k, v in shapes.items()}})
 
 
 def engine_file_name(graph: str, settings: BuildSettings, target: BuildTarget, key: str) -> str:
@@ -147,10 +146,6 @@ def _logger(trt):
     return _LOGGERS[trt.__name__]
 
 
-def _sidecar(plan_path: Path) -> Path:
-    return plan_path.with_suffix(".json")
-
-
 def build_engine(onnx_path: str | Path, spec: GraphSpec, out_dir: str | Path, settings: BuildSettings,
                  timing_cache: str | Path | None = None, library: TensorRTLibrary = DATACENTER) -> Path:
     """Build (or find in the cache) the engine of one graph with `library`; returns the plan's path.
@@ -169,8 +164,7 @@ def build_engine(onnx_path: str | Path, spec: GraphSpec, out_dir: str | Path, se
     shapes = profile_shapes(spec, settings)
     key = engine_cache_key(graph_hash(onnx_path), target, settings, shapes)
     plan_path = out_dir / engine_file_name(spec.name, settings, target, key)
-    sidecar = _sidecar(plan_path)
-    if plan_path.is_file() and sidecar.is_file() and json.loads(sidecar.read_text()).get("key") == key:
+    if is_cached(plan_path, key):
         log.info("%s: cached engine %s", spec.name, plan_path.name)
         return plan_path
 
@@ -217,10 +211,10 @@ def build_engine(onnx_path: str | Path, spec: GraphSpec, out_dir: str | Path, se
     log.info("%s: built in %.1f s, %.1f MiB", spec.name, time.perf_counter() - started, plan_path.stat().st_size / 2**20)
     if cache_path is not None:
         cache_path.write_bytes(bytes(config.get_timing_cache().serialize()))
-    sidecar.write_text(json.dumps({"key": key, "graph": spec.name, "onnx": onnx_path.name, "library": library.name,
-                                   "version": trt.__version__, "device": target.device, "arch": target.arch,
-                                   "settings": asdict(settings),
-                                   "shapes": {k: [list(s) for s in v] for k, v in shapes.items()}}, indent=1))
+    write_sidecar(plan_path, {"key": key, "graph": spec.name, "onnx": onnx_path.name, "library": library.name,
+                              "version": trt.__version__, "device": target.device, "arch": target.arch,
+                              "settings": asdict(settings),
+                              "shapes": {k: [list(s) for s in v] for k, v in shapes.items()}})
     return plan_path
 
 
@@ -427,7 +421,5 @@ class TensorRTEngine(Engine):
 
 def _plan_library(plan_path: Path) -> str | None:
     """The library a plan's sidecar names (None for a plan without one)."""
-    sidecar = _sidecar(plan_path)
-    if not sidecar.is_file():
-        return None
-    return json.loads(sidecar.read_text()).get("library", "tensorrt")
+    sidecar = read_sidecar(plan_path)
+    return None if sidecar is None else sidecar.get("library", "tensorrt")

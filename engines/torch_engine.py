@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import logging
+import time
 import types
 from dataclasses import dataclass, field
 from typing import Callable
@@ -34,6 +36,8 @@ from caphuman.export.time_projections import fuse_time_projections
 from .base import EngineError, check_feed
 from .denoiser import NUM_IDENTITY_TOKENS, Conditioning, DenoiserEngine
 from .samplers import Plan, Sampler
+
+log = logging.getLogger(__name__)
 
 
 def _kernel_module(name: str):
@@ -187,6 +191,8 @@ class TorchDenoiserEngine(DenoiserEngine):
         self._capface_res_fn = self._capface_residuals
         self._unet_enc_fn = self._unet_first_half
         self._compiled = None
+        self.compile_backend = compile_backend if compile else None   # (with compile_options) what artifacts key on
+        self.compile_options = None
         if compile:
             # one compiled graph per (batch, size, flags) key and function: a server's buckets and
             # request variants pass dynamo's default limit of 8, after which it runs them eagerly
@@ -196,6 +202,7 @@ class TorchDenoiserEngine(DenoiserEngine):
             options = None
             if compile_backend == "inductor":
                 options = DEFAULT_INDUCTOR_OPTIONS if compile_options is None else compile_options
+            self.compile_options = options
 
             def compiled(fn):
                 return torch.compile(fn, dynamic=False, backend=compile_backend, options=options)
@@ -266,7 +273,13 @@ class TorchDenoiserEngine(DenoiserEngine):
         s.guidance.fill_(float(cond.guidance))
         self._cond, self._branches = cond, branches
         self._decoder(sampler)
+        started = time.perf_counter()
+        hits = _inductor_cache_counts()
         self._setup_kv(s, sampler, branches, first, plan)
+        if first and self._compiled is not None and self.cuda_graph:  # the warm-up before capture compiles
+            now = _inductor_cache_counts()
+            log.info("torch engine: compiled batch %d at %dx%d (%s) in %.1f s; inductor cache %d hit(s), %d miss(es)",
+                     n, h, w, sampler.name, time.perf_counter() - started, now[0] - hits[0], now[1] - hits[1])
         if first:
             self._states[key] = s
         self._active = s
@@ -533,6 +546,14 @@ class TorchDenoiserEngine(DenoiserEngine):
                 self._fused_ff.disable_fused_geglu(net)
         self._states.clear()
         self._active = None
+
+
+def _inductor_cache_counts() -> tuple[int, int]:
+    """(hits, misses) of inductor's compiled-graph cache in this process: whether compiled code came from the
+    cache (a warm cache, or loaded torch artifacts) or was generated."""
+    from torch._dynamo.utils import counters
+
+    return counters["inductor"]["fxgraph_cache_hit"], counters["inductor"]["fxgraph_cache_miss"]
 
 
 def _transformer_output_channels_last(self, hidden_states, residual, batch_size, height, width, inner_dim):

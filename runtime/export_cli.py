@@ -46,17 +46,22 @@ def register(sub) -> None:
     e.add_argument("--size", type=int, help="trace image size in pixels (multiple of 64; default from the config)")
     e.set_defaults(func=run_export)
 
-    b = sub.add_parser("build", help="build TensorRT engines from exported graphs (TensorRT or TensorRT for RTX)",
+    b = sub.add_parser("build", help="build engines: TensorRT (for RTX) plans from exported graphs, or the compiled "
+                                     "torch engine's artifacts and merged weights",
                        formatter_class=HelpFormatter,
                        description="TensorRT engines with optimization profiles and an engine cache keyed by graph "
                                    "hash + library version + target. --backend tensorrt: datacenter TensorRT, built "
                                    "on the GPU that runs them (timing cache). --backend tensorrt-rtx: TensorRT for "
                                    "RTX, portable engines for RTX GPUs (Ampere, Ada, Blackwell) built on any machine, "
-                                   "GPU or not; their precision is the graphs' (export with --fp16 for fp16).")
-    b.add_argument("--onnx-dir", required=True, help="folder written by `caphuman export`")
-    b.add_argument("--out", required=True, help="engine cache folder")
-    b.add_argument("--backend", choices=("tensorrt", "tensorrt-rtx"), default="tensorrt",
-                   help="TensorRT library: datacenter TensorRT or TensorRT for RTX")
+                                   "GPU or not; their precision is the graphs' (export with --fp16 for fp16). "
+                                   "--backend torch: the compiled torch engine's artifacts for --batch-sizes x "
+                                   "--resolutions (keyed by config, options, GPU and versions; `generate` and `serve` "
+                                   "load them from --engine-dir), and/or with --weights-out the merged weights file "
+                                   "(caphuman.ckpt + SD + VAE as one safetensors file).")
+    b.add_argument("--onnx-dir", help="folder written by `caphuman export` (tensorrt, tensorrt-rtx)")
+    b.add_argument("--out", help="engine cache folder")
+    b.add_argument("--backend", choices=("tensorrt", "tensorrt-rtx", "torch"), default="tensorrt",
+                   help="TensorRT library (datacenter TensorRT or TensorRT for RTX), or the compiled torch engine")
     b.add_argument("--graphs", "--only", dest="graphs",
                    help="comma-separated graphs (default: every graph the pipeline runs that the export folder has: "
                         "text_encoder, image_encoder, capface, unet, vae_decoder, facenet, bisenet, deca_encoder)")
@@ -68,6 +73,19 @@ def register(sub) -> None:
                    help="weight-refittable engines (default: on for tensorrt; off for tensorrt-rtx, whose 1.7.1 builder "
                         "cannot make refittable engines on a machine without a CUDA driver)")
     b.add_argument("--workspace-gib", type=float, default=8.0, help="builder workspace limit")
+    t = b.add_argument_group("torch backend")
+    t.add_argument("--weights", help="official weights folder (the layout of `caphuman generate --weights`)")
+    t.add_argument("--checkpoint", help="caphuman.ckpt (or a merged weights file)")
+    t.add_argument("--sd-checkpoint", help="SD1.x checkpoint overriding UNet/VAE/text encoder")
+    t.add_argument("--vae-checkpoint", help="VAE checkpoint overriding the VAE")
+    t.add_argument("--config", help="official-format config (default: the packaged cldm_v15.yaml)")
+    t.add_argument("--weights-out", help="write the merged weights (caphuman.ckpt, then SD, then VAE, key by key) to "
+                                         "this .safetensors file; put it in the weights folder as "
+                                         "caphuman-merged.safetensors and generate/serve load it instead")
+    t.add_argument("--batch-sizes", default="1,2,4,8", help="batch sizes to compile (default: the server's buckets)")
+    t.add_argument("--resolutions", default="512", help="image sides in pixels to compile (square)")
+    t.add_argument("--samplers", default="ddim", help="samplers to compile (each has its own fused update)")
+    t.add_argument("--device", default="auto", help="cuda, cuda:N or cpu; auto: cuda when a GPU is visible")
     b.set_defaults(func=run_build)
 
 
@@ -116,7 +134,21 @@ def run_export(args) -> int:
     return 0
 
 
+def _int_list(text: str, what: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"--{what} must be comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise UserError(f"--{what} needs positive integers, got {text!r}")
+    return values
+
+
 def run_build(args) -> int:
+    if args.backend == "torch":
+        return run_build_torch(args)
+    if not args.onnx_dir or not args.out:
+        raise UserError(f"--backend {args.backend} needs --onnx-dir and --out")
     from caphuman.engines.tensorrt_engine import PIPELINE_GRAPHS, BuildSettings, TensorRTUnavailable, build_engines
     from caphuman.engines.tensorrt_library import library
 
@@ -156,4 +188,53 @@ def run_build(args) -> int:
         print(f"{name}: {path} ({path.stat().st_size / 2**20:.1f} MiB)")
     print(f"built {len(built)} {trt_library.name} engine(s) in {time.perf_counter() - t0:.1f} s, "
           f"peak memory {peak:.1f} GiB")
+    return 0
+
+
+def run_build_torch(args) -> int:
+    """The compiled torch engine's artifacts (--out) and/or the merged weights file (--weights-out)."""
+    from caphuman.engines.samplers import SAMPLERS
+
+    from . import limits
+    from .weights_layout import use_weights_folder
+
+    if not args.out and not args.weights_out:
+        raise UserError("--backend torch writes the compiled engine's artifacts (--out DIR) and/or the merged "
+                        "weights (--weights-out FILE): give at least one")
+    if args.onnx_dir:
+        raise UserError("--onnx-dir is for the TensorRT backends; the torch engine compiles the PyTorch networks")
+    use_weights_folder(args, use_merged=not args.weights_out)  # a new merge reads the separate files
+    if not args.checkpoint:
+        raise UserError("--backend torch needs the weights: --weights DIR or --checkpoint caphuman.ckpt")
+    batch_sizes = _int_list(args.batch_sizes, "batch-sizes")
+    resolutions = [limits.check_resolution("--resolutions", r) for r in _int_list(args.resolutions, "resolutions")]
+    samplers = [s.strip() for s in args.samplers.split(",") if s.strip()]
+    unknown = [s for s in samplers if s not in SAMPLERS]
+    if unknown:
+        raise UserError(f"--samplers: unknown {unknown}; known: {sorted(SAMPLERS)}")
+    if args.weights_out and Path(args.weights_out).suffix != ".safetensors":
+        raise UserError(f"--weights-out must name a .safetensors file, got {args.weights_out}")
+    import torch
+
+    from caphuman.export.config import packaged_config
+
+    from .pipeline import load_networks
+    from .torch_build import build_torch_artifacts, write_merged
+
+    config = args.config or packaged_config("cldm_v15")
+    t0 = time.perf_counter()
+    if args.weights_out:
+        header = write_merged(args.weights_out, config, args.checkpoint, args.sd_checkpoint, args.vae_checkpoint)
+        print(f"merged {', '.join(s['name'] for s in header['sources'].values())} into {args.weights_out} "
+              f"({Path(args.weights_out).stat().st_size / 2**20:.1f} MiB) in {time.perf_counter() - t0:.1f} s")
+    if not args.out:
+        return 0
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.float32 if args.fp32 or not device.startswith("cuda") else torch.float16
+    t1 = time.perf_counter()
+    nets = load_networks(config, args.checkpoint, args.sd_checkpoint, args.vae_checkpoint, device=device, dtype=dtype)
+    path = build_torch_artifacts(nets, args.out, batch_sizes, resolutions, samplers, device=device, dtype=dtype)
+    print(f"torch artifacts: {path} ({path.stat().st_size / 2**20:.1f} MiB) for batch sizes {batch_sizes} at "
+          f"{resolutions} px ({', '.join(samplers)}), {device} {str(dtype).removeprefix('torch.')}, built in "
+          f"{time.perf_counter() - t1:.1f} s")
     return 0

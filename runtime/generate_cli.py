@@ -90,7 +90,7 @@ def register(sub) -> None:
                    help="denoiser backend: eager PyTorch modules (with --cfg serial: the reference mode), the torch "
                         "engine (CUDA graphs, Triton attention), ONNX Runtime, or TensorRT engines (docs/engines.md)")
     r.add_argument("--engine-dir", help="ONNX graphs (onnxruntime) or `caphuman build` engines (tensorrt, "
-                                         "tensorrt-rtx)")
+                                         "tensorrt-rtx; torch: its compiled artifacts, compiling with them)")
     r.add_argument("--out", default="outputs", help="output folder")
     r.add_argument("--name", default="caphuman", help="file name prefix")
     r.add_argument("--overwrite", action="store_true", help="replace existing output files of the same names")

@@ -11,6 +11,7 @@ lives in `caphuman.runtime.condition`; this module takes them as tensors.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import threading
@@ -183,17 +184,31 @@ class Networks:
 
 def load_networks(config_path, checkpoint, sd_checkpoint=None, vae_checkpoint=None, clip_dir=None, device="cpu",
                   dtype=torch.float32, with_image_encoder: bool = False) -> Networks:
-    """All networks from the official files, in the official order and precedence."""
+    """All networks from the official files, in the official order and precedence; or from one merged
+    weights file (`checkpoint`, `caphuman.export.merged_weights`), read and built on `device` directly."""
+    from caphuman.export.merged_weights import merged_metadata, read_merged_weights
+
     config = load_config(config_path)
-    state = read_official(checkpoint, sd_checkpoint, vae_checkpoint)
+    merged = merged_metadata(checkpoint)
+    if merged is not None and (sd_checkpoint or vae_checkpoint):
+        raise ValueError(f"{checkpoint} already merges an SD and a VAE checkpoint ({sorted(merged['sources'])}); "
+                         "give the merged file alone, or the separate files")
+    if merged is not None:
+        state, _ = read_merged_weights(checkpoint, config_path, device)
+        place = torch.device(device)  # the modules are made where their weights are: no host copy
+        hashes = {k: v.get("short") for k, v in merged["sources"].items()} | {"merged": file_hash(checkpoint)}
+    else:
+        state = read_official(checkpoint, sd_checkpoint, vae_checkpoint)
+        place = contextlib.nullcontext()
+        hashes = {"checkpoint": file_hash(checkpoint), "sd_checkpoint": file_hash(sd_checkpoint),
+                  "vae_checkpoint": file_hash(vae_checkpoint)}
     if with_image_encoder and not any(k.startswith(VISION_PREFIX) for k in state) and clip_dir:
         state.update(clip_folder_state(clip_dir, "vision_model"))
-    den = denoiser_from_state(config, state, dtype)
-    text = text_encoder_from_state(config, state, clip_dir, dtype)
-    vae = vae_from_state(config, state, dtype)
-    image = image_encoder_from_state(config, state, dtype) if with_image_encoder else None
-    hashes = {"checkpoint": file_hash(checkpoint), "sd_checkpoint": file_hash(sd_checkpoint),
-              "vae_checkpoint": file_hash(vae_checkpoint)}
+    with place:
+        den = denoiser_from_state(config, state, dtype)
+        text = text_encoder_from_state(config, state, clip_dir, dtype)
+        vae = vae_from_state(config, state, dtype)
+        image = image_encoder_from_state(config, state, dtype) if with_image_encoder else None
     return Networks(config, text, den, vae, image, {k: v for k, v in hashes.items() if v}).to(device)
 
 

@@ -5,6 +5,8 @@
 `caphuman.runtime.weights_layout`, which `caphuman generate --weights DIR` uses too):
 
     caphuman.ckpt                          required (CapFace, projections, CLIP image encoder, UNet/VAE/text)
+    caphuman-merged.safetensors            optional: caphuman.ckpt + SD + VAE merged (`caphuman build --weights-out`),
+                                           read instead of them, straight to the GPU
     <one SD1.x>.ckpt | .safetensors        optional, overrides UNet/VAE/text (e.g. Realistic_Vision_V3.0.ckpt)
     vae*.ckpt                              optional, overrides the VAE (vae-ft-mse-840000-ema-pruned.ckpt)
     clip-vit-large-patch14/                optional tokenizer folder
@@ -69,12 +71,20 @@ def load_generation_pipeline(files: WeightFiles | None, device: str, backend: st
     nets = serving_networks(files, device)
     cuda = device.startswith("cuda")
     options = {"compile": compile} if backend == "torch" and compile else {}
+    if backend == "torch" and engine_dir is not None and _has_torch_artifacts(engine_dir):
+        options["engine_dir"] = engine_dir  # compiled torch artifacts (`caphuman build --backend torch`)
     if backend in ("eager", "torch"):
         return build_pipeline(nets, backend, device=device, dtype=torch.float16 if cuda else torch.float32, **options)
     if backend == "onnxruntime":
         return build_pipeline(nets.to(device, torch.float32), backend, device=device, dtype=torch.float32,
                               engine_dir=engine_dir)
     return build_pipeline(nets, backend, device=device, engine_dir=engine_dir)
+
+
+def _has_torch_artifacts(engine_dir: str) -> bool:
+    """Whether the folder holds torch artifacts (a folder of TensorRT plans only does not turn compile on)."""
+    from caphuman.engines.torch_artifacts import ARTIFACT_GLOB
+    return any(Path(engine_dir).glob(ARTIFACT_GLOB))
 
 
 def load_face_networks(files: WeightFiles | None, device: str):

@@ -237,8 +237,25 @@ def test_prepare_skips_with_a_reason(tmp_path, weights, monkeypatch, capsys):
     assert ec.prepare(tmp_path / "e", weights, run=never, environ={}, gpu_fn=lambda: None) == 0
     assert "no CUDA GPU visible" in capsys.readouterr().out
     monkeypatch.setattr(ec.importlib.util, "find_spec", lambda name: None)
-    assert ec.prepare(tmp_path / "e", weights, run=never, environ={}) == 0
+    assert ec.prepare(tmp_path / "e", weights, run=never, environ={}, gpu_fn=lambda: None) == 0
+    assert "no CUDA GPU visible" in capsys.readouterr().out
+
+
+def test_without_tensorrt_the_torch_artifacts_are_built(tmp_path, weights, monkeypatch, capsys):
+    """No TensorRT, a GPU: the torch engine serves, so the engine step builds its compiled artifacts (a command
+    `caphuman`'s own parser takes) into a folder per GPU type and records it for the models."""
+    from caphuman.runtime.cli import build_parser
+    monkeypatch.setattr(ec.importlib.util, "find_spec", lambda name: None)
+    ran, record = [], tmp_path / "engine_dir"
+    assert ec.prepare(tmp_path / "e", weights, run=lambda cmd: ran.append(cmd) or subprocess.CompletedProcess(cmd, 0),
+                      environ={"CAPHUMAN_TORCH_BUILD_ARGS": "--resolutions 512,768"}, gpu_fn=lambda: "nvidia-h200-sm90",
+                      record=record) == 0
     assert "TensorRT does not import" in capsys.readouterr().out
+    (cmd,) = ran
+    args = build_parser().parse_args(cmd[1:])
+    assert (args.command, args.backend, args.batch_sizes, args.resolutions) == ("build", "torch", "1,2,4,8", "512,768")
+    assert args.weights == str(weights) and args.out == str(tmp_path / "e" / "torch" / "nvidia-h200-sm90")
+    assert record.read_text().strip() == args.out
 
 
 def test_gpu_tag_names_the_device(monkeypatch):

@@ -13,8 +13,11 @@
 3. The engine folder is written to `--record FILE` (the entrypoint passes it on to the models as
    CAPHUMAN_ENGINE_DIR).
 
-Skipped, with the reason printed, where TensorRT does not import or no CUDA GPU is visible (the torch
-backend serves), where no weights are mounted (the built-in tiny model has nothing to build) or with
+Where TensorRT does not import, the torch engine serves: `caphuman build --backend torch --out
+<cache>/torch/<gpu>` builds its compiled artifacts for the server's buckets instead (keyed by content
+inside the folder; an up-to-date artifact is reused at once) and that folder is recorded.
+Skipped, with the reason printed, where no CUDA GPU is visible (the torch backend serves, uncompiled),
+where no weights are mounted (the built-in tiny model has nothing to build) or with
 CAPHUMAN_BUILD_ENGINES=0.
 A file lock on the volume keeps two pods of one node from building the same thing at once; exports land in
 a temporary folder renamed into place, so a pod killed mid-export leaves nothing half-written behind.
@@ -32,6 +35,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from caphuman.runtime.weights_layout import MERGED_FILE_NAME
 from caphuman.tritonserver.generation import DEFAULT_BUCKETS
 
 # The engine builder's command line, in one place (runtime/export_cli.py defines it). {onnx} and {engines}
@@ -40,6 +44,10 @@ from caphuman.tritonserver.generation import DEFAULT_BUCKETS
 BUILD_COMMAND = ("caphuman", "build", "--onnx-dir", "{onnx}", "--out", "{engines}", "--batch",
                  f"1:1:{max(DEFAULT_BUCKETS)}")
 EXPORT_COMMAND = ("caphuman", "export", "--out", "{onnx}")
+# Without TensorRT the torch engine serves: its compiled artifacts for the server's buckets at 512x512, keyed
+# by content inside the folder (engines/torch_artifacts.py), so one folder per GPU type serves every weight set.
+TORCH_BUILD_COMMAND = ("caphuman", "build", "--backend", "torch", "--weights", "{weights}", "--out", "{torch}",
+                       "--batch-sizes", ",".join(str(b) for b in DEFAULT_BUCKETS))
 SAMPLE_BYTES = 1 << 20
 
 
@@ -102,10 +110,9 @@ def plan(cache: Path, files, gpu: str, environ=os.environ) -> list[tuple[str, li
 def skip_reason(weights: Path | None, environ=os.environ) -> str | None:
     if environ.get("CAPHUMAN_BUILD_ENGINES", "1").strip().lower() in ("0", "false", "no", "off"):
         return "CAPHUMAN_BUILD_ENGINES=0"
-    if weights is None or not weights.is_dir() or not (weights / "caphuman.ckpt").is_file():
+    if weights is None or not weights.is_dir() or not any((weights / n).is_file() for n in ("caphuman.ckpt",
+                                                                                           MERGED_FILE_NAME)):
         return f"no caphuman.ckpt under {weights} (the built-in tiny model serves; nothing to build)"
-    if importlib.util.find_spec("tensorrt") is None:
-        return "TensorRT does not import here (the torch backend serves)"
     return None
 
 
@@ -137,8 +144,16 @@ def prepare(cache: Path, weights: Path | None, run=subprocess.run, environ=os.en
         return 0
     from caphuman.tritonserver.weights import WeightFiles
     files = WeightFiles.discover(weights)
+    if importlib.util.find_spec("tensorrt") is None:
+        print("engine cache: TensorRT does not import here (the torch backend serves): its compiled artifacts",
+              flush=True)
+        engines = cache / "torch" / gpu
+        steps = [("build", [a.format(weights=weights, torch=engines) for a in TORCH_BUILD_COMMAND]
+                  + environ.get("CAPHUMAN_TORCH_BUILD_ARGS", "").split(), None)]
+    else:
+        engines, steps = engine_dir(cache, files, gpu), plan(cache, files, gpu, environ)
     with locked(cache / ".lock"):
-        for what, cmd, creates in plan(cache, files, gpu, environ):
+        for what, cmd, creates in steps:
             print(f"engine cache: {what}: {' '.join(cmd)}", flush=True)
             if creates is not None:
                 partial = creates.with_name(creates.name + ".partial")
@@ -149,7 +164,6 @@ def prepare(cache: Path, weights: Path | None, run=subprocess.run, environ=os.en
                 return rc
             if creates is not None:
                 partial.rename(creates)
-    engines = engine_dir(cache, files, gpu)
     print(f"engine cache: ready: {engines}", flush=True)
     if record is not None:
         Path(record).write_text(f"{engines}\n")

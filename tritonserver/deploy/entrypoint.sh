@@ -7,7 +7,7 @@
 set -euo pipefail
 
 : "${CAPHUMAN_MODEL_REPOSITORY:=/opt/caphuman/model_repository}"  # the tested repository, unchanged
-: "${CAPHUMAN_ENGINE_CACHE:=/engines}"                            # volume: ONNX graphs + keyed TensorRT engines
+: "${CAPHUMAN_ENGINE_CACHE:=/engines}"                            # volume: ONNX graphs + keyed TensorRT engines / torch artifacts
 : "${CAPHUMAN_WEIGHTS:=/weights}"                                  # read-only volume of official weights
 : "${CAPHUMAN_RUN_DIR:=/tmp/caphuman}"                             # writable scratch (emptyDir / tmpfs)
 : "${CAPHUMAN_GPUS:=auto}"                 # auto: every GPU the container sees; or a count (2) or ids (0,1)
@@ -27,7 +27,7 @@ export CAPHUMAN_ENGINE_CACHE CAPHUMAN_WEIGHTS
 
 log() { echo "[caphuman-entrypoint] $*" >&2; }
 
-weights_present() { [ -f "${CAPHUMAN_WEIGHTS}/caphuman.ckpt" ]; }
+weights_present() { [ -f "${CAPHUMAN_WEIGHTS}/caphuman.ckpt" ] || [ -f "${CAPHUMAN_WEIGHTS}/caphuman-merged.safetensors" ]; }
 
 count_gpus() {
     if command -v nvidia-smi >/dev/null 2>&1; then
@@ -52,7 +52,7 @@ build_engines() {
         # The models' contract: TensorRT engines (and engines.json) for this GPU and weight set are here.
         CAPHUMAN_ENGINE_DIR="$(cat "${record}")"
         export CAPHUMAN_ENGINE_DIR
-        log "TensorRT engines in ${CAPHUMAN_ENGINE_DIR}"
+        log "engines (TensorRT plans, or torch artifacts without TensorRT) in ${CAPHUMAN_ENGINE_DIR}"
     fi
 }
 
