@@ -147,8 +147,9 @@ def check_graph_weights(folder: Path, fingerprint: str, graphs=ONNX_DENOISER_GRA
         raise ForeignGraphsError(
             f"the ONNX graphs {sorted(wrong)} in {folder} were not exported from the loaded weights (their weights "
             f"fingerprint: {', '.join(seen)}; the loaded denoiser's: {fingerprint[:12]}); re-export them with the "
-            f"same weight flags: caphuman export --only {','.join(graphs)} --out {folder} ..., or delete {folder} "
-            "to have them exported there from the loaded weights")
+            f"same weight flags: caphuman export --only {','.join(graphs)} --out {folder} ..., or give an empty "
+            f"or new --engine-dir (or delete {folder}) to have them exported there from the loaded weights (the "
+            "built-in demo's random weights are not those of `caphuman export --random-weights`)")
     return {g: entries[g] for g in graphs}
 
 

@@ -357,8 +357,8 @@ def export_graph(name: str, module: nn.Module, spec: GraphSpec, path: Path, *, f
             entries, unmapped = build_refit_map(model, module.state_dict(), (REFIT_GRAPHS[name],))
             save_refit_map(refit_path, entries, unmapped)
             refit_unmapped = unmapped
-        except RefitError as e:  # e.g. untrained weights with many equal tensors: no refit, the graph is fine
-            log.warning("%s: no refit map (%s)", name, e)
+        except RefitError as e:  # untrained weights with many equal tensors: no refit, the graph is fine
+            log.info("%s: no refit map (%s)", name, e)
             refit_path.unlink(missing_ok=True)
     stage("save + shape inference")
     external = save_model(model, path)

@@ -35,6 +35,16 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+class StoreOnce(argparse.Action):
+    """An option given at most once: a repeat is an error, not the last value silently winning."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if getattr(namespace, self.dest, None) is not None:
+            parser.error(f"{option_string} given twice; it describes one person (several people: one --person "
+                         "each, see --help)")
+        setattr(namespace, self.dest, values)
+
+
 def add_sampling_arguments(group) -> None:
     """--sampler, --steps, --guidance, --eta, --strength, --tau: the same options for generate and client."""
     from caphuman.engines.catalog import DEFAULT_SAMPLER, SAMPLER_DOCS

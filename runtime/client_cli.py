@@ -197,12 +197,12 @@ def run(args) -> int:
             timings = meta.get("timings")
             ms = timings.get("item_ms") if isinstance(timings, dict) else None
             took = f"  ({ms / 1e3:.1f} s)" if isinstance(ms, (int, float)) and not isinstance(ms, bool) else ""
-            print(f"wrote {png} and {sidecar.name}{took}")
+            tqdm.write(f"wrote {png} and {sidecar.name}{took}")  # below the progress bar, not on its line
             warnings = meta.get("warnings")
             for w in warnings if isinstance(warnings, list) else []:
-                print(f"warning: {printable(w)}")
+                tqdm.write(f"warning: {printable(w)}")
             if meta.get("random_weights"):
-                print("note: the server runs the tiny RANDOM-weight demo model (no --weights): the image is a pattern")
+                tqdm.write("note: the server runs the tiny RANDOM-weight demo model (no --weights): the image is a pattern")
     except ServerError as e:
         raise UserError(f"the server refused the request: {printable(e, 2000)}") from None
     except (ConnectionError, TimeoutError) as e:

@@ -10,7 +10,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .cli import HelpFormatter
+from .cli import HelpFormatter, StoreOnce
 from .people_cli import add_person_argument, people_from_args
 
 log = logging.getLogger(__name__)
@@ -49,8 +49,8 @@ def register(subparsers) -> None:
 
 def add_head_arguments(p, reference_required: bool) -> None:
     """The head-condition options, shared by `caphuman condition` and `caphuman generate`."""
-    p.add_argument("--reference", required=reference_required, help="reference face photo")
-    p.add_argument("--pose", help="pose photo (its fields are taken per --modes)")
+    p.add_argument("--reference", required=reference_required, action=StoreOnce, help="reference face photo")
+    p.add_argument("--pose", action=StoreOnce, help="pose photo (its fields are taken per --modes)")
     p.add_argument("--modes", default="position,pose", help="official modes: position,pose,expression,lighting,all")
     p.add_argument("--yaw", type=float, help="degrees, >0 turns the face to the image's right [-90, 90]")
     p.add_argument("--pitch", type=float, help="degrees, >0 tilts the face down [-60, 60]")
@@ -118,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a folder")
     if out.exists() and any(out.iterdir()):
-        check_new_outputs([out], args.overwrite)  # the one overwrite rule: the folder is replaced as a whole
+        check_new_outputs([out], args.overwrite, rename="--out")  # the one overwrite rule: the folder is replaced whole
     if args.person:
         return _run_people(args, out)
     if not args.reference:
@@ -141,7 +141,7 @@ def run(args: argparse.Namespace) -> int:
     for note in cond.notes:
         log.info("%s", note)
     log.info("wrote %s: normal.png albedo.png shading.png overlay.png hint.npy condition.json "
-             "(yaw %.1f, pitch %.1f, roll %.1f)", out, yaw, pitch, roll)
+             "(yaw %.1f, pitch %.1f, roll %.1f)", out, yaw + 0.0, pitch + 0.0, roll + 0.0)  # no "-0.0"
     return 0
 
 
@@ -185,9 +185,11 @@ def _run_people(args: argparse.Namespace, out: Path) -> int:
 
 def _write_folder(out: Path, write) -> None:
     """Fill a fresh folder with `write(folder)` and put it in place of `out` whole: never half a result."""
+    from .outputs import ordinary_mode
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
+        tmp.chmod(ordinary_mode(folder=True))
         write(tmp)
         if out.exists():
             old = out.with_name(f".{out.name}.old{os.getpid()}")

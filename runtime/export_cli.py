@@ -116,7 +116,7 @@ def run_export(args) -> int:
     if args.size is not None and (args.size % 64 or args.size < 64):
         raise UserError(f"--size must be a positive multiple of 64, got {args.size}")
     from .outputs import check_new_outputs
-    check_new_outputs([Path(args.out) / f"{n}.onnx" for n in names], args.overwrite)
+    check_new_outputs([Path(args.out) / f"{n}.onnx" for n in names], args.overwrite, rename="--out")
     t0 = time.perf_counter()
     src = load_sources(args.config or packaged_config("cldm_v15"), args.checkpoint, args.sd_checkpoint,
                        args.vae_checkpoint, args.clip_dir, names=names, random_weights=args.random_weights,

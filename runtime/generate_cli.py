@@ -9,7 +9,7 @@ from pathlib import Path
 from caphuman.engines.catalog import BACKENDS
 
 from . import limits
-from .cli import HelpFormatter, UserError, add_sampling_arguments
+from .cli import HelpFormatter, StoreOnce, UserError, add_sampling_arguments
 from .condition_cli import add_head_arguments
 from .outputs import check_new_outputs
 from .people_cli import add_person_argument, people_from_args
@@ -58,11 +58,11 @@ def register(sub) -> None:
     c.add_argument("--prompt", default="a photo of a person, best quality", help="text prompt")
     c.add_argument("--added-prompt", default="", help="appended as 'PROMPT, ADDED' (official --a_prompt)")
     c.add_argument("--negative-prompt", default="", help="negative prompt (the unconditional branch)")
-    c.add_argument("--hint", help="raw head hint as .npy [9,H,W] or [1,9,H,W] (from `caphuman condition`); "
+    c.add_argument("--hint", action=StoreOnce, help="raw head hint as .npy [9,H,W] or [1,9,H,W] (from `caphuman condition`); "
                                    "default: rendered from --reference/--pose, else the template head, frontal")
-    c.add_argument("--identity-context", help=".npy [258,C] identity context (projected)")
-    c.add_argument("--id-features", help=".npy [512] FaceNet embedding (with --clip-tokens)")
-    c.add_argument("--clip-tokens", help=".npy [257,1024] CLIP image tokens of the parsed face (with --id-features)")
+    c.add_argument("--identity-context", action=StoreOnce, help=".npy [258,C] identity context (projected)")
+    c.add_argument("--id-features", action=StoreOnce, help=".npy [512] FaceNet embedding (with --clip-tokens)")
+    c.add_argument("--clip-tokens", action=StoreOnce, help=".npy [257,1024] CLIP image tokens of the parsed face (with --id-features)")
     c.add_argument("--controlnet-checkpoint", help="an extra standard ControlNet (e.g. control_v11p_sd15_openpose.pth), "
                                                    "added unmasked next to CapFace (official openpose option)")
     c.add_argument("--controlnet-config", help="its ldm config (default: packaged controlnet_sd15_openpose.yaml)")
@@ -78,8 +78,9 @@ def register(sub) -> None:
     s.add_argument("--seed", type=int, default=12345, help="seed of the first sample (next ones: seed+1, ...)")
     s.add_argument("--num-samples", type=int, default=1,
                    help=f"images per prompt, 1..{limits.MAX_NUM_SAMPLES} (sample i: seed + i)")
-    s.add_argument("--resolution", type=int, default=512,
-                   help=f"image side when --hint is not given: {limits.RESOLUTION_RULE}; 512 with --reference")
+    s.add_argument("--resolution", type=int,
+                   help=f"image side without --hint (with --hint the image takes the hint's size): "
+                        f"{limits.RESOLUTION_RULE}; default and only size with photos: 512")
     s.add_argument("--noise", help=".npy initial noise [N,4,h,w] for bit-exact comparisons")
     s.add_argument("--cfg", choices=["batched", "serial"], default="batched",
                    help="batched: CapFace once + UNet at batch 2 per step; serial: the official way (reference mode)")
@@ -120,12 +121,24 @@ def _check_files(args) -> None:
     if args.config:
         from caphuman.export.config import load_config
         load_config(args.config)  # a wrong config file is named before any weights are read
+    for dest in ("reference", "pose"):
+        if getattr(args, dest):
+            check_photo_header(args.__dict__[dest], _flag(dest))
     from caphuman.export.checkpoints import file_format
     for dest in ("checkpoint", "sd_checkpoint", "vae_checkpoint", "controlnet_checkpoint", "facenet_weights",
                  "bisenet_weights", "deca_model"):
         value = getattr(args, dest)
         if value and file_format(value) is None:
             raise UserError(f"{_flag(dest)} {value} is not a PyTorch checkpoint or safetensors file")
+
+
+def check_photo_header(path, what: str) -> None:
+    """A photo's format and size from its header, before any model loads (one line when it is no photo)."""
+    from caphuman.runtime.condition.images import PhotoError, open_photo
+    try:
+        open_photo(path, f"{what} {path}").close()
+    except PhotoError as e:
+        raise UserError(str(e)) from None
 
 
 def check_arguments(args) -> None:
@@ -142,11 +155,14 @@ def check_arguments(args) -> None:
         raise UserError(f"--num-samples must be in [1, {limits.MAX_NUM_SAMPLES}], got {args.num_samples}")
     limits.check_seed("--seed", args.seed)
     limits.check_seed("--seed + --num-samples - 1", args.seed + args.num_samples - 1)
+    if args.hint and args.resolution is not None:
+        raise UserError("--resolution does not apply with --hint: the image takes the hint's size")
     if not args.hint:
+        args.resolution = 512 if args.resolution is None else args.resolution
         limits.check_resolution("--resolution", args.resolution)
-        if args.reference and args.resolution != 512:
-            raise UserError(f"--resolution must be 512 with --reference (the official hint size); got "
-                            f"{args.resolution} (other sizes: `caphuman condition` then --hint)")
+        if (args.reference or args.person) and args.resolution != 512:
+            raise UserError(f"--resolution must be 512 with photos (the official hint size); got {args.resolution} "
+                            "(other sizes: the template head without photos, or a --hint .npy of that size)")
     if args.pose and not args.reference:
         raise UserError("--pose needs --reference")
     if bool(args.id_features) != bool(args.clip_tokens):
@@ -184,13 +200,13 @@ def _check_people_arguments(args) -> None:
         args.people = people_from_args(args)
     except ValueError as e:
         raise UserError(str(e)) from None
-    if args.resolution != 512:
-        raise UserError(f"--resolution must be 512 with --person (the official hint size); got {args.resolution}")
     for i, person in enumerate(args.people, 1):
         for what in ("reference", "pose"):
             path = getattr(person, what)
             if path is not None and not Path(path).is_file():
                 raise FileNotFoundError(f"--person {i}: {what} file not found: {path}")
+            if path is not None:
+                check_photo_header(path, f"--person {i}: {what}")
         if person.pose is not None and person.reference is None:
             raise UserError(f"--person {i}: pose= needs reference=")
         if args.checkpoint and person.reference is None:

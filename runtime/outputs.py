@@ -116,7 +116,7 @@ def check_writable_folder(folder: Path) -> None:
     os.unlink(probe)
 
 
-def check_new_outputs(paths, overwrite: bool, flag: str = "--overwrite") -> None:
+def check_new_outputs(paths, overwrite: bool, flag: str = "--overwrite", rename: str = "--out/--name") -> None:
     """The one output rule of every command, checked before any work: every output's folder takes new
     files (`check_writable_folder`), and existing outputs are refused unless `overwrite`."""
     paths = [Path(p) for p in paths]
@@ -127,14 +127,15 @@ def check_new_outputs(paths, overwrite: bool, flag: str = "--overwrite") -> None
     existing = [str(p) for p in paths if Path(p).exists()]
     if existing:
         more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
-        raise OutputExistsError(f"{existing[0]}{more} already exists; choose another --out/--name or pass {flag}")
+        raise OutputExistsError(f"{existing[0]}{more} already exists; choose another {rename} or pass {flag}")
 
 
-def _file_mode() -> int:
-    """The mode an ordinary `open(..., "w")` gives (0666 less the umask); mkstemp's files are 0600."""
+def ordinary_mode(folder: bool = False) -> int:
+    """The mode an ordinary `open(..., "w")` (0666) or `mkdir` (0777) gives, less the umask; mkstemp's files
+    are 0600 and mkdtemp's folders 0700."""
     umask = os.umask(0)
     os.umask(umask)
-    return 0o666 & ~umask
+    return (0o777 if folder else 0o666) & ~umask
 
 
 def write_files_atomically(payloads: dict[Path, bytes]) -> None:
@@ -142,7 +143,7 @@ def write_files_atomically(payloads: dict[Path, bytes]) -> None:
     order: a crash or a full disk leaves no half-written file and, when the renames have not started,
     none of them. Files get ordinary permissions (0644 under the usual umask)."""
     staged: list[tuple[str, Path]] = []
-    mode = _file_mode()
+    mode = ordinary_mode()
     try:
         for target, payload in payloads.items():
             fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")

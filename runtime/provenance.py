@@ -35,4 +35,18 @@ def command_record(command: str, args: argparse.Namespace, file_options: tuple[s
     options = {k: plain(v) for k, v in sorted(vars(args).items()) if k not in skip}
     files = {k: [file_record(v) for v in options[k]] if isinstance(options[k], list) else file_record(options[k])
              for k in file_options if options.get(k)}
-    return {"command": command, "options": options, "files": files}
+    return {"command": command, "options": options, "files": files, "versions": versions()}
+
+
+def versions() -> dict:
+    """The software that made an output: this package, Python, and torch where it is loaded."""
+    import importlib.metadata
+    import platform
+    import sys
+    try:
+        ours = importlib.metadata.version("caphuman-rt")
+    except importlib.metadata.PackageNotFoundError:  # run from a checkout without installing
+        ours = None
+    torch = sys.modules.get("torch")
+    return {"caphuman-rt": ours, "python": platform.python_version(),
+            "torch": getattr(torch, "__version__", None) if torch is not None else None}

@@ -217,12 +217,13 @@ def test_client_has_the_generate_sampling_and_head_options():
 
 
 def test_client_num_samples_repeats_items_with_their_own_seeds():
-    from caphuman.runtime.client_cli import expand_items
+    from caphuman.runtime.client_cli import expand_items, more_head_controls
     args = build_parser().parse_args(["client", "--reference", "x.png", "--prompt", "a", "--prompt", "b",
                                       "--yaw", "10", "--num-samples", "3"])
     items = expand_items(args)
     assert items["prompts"] == ["a"] * 3 + ["b"] * 3 and items["items"] == 6
-    assert items["head_pose"] == [(10.0, 0.0, 0.0)], "one pose stays one: the server uses it for every item"
+    # an angle given once travels in HEAD_CONTROLS, the same for every item
+    assert items["head_pose"] is None and more_head_controls(args) == {"yaw": 10.0}
 
 
 def test_client_progress_rate_starts_with_real_steps():
