@@ -465,8 +465,9 @@ class TorchDenoiserEngine(DenoiserEngine):
                        guided=guided, hard=hard,
                        ctx=torch.zeros(rows, NUM_IDENTITY_TOKENS, cfg.context_dim, device=dev, dtype=dt),
                        # per residual; with several people, per residual and CapFace row
-                       strength=torch.zeros((self.num_residuals,) if people == 1 else (self.num_residuals, rows, 1, 1, 1),
-                                            device=dev), guidance=scalar(),
+                       # (several people: in the networks' dtype, or the fp16 residuals would be promoted)
+                       strength=torch.zeros((self.num_residuals,), device=dev) if people == 1
+                       else torch.zeros((self.num_residuals, rows, 1, 1, 1), device=dev, dtype=dt), guidance=scalar(),
                        model_scale=scalar() if scaled_input else None,
                        coeffs=torch.zeros(plan.coeffs.shape[1], device=dev),
                        state=tuple(latents() for _ in range(sampler.state_size)),
