@@ -333,3 +333,21 @@ def test_cuda_graph_engine_runs_several_people_in_one_capface_pass(tiny_config_p
     state = next(iter(engine._states.values()))
     assert state.graph is not None and state.guided.shape[0] == people * inp["noise"].shape[0]
     assert rel_err(got, want) <= tol
+
+
+@pytest.mark.parametrize("people", [1, 2])
+def test_half_precision_engine_keeps_its_dtype_with_several_people(tiny_config_path, official_checkpoint,
+                                                                   tiny_config, people):
+    """bfloat16 on the CPU (the GPU's fp16 path, without a GPU): several people's per-row CapFace strengths
+    must not promote the residuals to fp32 (the UNet would then mix dtypes)."""
+    ref = load_denoiser(tiny_config_path, official_checkpoint)
+    engine = TorchDenoiserEngine(copy.deepcopy(ref), device="cpu", dtype=torch.bfloat16)
+    inp = _inputs(tiny_config, n=1)
+    g = torch.Generator().manual_seed(7)
+    if people > 1:
+        inp["hint"] = [inp["hint"], torch.rand(inp["hint"].shape, generator=g)]
+        inp["identity_context"] = [inp["identity_context"], torch.randn(inp["identity_context"].shape, generator=g)]
+    with torch.no_grad():
+        want = ddim_sample(ref, **inp, steps=4)
+    got = ddim_sample(engine, **inp, steps=4)
+    assert torch.isfinite(got).all() and rel_err(got, want) <= 5e-2
