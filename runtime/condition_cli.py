@@ -141,7 +141,7 @@ def run(args: argparse.Namespace) -> int:
     for note in cond.notes:
         log.info("%s", note)
     log.info("wrote %s: normal.png albedo.png shading.png overlay.png hint.npy condition.json "
-             "(yaw %.1f, pitch %.1f, roll %.1f)", out, yaw + 0.0, pitch + 0.0, roll + 0.0)  # no "-0.0"
+             "(yaw %.1f, pitch %.1f, roll %.1f)", out, *(round(a, 1) + 0.0 for a in (yaw, pitch, roll)))  # no "-0.0"
     return 0
 
 
