@@ -52,6 +52,25 @@ def triton_error(pb_utils, exc: BaseException):
     return pb_utils.TritonError(msg, code)
 
 
+FAILURES_METRIC = "caphuman_requests_failed_total"
+
+
+def failure_counter(pb_utils, model: str):
+    """count(exc): adds one to FAILURES_METRIC{model, reason} at the metrics port (/metrics). Triton's own
+    nv_inference_request_failure cannot see these failures: a decoupled model answers an error through its
+    response sender, which Triton counts as a success (only an exception out of execute() counts as a
+    failure, and that fails every request of the call and turns the bad-request error into an INTERNAL one
+    with a stack trace). reason: "invalid_request" (the client's fault, INVALID_ARG) or "internal"."""
+    family = pb_utils.MetricFamily(name=FAILURES_METRIC, kind=pb_utils.MetricFamily.COUNTER,
+                                   description="Requests answered with an error (reason: invalid_request, internal)")
+    metrics = {reason: family.Metric(labels={"model": model, "reason": reason}) for reason in ("invalid_request", "internal")}
+
+    def count(exc: BaseException) -> None:
+        metrics["invalid_request" if isinstance(exc, RequestError) else "internal"].increment(1)
+    count.family = family  # keeps the family alive as long as its metrics
+    return count
+
+
 def error_from_bls(pb_utils, model: str, error) -> Exception:
     """Re-raise a BLS response error: a bad-request error stays a RequestError."""
     msg = error.message()

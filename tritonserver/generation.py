@@ -7,8 +7,13 @@
 
 A job is one item (one image) of one request. Jobs are compatible when their requests' `batch_key`s are
 equal (steps, resolution, guidance, eta, strength, tau, sampler): text, hint, identity context and seed are
-per sample. The scheduler takes the oldest pending job and every compatible pending job after it (first in,
-first out, up to `max_batch`). Demand is the size of the previous batch plus the jobs that were waiting when
+per sample. The scheduler takes the first pending job in service order and every compatible pending job after
+it (up to `max_batch`). Service order is round-robin over requests (jobs of one `owner`), in arrival order:
+each job gets a tag one past the larger of its request's previous tag and the tag of the job taken last, and
+jobs run by tag, then arrival. So a request's k-th item comes before any request's (k+1)-th, and a small
+request arriving behind a request of many items waits for at most one item of it (plus the running batch),
+not all of them; an item costs at most limits.MAX_REQUEST_COST 512x512 steps, and a request that keeps
+getting overtaken still advances one item per round. Demand is the size of the previous batch plus the jobs that were waiting when
 it ended (about the number of active clients); while fewer jobs than that are at hand, the batch waits up to
 `gather_s` for the next requests of those clients, which come back when their images arrive. A single stream
 (demand 1) is never delayed.
@@ -50,6 +55,7 @@ class Job:
     parameters: dict = field(default_factory=dict)
     timings: dict = field(default_factory=dict)
     enqueued: float = field(default_factory=time.perf_counter)
+    tag: tuple = (0, 0)            # the scheduler's service order: (round, arrival)
 
     @property
     def key(self) -> tuple:
@@ -181,6 +187,9 @@ class Scheduler:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self.run_batch, self.max_batch, self.gather_s, self.on_error = run_batch, max_batch, gather_s, on_error
         self._pending: deque[Job] = deque()
+        self._seq = 0                         # arrival order
+        self._vtime = 0                       # the tag of the job taken last
+        self._last_tag: dict = {}             # owner -> its latest tag (owners with a tag above _vtime)
         self._cv = threading.Condition()
         self._stopping = False
         self._demand = 1
@@ -195,6 +204,10 @@ class Scheduler:
             now = time.perf_counter()
             for j in jobs:
                 j.enqueued = now
+                owner = self._owner_key(j)
+                j.tag = (max(self._vtime, self._last_tag.get(owner, 0)) + 1, self._seq)
+                self._last_tag[owner] = j.tag[0]
+                self._seq += 1
             self._pending.extend(jobs)
             self._cv.notify_all()
 
@@ -202,11 +215,18 @@ class Scheduler:
         with self._cv:
             return len(self._pending)
 
+    @staticmethod
+    def _owner_key(job: Job):
+        try:
+            hash(job.owner)
+            return job.owner
+        except TypeError:
+            return id(job.owner)
+
     def _gather(self, batch: list[Job]) -> None:
-        """Move compatible pending jobs into the batch, in order, leaving the others in order."""
+        """Move compatible pending jobs into the batch in service order, leaving the others in order."""
         key, keep = batch[0].key, deque()
-        while self._pending:
-            job = self._pending.popleft()
+        for job in sorted(self._pending, key=lambda j: j.tag):
             (batch if len(batch) < self.max_batch and job.key == key else keep).append(job)
         self._pending = keep
 
@@ -216,7 +236,11 @@ class Scheduler:
                 self._cv.wait()
             if not self._pending:
                 return None
-            batch = [self._pending.popleft()]
+            head = min(self._pending, key=lambda j: j.tag)
+            self._pending.remove(head)
+            self._vtime = max(self._vtime, head.tag[0])
+            self._last_tag = {o: t for o, t in self._last_tag.items() if t > self._vtime}  # the rest restart at _vtime
+            batch = [head]
             self._gather(batch)
             # Several clients were active last time: give their next requests a moment to arrive.
             want = min(self.max_batch, self._demand)

@@ -49,7 +49,12 @@ def test_deployment_requests_gpus_and_probes_triton_health(default):
     assert ports == {"http": 8000, "grpc": 8001, "metrics": 8002}
     assert c["startupProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": "http"}
     assert c["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": "http"}
-    assert c["livenessProbe"]["httpGet"] == {"path": "/v2/health/live", "port": "http"}
+    # liveness also fails on a dead model process, which Triton's /v2/health/live does not see
+    # (tests/tritonserver/test_serve_health.py runs that check against a real server)
+    assert "httpGet" not in c["livenessProbe"]
+    assert c["livenessProbe"]["exec"]["command"] == ["python3", "-m", "caphuman.tritonserver.deploy.liveness"]
+    pod_grace = res["Deployment/caphuman"]["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    assert 0 < c["livenessProbe"]["terminationGracePeriodSeconds"] < pod_grace
     # the startup probe leaves time for a first-start engine build (>= 30 min)
     assert c["startupProbe"]["periodSeconds"] * c["startupProbe"]["failureThreshold"] >= 1800
     env = {e["name"]: e["value"] for e in c["env"]}
@@ -183,7 +188,7 @@ def test_compose_runs_the_image_on_every_gpu_with_readonly_weights():
     vols = {v["target"]: v for v in svc["volumes"]}
     assert vols["/weights"]["read_only"] is True and vols["/engines"]["type"] == "volume"
     assert svc["read_only"] is True and svc["cap_drop"] == ["ALL"]
-    assert any("/v2/health/ready" in part for part in svc["healthcheck"]["test"])
+    assert svc["healthcheck"]["test"] == ["CMD", "python3", "-m", "caphuman.tritonserver.deploy.liveness", "--ready"]
     assert svc["init"] is True and default_of(svc["shm_size"]) == "1gb"
 
 

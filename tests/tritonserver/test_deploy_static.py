@@ -58,7 +58,7 @@ def test_dockerfile_essentials():
     assert "ARG TRITON_VERSION=24.12" in text and "FROM nvcr.io/nvidia/tritonserver:${TRITON_VERSION}-py3" in text
     assert '-e ".[gpu,serve]"' in text
     assert "USER ${CAPHUMAN_UID}" in text and "ARG CAPHUMAN_UID=10001" in text
-    assert "HEALTHCHECK" in text and "/v2/health/ready" in text
+    assert 'CMD ["python3", "-m", "caphuman.tritonserver.deploy.liveness", "--ready"]' in text  # HEALTHCHECK
     assert 'ENTRYPOINT ["caphuman-entrypoint"]' in text
     # every path the Dockerfile copies exists and is let through by the ignore file
     ignore = (DEPLOY / "Dockerfile.dockerignore").read_text().splitlines()

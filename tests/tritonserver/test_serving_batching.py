@@ -66,6 +66,31 @@ def test_scheduler_batches_compatible_jobs_in_order_and_keeps_others_waiting():
     assert sched.batch_sizes == {1: 3, 3: 1, 2: 1}
 
 
+def test_a_small_request_behind_a_request_of_many_items_waits_for_one_item_not_all():
+    """Round-robin over requests: B (1 item) arrives while A's 8 items queue; it runs after A's running item
+    and at most one more, not after all 8. A keeps advancing while small requests keep coming (no
+    starvation either way)."""
+    rec = _Recorder(delay=0.05)
+    sched = Scheduler(rec, max_batch=1)
+    a = object()
+    sched.submit([Job(_Gen(), owner=a, index=i) for i in range(8)])
+    rec.started.wait(5)
+    sched.submit([Job(_Gen(), owner="b")])
+    _wait(lambda: len(rec.batches) == 9)
+    order = [o for (o,) in rec.batches]
+    assert order.index("b") <= 2, order
+    # a stream of one-item requests, one arriving per item run: A still gets every other turn
+    rec.batches.clear()
+    sched.submit([Job(_Gen(), owner=a, index=i) for i in range(4)])
+    for k in range(8):
+        _wait(lambda: len(rec.batches) >= k)
+        sched.submit([Job(_Gen(), owner=f"s{k}")])
+    _wait(lambda: len(rec.batches) == 12)
+    order = [o for (o,) in rec.batches]
+    assert order.index(a) <= 1 and [i for i, o in enumerate(order) if o is a][-1] <= 8, order
+    sched.stop()
+
+
 def test_lone_job_is_not_delayed_but_a_batch_waits_for_its_clients():
     gate = threading.Event()
     runs: list[tuple[float, list]] = []

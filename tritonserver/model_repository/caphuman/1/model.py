@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
-from caphuman.tritonserver.backend import error_from_bls, log, model_setup, triton_error
+from caphuman.tritonserver.backend import error_from_bls, failure_counter, log, model_setup, triton_error
 from caphuman.runtime import limits
 from caphuman.runtime.pipeline import tensor_hash
 from caphuman.tritonserver.generation import BatchRunner, Cancelled, Job, Scheduler, bucket_size, parse_buckets
@@ -58,8 +58,9 @@ def _preview(x: torch.Tensor, size: int) -> np.ndarray:
 class _Request:
     """One request's stream: its items finish in order; the final flag is sent exactly once."""
 
-    def __init__(self, request, sender, items: int):
+    def __init__(self, request, sender, items: int, on_fail=None):
         self.request, self.sender, self.remaining = request, sender, items
+        self.on_fail = on_fail  # counts a failed request (backend.failure_counter)
         self.done = False
         self._lock = threading.Lock()
 
@@ -81,10 +82,11 @@ class _Request:
                 self.done = True
                 return False
 
-    def _final(self, response=None) -> None:
+    def _final(self, response=None) -> bool:
+        """Closes the stream; False if it was closed already."""
         with self._lock:
             if self.done:
-                return
+                return False
             self.done = True
             try:
                 if response is None:
@@ -93,6 +95,7 @@ class _Request:
                     self.sender.send(response, flags=FINAL)
             except Exception:  # noqa: BLE001 - the client is gone; nothing left to tell it
                 pass
+            return True
 
     def item_done(self) -> None:
         with self._lock:
@@ -104,7 +107,8 @@ class _Request:
     def fail(self, exc: BaseException) -> None:
         if not isinstance(exc, RequestError):
             log(pb_utils, "error", f"caphuman: request failed: {type(exc).__name__}: {exc}")
-        self._final(pb_utils.InferenceResponse(error=triton_error(pb_utils, exc)))
+        if self._final(pb_utils.InferenceResponse(error=triton_error(pb_utils, exc))) and self.on_fail:
+            self.on_fail(exc)
 
     def cancel(self) -> None:
         if not self.done:
@@ -115,6 +119,7 @@ class _Request:
 class TritonPythonModel:
     def initialize(self, args):
         config, self.device, self.settings = model_setup(args, pb_utils, extra_parameters=PARAMETERS)
+        self.count_failure = failure_counter(pb_utils, "caphuman")
         p = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
         p = {k: p.get(k) or default for k, default in PARAMETERS.items()}
         cuda = self.device.startswith("cuda")
@@ -164,7 +169,7 @@ class TritonPythonModel:
     # ------------------------------------------------------------------------------------ serving
     def execute(self, requests):
         for request in requests:
-            state = _Request(request, request.get_response_sender(), 1)
+            state = _Request(request, request.get_response_sender(), 1, self.count_failure)
             try:
                 self.scheduler.submit(self._prepare(request, state))
             except Exception as e:  # noqa: BLE001 - each request gets its own error; the model keeps serving
