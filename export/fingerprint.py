@@ -19,3 +19,12 @@ def weights_fingerprint(module: nn.Module) -> str:
         h.update(f"{name}:{tuple(t.shape)};".encode())
         h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
+
+
+def file_sha256(path) -> str:
+    """sha256 of a file's bytes, read in 16 MiB blocks (multi-GB checkpoints and graphs)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(16 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -14,13 +14,13 @@ unpickling, no second merge, and the networks are bit-identical to those loaded 
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
 from typing import Callable
 
 from .checkpoints import CheckpointError
+from .fingerprint import file_sha256
 
 MERGED_FORMAT = "caphuman-merged-weights"
 MERGED_VERSION = 1
@@ -28,18 +28,11 @@ METADATA_KEY = "caphuman"
 SOURCE_LABELS = ("checkpoint", "sd_checkpoint", "vae_checkpoint")
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(16 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
 
 def source_record(path: str | Path) -> dict:
     """What the header says of one source file: name, size and full sha256."""
     path = Path(path)
-    return {"name": path.name, "bytes": path.stat().st_size, "sha256": _sha256(path)}
+    return {"name": path.name, "bytes": path.stat().st_size, "sha256": file_sha256(path)}
 
 
 def _unshared(state: dict) -> dict:
@@ -70,7 +63,7 @@ def write_merged_weights(out: str | Path, config_path: str | Path, checkpoint: s
     sources = {label: {**source_record(p), **(describe(Path(p)) if describe else {})}
                for label, p in zip(SOURCE_LABELS, (checkpoint, sd_checkpoint, vae_checkpoint)) if p}
     header = {"format": MERGED_FORMAT, "version": MERGED_VERSION, "config": config_path.name,
-              "config_sha256": _sha256(config_path), "sources": sources}
+              "config_sha256": file_sha256(config_path), "sources": sources}
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.partial")
     safetensors.torch.save_file(_unshared(state), str(tmp), metadata={METADATA_KEY: json.dumps(header)})
@@ -110,7 +103,7 @@ def read_merged_weights(path: str | Path, config_path: str | Path, device="cpu")
     header = merged_metadata(path)
     if header is None:
         raise CheckpointError(f"{path} is not a merged weights file (no caphuman header)")
-    if header["config_sha256"] != _sha256(Path(config_path)):
+    if header["config_sha256"] != file_sha256(Path(config_path)):
         raise CheckpointError(f"{path} was merged for the config {header['config']} (sha256 "
                               f"{header['config_sha256'][:12]}), not for {config_path}; merge it again with "
                               "`caphuman build --backend torch --weights-out` and this config")

@@ -38,6 +38,7 @@ from .checkpoints import VISION_PREFIX, read_official
 from .clip import ImageEncoder, TextEncoder
 from .config import CapHumanConfig, load_config
 from .extras import require
+from .fingerprint import file_sha256
 from .models import (VAE, CapHumanDenoiser, clip_folder_state, denoiser_from_state, image_encoder_from_state,
                      text_encoder_from_state, vae_from_state)
 from .onnx_refit import RefitError, build_refit_map, save_refit_map
@@ -220,21 +221,14 @@ def trace_size(config: CapHumanConfig) -> tuple[int, int]:
     return side, side
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
 
 def graph_hash(path: str | Path) -> str:
     """sha256 over the graph file and its external data file (if any): the engine cache key's graph part."""
     path = Path(path)
-    h = hashlib.sha256(_sha256(path).encode())
+    h = hashlib.sha256(file_sha256(path).encode())
     data = path.with_name(path.name + ".data")
     if data.is_file():
-        h.update(_sha256(data).encode())
+        h.update(file_sha256(data).encode())
     return h.hexdigest()
 
 

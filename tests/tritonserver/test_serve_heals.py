@@ -5,21 +5,19 @@ from __future__ import annotations
 
 import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from caphuman.tritonserver.launcher import free_port
 from tests.paths import ROOT, face_photo
+from tests.tritonserver.serve_process import CAPHUMAN, read_until
 
 pytest.importorskip("tritonclient.grpc", reason="tritonclient[grpc] not installed")
 pytest.importorskip("pytriton", reason="nvidia-pytriton (bundled tritonserver) not installed")
 
 from caphuman.tritonserver.client import CapHumanClient  # noqa: E402
 
-CAPHUMAN = [sys.executable, "-c", "import sys; from caphuman.runtime.cli import main; sys.exit(main())"]
 
 
 def children(pid: int) -> dict[int, list[str]]:
@@ -31,26 +29,6 @@ def children(pid: int) -> dict[int, list[str]]:
         except (OSError, ValueError, IndexError):
             pass
     return out
-
-
-def read_until(proc, prefix: str, lines: list[str], timeout: float) -> str:
-    """The first line of serve's output starting with `prefix`, within `timeout` seconds (a reader thread,
-    so a serve that prints nothing fails the test instead of blocking it)."""
-    import queue
-    import threading
-    if not hasattr(proc, "lines"):
-        proc.lines = queue.Queue()
-        threading.Thread(target=lambda: [proc.lines.put(line) for line in proc.stdout], daemon=True).start()
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            line = proc.lines.get(timeout=max(0.1, deadline - time.monotonic()))
-        except queue.Empty:
-            break
-        lines.append(line)
-        if line.startswith(prefix):
-            return line
-    raise AssertionError(f"no line starting {prefix!r} in {timeout:.0f} s:\n{''.join(lines)}")
 
 
 def test_a_killed_model_process_is_replaced_and_the_service_comes_back(tmp_path):

@@ -9,19 +9,17 @@ import ipaddress
 import os
 import signal
 import subprocess
-import sys
-import time
 import urllib.error
 import urllib.request
 
 import pytest
 
 from caphuman.tritonserver.launcher import free_port
+from tests.tritonserver.serve_process import CAPHUMAN, read_rest, read_until
 from tests.paths import ROOT
 
 pytest.importorskip("pytriton", reason="nvidia-pytriton (bundled tritonserver) not installed")
 
-CAPHUMAN = [sys.executable, "-c", "import sys; from caphuman.runtime.cli import main; sys.exit(main())"]
 
 
 def listening(port: int) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
@@ -64,16 +62,9 @@ def test_caphuman_serve_listens_on_loopback_only_and_restricts_admin_apis(tmp_pa
                              "--metrics-port", str(ports[2])],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
                             env={**env, "TMPDIR": str(temp)})
-    lines = []
+    lines: list[str] = []
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            lines.append(line)
-            if line.startswith("Ctrl-C stops"):
-                break
+        read_until(proc, "Ctrl-C stops", lines, 120)
         text = "".join(lines)
         assert "Ctrl-C stops" in text, text
         assert "listening on 127.0.0.1 only" in text, text
@@ -89,7 +80,7 @@ def test_caphuman_serve_listens_on_loopback_only_and_restricts_admin_apis(tmp_pa
             urllib.request.urlopen(logging_api, timeout=10)
         assert refused.value.code == 403
         proc.send_signal(signal.SIGINT)
-        out, _ = proc.communicate(timeout=60)
+        out = read_rest(proc, lines, 60)
         assert proc.returncode == 0, text + out
     finally:
         if proc.poll() is None:

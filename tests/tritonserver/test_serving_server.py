@@ -9,7 +9,6 @@ import io
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -24,10 +23,10 @@ pytest.importorskip("pytriton", reason="nvidia-pytriton (bundled tritonserver) n
 from caphuman.tritonserver.client import CapHumanClient, GeneratedImage, Progress, ServerError  # noqa: E402
 from caphuman.tritonserver.launcher import ServerConfig, TritonServer, free_port  # noqa: E402
 from caphuman.tritonserver.weights import BACKEND_ENV, ENGINE_DIR_ENV  # noqa: E402
+from tests.tritonserver.serve_process import CAPHUMAN, read_rest, read_until
 from tests.paths import ROOT, face_photo
 
 FAST = dict(steps=2, resolution=256)
-CAPHUMAN = [sys.executable, "-c", "import sys; from caphuman.runtime.cli import main; sys.exit(main())"]  # `caphuman`
 CONCURRENT_CLIENTS = 16
 CONCURRENCY_SECONDS = float(os.environ.get("CAPHUMAN_SERVING_LOAD_SECONDS", "60"))
 
@@ -358,16 +357,9 @@ def test_caphuman_serve_starts_prints_endpoints_and_stops_on_ctrl_c(tmp_path):
                              "--log-file", str(tmp_path / "serve.log")],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             cwd=ROOT)
-    lines = []
+    lines: list[str] = []
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            lines.append(line)
-            if line.startswith("Ctrl-C stops"):
-                break
+        read_until(proc, "Ctrl-C stops", lines, 120)
         text = "".join(lines)
         assert f"gRPC     localhost:{ports[0]}" in text and "/metrics" in text, text
         assert "RANDOM" in text
@@ -375,7 +367,7 @@ def test_caphuman_serve_starts_prints_endpoints_and_stops_on_ctrl_c(tmp_path):
         with grpcclient.InferenceServerClient(f"127.0.0.1:{ports[0]}") as c:
             assert c.is_server_ready()
         proc.send_signal(signal.SIGINT)
-        out, _ = proc.communicate(timeout=60)
+        out = read_rest(proc, lines, 60)
         assert proc.returncode == 0, text + out
         assert "stopped (status 0)" in out, out
     finally:
