@@ -91,4 +91,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m caphuman.runtime.cli`: run the imported module's main, so that the commands' errors
+    # (raised as caphuman.runtime.cli.UserError) are this main's, not a second copy's in __main__
+    from caphuman.runtime.cli import main as package_main
+    sys.exit(package_main())

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 import signal
 import time
 from pathlib import Path
@@ -41,7 +42,13 @@ def register(sub) -> None:
     p.add_argument("--grpc-port", type=int, default=8001, help="gRPC port (what `caphuman client --url` talks to)")
     p.add_argument("--http-port", type=int, default=8000, help="HTTP/REST port (health: /v2/health/ready)")
     p.add_argument("--metrics-port", type=int, default=8002, help="Prometheus metrics (/metrics)")
-    p.add_argument("--log-file", type=Path, default=None, help="server log (default: a temporary folder, printed at start and removed at exit)")
+    p.add_argument("--log-file", type=Path, default=None,
+                   help="server log (default: a temporary folder, printed at start and removed at exit; '-': "
+                        "this command's output, as a container's log wants)")
+    p.add_argument("--exit-timeout", type=int, default=30,
+                   help="seconds the server gets at Ctrl-C/SIGTERM to finish the requests in flight")
+    p.add_argument("--tritonserver-args", default="", metavar="FLAGS",
+                   help="more tritonserver flags, one string (e.g. '--allow-gpu-metrics=true --log-info=true')")
     p.add_argument("--ready-timeout", type=float, default=600.0, help="seconds to wait for the models to load")
     p.set_defaults(func=run)
 
@@ -76,10 +83,18 @@ def run(args) -> int:
     for name in ("grpc_port", "http_port", "metrics_port"):
         if not 1 <= getattr(args, name) <= 65535:
             raise UserError(f"--{name.replace('_', '-')} must be a TCP port number, got {getattr(args, name)}")
+    if args.exit_timeout < 1:
+        raise UserError(f"--exit-timeout must be at least 1 second, got {args.exit_timeout}")
+    try:
+        shlex.split(args.tritonserver_args)
+    except ValueError as e:
+        raise UserError(f"--tritonserver-args: {e} in {args.tritonserver_args!r}") from None
     cfg = ServerConfig(model_repository=args.model_repository or DEFAULT_MODEL_REPOSITORY, binary=args.tritonserver,
                        weights=args.weights, host=args.host, grpc_port=args.grpc_port, http_port=args.http_port,
-                       metrics_port=args.metrics_port, log_file=args.log_file,
-                       extra_env=launch_env(args))
+                       metrics_port=args.metrics_port, exit_timeout=args.exit_timeout,
+                       log_file=None if str(args.log_file) == "-" else args.log_file,
+                       log_to_stdout=str(args.log_file) == "-",
+                       extra_args=shlex.split(args.tritonserver_args), extra_env=launch_env(args))
     server = TritonServer(cfg)
     if args.weights is None:
         size = "TINY" if args.random_config == "cldm_tiny" else f"official-size ({args.random_config})"

@@ -126,6 +126,10 @@ class CapHumanClient:
                 if error is not None:
                     finished = True
                     if isinstance(error, InferenceServerException):
+                        if error.status() == "StatusCode.RESOURCE_EXHAUSTED":  # the gateway's size limit, or busy
+                            raise ServerError(f"the server refused the request: {error.message()} (the request's "
+                                              "photos must stay within its max_request_bytes; or the server is "
+                                              "at its connection limit)", error.status())
                         raise ServerError(error.message(), error.status())
                     raise ServerError(str(error))
                 response = result.get_response()

@@ -26,6 +26,7 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -136,6 +137,8 @@ class ServerConfig:
     http_port: int = 8000
     metrics_port: int = 8002
     log_file: Path | None = None        # None: a file in the work directory
+    log_to_stdout: bool = False         # also copy the server's log to this process's stdout (containers)
+    exit_timeout: int = 30              # seconds tritonserver gets at stop to finish in-flight requests
     verbose: int = 0
     extra_env: dict = field(default_factory=dict)
     extra_args: list = field(default_factory=list)
@@ -147,9 +150,14 @@ class TritonServer:
     def __init__(self, config: ServerConfig):
         self.config = config
         self.proc: subprocess.Popen | None = None
+        # tritonserver's own gRPC and HTTP ports: loopback only, behind the gateway on the public ones
+        self.upstream_grpc_port = free_port()
+        self.upstream_http_port = free_port()
+        self.gateway = None
         self.workdir = Path(tempfile.mkdtemp(prefix="caphuman-triton-"))
         self.log_path = Path(config.log_file) if config.log_file else self.workdir / "tritonserver.log"
         self._log_handle = None
+        self._log_copier: threading.Thread | None = None
         self.failed = False
 
     # -- endpoints ---------------------------------------------------------------------------------
@@ -214,23 +222,50 @@ class TritonServer:
         env.update({k: str(v) for k, v in cfg.extra_env.items()})
         admin_key = cfg.admin_key or os.environ.get(ADMIN_KEY_ENV) or secrets.token_urlsafe(24)
         args = [str(binary), f"--model-repository={repo}", *args,
-                f"--grpc-address={cfg.host}", f"--grpc-port={cfg.grpc_port}",
-                f"--http-address={cfg.host}", f"--http-port={cfg.http_port}",
+                f"--grpc-address={LOOPBACK}", f"--grpc-port={self.upstream_grpc_port}",
+                f"--http-address={LOOPBACK}", f"--http-port={self.upstream_http_port}",
                 "--allow-metrics=true", f"--metrics-address={cfg.host}", f"--metrics-port={cfg.metrics_port}",
                 f"--http-restricted-api={ADMIN_APIS}:{ADMIN_HEADER}={admin_key}",
                 f"--grpc-restricted-protocol={ADMIN_APIS}:{ADMIN_HEADER}={admin_key}",
-                f"--log-verbose={cfg.verbose}", "--exit-on-error=true",
+                f"--log-verbose={cfg.verbose}", "--exit-on-error=true", f"--exit-timeout-secs={cfg.exit_timeout}",
                 "--strict-readiness=true", *cfg.extra_args]
         return args, env
 
     # -- lifecycle ---------------------------------------------------------------------------------
     def start(self) -> "TritonServer":
+        """Start tritonserver, and the gateway on the public ports unless it already listens (a restart)."""
         args, env = self.command()
+        if self.gateway is None:
+            self.gateway = self._gateway(env)
         log.debug("starting %s", " ".join(args))
         self._log_handle = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(args, env=env, stdout=self._log_handle, stderr=subprocess.STDOUT,
+        self.proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE if self.config.log_to_stdout
+                                     else self._log_handle, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, start_new_session=True)
+        if self.config.log_to_stdout:
+            self._log_copier = threading.Thread(target=self._copy_log, args=(self.proc.stdout, self._log_handle),
+                                                name="tritonserver-log", daemon=True)
+            self._log_copier.start()
         return self
+
+    @staticmethod
+    def _copy_log(source, log_file) -> None:
+        """The server's output, line by line, to the log file (first_error reads it) and to stdout."""
+        for line in source:
+            log_file.write(line)
+            log_file.flush()
+            sys.stdout.buffer.write(line)
+            sys.stdout.flush()
+
+    def _gateway(self, env: dict[str, str]):
+        from caphuman.tritonserver.gateway import Gateway
+        from caphuman.tritonserver.params import ServerSettings
+        try:
+            settings = ServerSettings.from_env(env)  # the models read the same limits from the same variable
+            return Gateway(self.config.host, self.config.grpc_port, self.config.http_port, self.upstream_grpc_port,
+                           self.upstream_http_port, settings.max_request_bytes).start()
+        except (OSError, ValueError) as e:
+            raise LaunchError(str(e)) from None
 
     def log_tail(self, n: int = 40) -> str:
         try:
@@ -298,7 +333,7 @@ class TritonServer:
     def is_ready(self) -> bool:
         import tritonclient.grpc as grpcclient
         try:
-            with grpcclient.InferenceServerClient(self.grpc_url) as c:
+            with grpcclient.InferenceServerClient(f"{LOOPBACK}:{self.upstream_grpc_port}") as c:
                 return bool(c.is_server_ready(client_timeout=2))
         except Exception:  # noqa: BLE001 (not up yet: connection refused, timeout, ...)
             return False
@@ -317,13 +352,16 @@ class TritonServer:
         raise LaunchError(f"tritonserver not ready after {timeout:.0f} s: {self.first_error()} "
                           f"(full log: {self.log_path})")
 
-    def stop(self, timeout: float = 30.0) -> int | None:
+    def stop(self, timeout: float | None = None) -> int | None:
         """SIGTERM (Triton's graceful shutdown: finish in-flight requests, unload models), then SIGKILL.
         The work folder goes too, except a log in it after a failed start (the error message names it)."""
         regions = {shm for _, shm in self.stubs().values()}
         try:
-            return self._stop(timeout)
+            return self._stop(self.config.exit_timeout + 10 if timeout is None else timeout)
         finally:
+            if self.gateway is not None:
+                self.gateway.stop()
+                self.gateway = None
             self._remove_shm(regions)  # Triton removes them itself, except after a SIGKILL
             keep_log = self.failed and self.log_path.parent == self.workdir
             shutil.rmtree(self.workdir / "backends" if keep_log else self.workdir, ignore_errors=True)
@@ -339,6 +377,9 @@ class TritonServer:
                 log.warning("tritonserver did not stop in %.0f s; killing it", timeout)
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(10)
+        if self._log_copier is not None:
+            self._log_copier.join(10)  # it ends at the end of the server's output
+            self._log_copier = None
         if self._log_handle:
             self._log_handle.close()
             self._log_handle = None

@@ -107,6 +107,8 @@ class ServerSettings:
     """Limits and caches, the same for every model. Override with the CAPHUMAN_SERVE_SETTINGS
     environment variable (JSON object, e.g. '{"max_items": 4}'); unknown keys are an error."""
     max_image_bytes: int = 16 << 20        # encoded bytes per photo
+    max_request_bytes: int = 48 << 20      # encoded bytes of all photos of one request (the gRPC/HTTP
+                                           # gateway refuses a larger message before reading it)
     max_image_pixels: int = 4096 * 4096    # decoded width * height per photo (checked before decoding)
     max_items: int = 8                     # prompts/poses per request
     max_prompt_bytes: int = limits.MAX_PROMPT_BYTES  # per prompt, before tokenizing
@@ -212,6 +214,14 @@ def check_photo(data, what: str, settings: ServerSettings) -> None:
         raise RequestError(str(e)) from None
 
 
+def check_request_photos(photos: list[bytes], settings: ServerSettings) -> None:
+    """All photos of one request within max_request_bytes together (each is checked by check_photo)."""
+    total = sum(len(p) for p in photos)
+    if total > settings.max_request_bytes:
+        raise RequestError(f"the request's photos are {total / 2**20:.1f} MiB together, over the "
+                           f"{settings.max_request_bytes / 2**20:.0f} MiB limit (split the request)")
+
+
 def _scalar(arrays: dict, name: str):
     spec = INPUT_BY_NAME[name]
     arr = arrays.get(name)
@@ -239,6 +249,7 @@ def parse_request(arrays: dict[str, np.ndarray], settings: ServerSettings) -> Pa
     poses = [] if "POSE_IMAGE" not in arrays else list(arrays["POSE_IMAGE"].reshape(-1))
     if any(not isinstance(p, bytes) or not p for p in poses):
         raise RequestError("POSE_IMAGE entries must be non-empty bytes of encoded photos")
+    check_request_photos(refs + poses, settings)
     head = [] if "HEAD_POSE" not in arrays else [tuple(float(v) for v in row) for row in arrays["HEAD_POSE"].reshape(-1, 3)]
     for row in head:
         if not all(math.isfinite(v) for v in row):

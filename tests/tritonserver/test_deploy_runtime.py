@@ -1,5 +1,7 @@
 """The container's start-up, run here without Docker: entrypoint.sh with stand-ins for `tritonserver` and
-`nvidia-smi` on PATH (what it generates, what it execs), and the engine-cache step's plan and commands."""
+`nvidia-smi` on PATH (what it generates, how `caphuman serve` starts tritonserver), and the engine-cache
+step's plan and commands. The stand-in records its arguments and exits, so serve then reports that
+tritonserver exited before becoming ready (tests/tritonserver/test_serve_*.py run the real one)."""
 from __future__ import annotations
 
 import os
@@ -11,6 +13,7 @@ import pytest
 
 from caphuman.tritonserver import deploy_configs as dc
 from caphuman.tritonserver.deploy import engine_cache as ec
+from caphuman.tritonserver.launcher import free_port
 from tests.paths import ROOT
 
 DEPLOY = ROOT / "tritonserver" / "deploy"
@@ -44,18 +47,26 @@ def box(tmp_path):
     env = {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "HOME": str(tmp_path), "FAKE_OUT": str(out),
            "FAKE_GPUS": "2", "CAPHUMAN_MODEL_REPOSITORY": str(REPO),
            "CAPHUMAN_RUN_DIR": str(tmp_path / "run"), "CAPHUMAN_ENGINE_CACHE": str(tmp_path / "engines"),
-           "CAPHUMAN_WEIGHTS": str(tmp_path / "weights")}
+           "CAPHUMAN_WEIGHTS": str(tmp_path / "weights"),
+           # serve's gateway really listens on these (the stand-in only records its own ports)
+           "TRITON_GRPC_PORT": str(free_port()), "TRITON_HTTP_PORT": str(free_port())}
 
     def run(*args, **extra):
         r = subprocess.run(["bash", str(DEPLOY / "entrypoint.sh"), *args], env={**env, **extra},
                            capture_output=True, text=True, timeout=120)
         return r
-    run.tmp, run.out = tmp_path, out
+    run.tmp, run.out, run.env = tmp_path, out, env
     return run
 
 
+def started_by_serve(result) -> None:
+    """`caphuman serve` ran the stand-in, which exited at once (as a crashing tritonserver would)."""
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "tritonserver exited with status 0 before becoming ready" in result.stderr, result.stderr
+
+
 def server_args_of(result, box) -> dict[str, str]:
-    assert result.returncode == 0, result.stderr
+    started_by_serve(result)
     return server_args(box)
 
 
@@ -73,8 +84,7 @@ def test_entrypoint_is_valid_bash():
 @needs_repo
 def test_serve_on_two_gpus_generates_per_gpu_configs_and_execs_tritonserver(box):
     r = box("serve", CAPHUMAN_INSTANCES_PER_GPU="caphuman=2 identity=1", TRITON_EXTRA_ARGS="--log-info=true --x=1")
-    assert r.returncode == 0, r.stderr
-    args = server_args(box)
+    args = server_args_of(r, box)
     repo = Path(args["--model-repository"])
     assert repo == box.tmp / "run" / "model_repository"
     for cfg in sorted(REPO.glob("*/config.pbtxt")):
@@ -82,7 +92,12 @@ def test_serve_on_two_gpus_generates_per_gpu_configs_and_execs_tritonserver(box)
         want = "2" if cfg.parent.name == "caphuman" else "1"
         assert [(g["kind"][0], g["gpus"], g["count"][0]) for g in groups] == \
             [("KIND_GPU", ["0"], want), ("KIND_GPU", ["1"], want)]
-    assert args["--http-port"] == "8000" and args["--grpc-port"] == "8001" and args["--metrics-port"] == "8002"
+    # gRPC and HTTP: tritonserver on loopback, behind serve's gateway on 8000/8001; metrics direct
+    assert args["--grpc-address"] == "127.0.0.1" and args["--http-address"] == "127.0.0.1"
+    public = {box.env["TRITON_GRPC_PORT"], box.env["TRITON_HTTP_PORT"]}
+    assert args["--grpc-port"] not in public and args["--http-port"] not in public
+    assert args["--metrics-address"] == "0.0.0.0" and args["--metrics-port"] == "8002"
+    assert args["--allow-gpu-metrics"] == "true"
     assert args["--strict-readiness"] == "true" and args["--allow-metrics"] == "true"
     assert args["--exit-on-error"] == "true" and args["--exit-timeout-secs"] == "90"
     assert "--log-info" in args and args["--x"] == "1"          # TRITON_EXTRA_ARGS split into flags
@@ -101,11 +116,9 @@ def test_serve_on_two_gpus_generates_per_gpu_configs_and_execs_tritonserver(box)
 @needs_repo
 def test_serve_without_gpus_uses_the_tested_repository_unchanged(box):
     r = box("serve", CAPHUMAN_GPUS="0")
-    assert r.returncode == 0, r.stderr
-    assert Path(server_args(box)["--model-repository"]) == REPO
+    assert Path(server_args_of(r, box)["--model-repository"]) == REPO
     r = box("serve", FAKE_GPUS="0")                   # nvidia-smi lists no GPU
-    assert r.returncode == 0, r.stderr
-    assert Path(server_args(box)["--model-repository"]) == REPO
+    assert Path(server_args_of(r, box)["--model-repository"]) == REPO
 
 
 @needs_repo
@@ -114,7 +127,7 @@ def test_serve_with_weights_runs_the_engine_step_and_passes_weights(box):
     weights.mkdir()
     (weights / "caphuman.ckpt").write_bytes(b"not really a checkpoint")
     r = box("serve", CAPHUMAN_GPUS="0,1", CAPHUMAN_BUILD_ENGINES="0")
-    assert r.returncode == 0, r.stderr
+    started_by_serve(r)
     assert "engine cache: skipped: CAPHUMAN_BUILD_ENGINES=0" in r.stdout
     assert (box.out / "weights").read_text().strip() == str(weights)
     assert (box.out / "engine_dir").read_text().strip() == "<unset>"      # no engines: the torch backend

@@ -11,7 +11,8 @@ import pytest
 from PIL import Image
 
 from caphuman.tritonserver import params
-from caphuman.tritonserver.params import RequestError, ServerSettings, parse_request, request_arrays
+from caphuman.tritonserver.params import (RequestError, ServerSettings, check_request_photos, parse_request,
+                                          request_arrays)
 from caphuman.tritonserver.services import LRU, decode_photo
 from caphuman.tritonserver.weights import WeightFiles
 from tests.paths import ROOT
@@ -187,6 +188,13 @@ def test_decode_photo_limits_and_errors():
         decode_photo(b"", "X", s)
 
 
+def test_photos_of_one_request_are_bounded_together():
+    s = ServerSettings(max_image_bytes=4 << 20, max_request_bytes=6 << 20)
+    check_request_photos([b"x" * (3 << 20), b"x" * (3 << 20)], s)
+    with pytest.raises(RequestError, match=r"7\.0 MiB together, over the 6 MiB limit"):
+        check_request_photos([b"x" * (3 << 20), b"x" * (4 << 20)], s)
+
+
 def test_lru_evicts_least_recent():
     c = LRU(2)
     c.put("a", 1), c.put("b", 2), c.get("a"), c.put("c", 3)
@@ -215,7 +223,10 @@ def test_launcher_command_uses_the_wheel_and_this_python(tmp_path):
     (tmp_path / "w").mkdir()
     srv = TritonServer(ServerConfig(weights=tmp_path / "w", grpc_port=1, http_port=2, metrics_port=3))
     args, env = srv.command()
-    assert args[0].endswith("bin/tritonserver") and "--allow-metrics=true" in args and "--grpc-port=1" in args
+    assert args[0].endswith("bin/tritonserver") and "--allow-metrics=true" in args and "--metrics-port=3" in args
+    # gRPC and HTTP: tritonserver on loopback, behind the gateway that listens on ports 1 and 2
+    assert f"--grpc-port={srv.upstream_grpc_port}" in args and f"--http-port={srv.upstream_http_port}" in args
+    assert "--grpc-address=127.0.0.1" in args and "--http-address=127.0.0.1" in args
     backend_dir = Path(next(a for a in args if a.startswith("--backend-directory=")).split("=", 1)[1])
     assert (backend_dir / "python" / "triton_python_backend_stub").is_file()
     assert (backend_dir / "python" / "libtriton_python.so").is_file()

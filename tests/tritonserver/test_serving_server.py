@@ -12,6 +12,7 @@ import subprocess
 import threading
 import time
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -303,21 +304,57 @@ def test_prometheus_metrics_are_on(server):
 
 
 # ------------------------------------------------------------------------------------ load
-def test_16_concurrent_clients_for_60_seconds(client):
+def _server_rss_kib(pid: int) -> int:
+    """Resident memory of tritonserver `pid` and its model processes (the stubs are its children)."""
+    total = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            if int(stat.parent.name) == pid or ppid == pid:
+                total += int(next(line for line in (stat.parent / "status").read_text().splitlines()
+                                  if line.startswith("VmRSS:")).split()[1])
+        except (OSError, IndexError, ValueError, StopIteration):
+            continue  # gone meanwhile
+    return total
+
+
+def test_16_concurrent_clients_for_60_seconds(client, server):
+    """16 clients for 60 s, every 10th request a bad one: 0 wrong images, 0 errors on good requests, every
+    bad request refused with its own clear error, and the server's memory flat."""
     ref = face("reference_196251.png")
     variants = [("a photo of a person", 11, (0.0, 0.0, 0.0)), ("a person smiling", 12, (20.0, 0.0, 0.0)),
                 ("a person at night", 13, (-15.0, 5.0, 0.0)), ("a painting of a person", 14, (0.0, 0.0, 10.0))]
+    bad = [(name, make(), expected) for name, (make, expected) in BAD_REQUESTS.items()]
     expected = {}
     for prompt, seed, pose in variants:
         expected[seed] = client.generate(ref, prompt, seed=seed, head_pose=[pose], **FAST)[0].image
+    for name, (bad_ref, bad_prompts, bad_fields), _ in bad:  # every error path has run once before measuring
+        with pytest.raises(ServerError):
+            client.generate(bad_ref, bad_prompts, **{**FAST, **bad_fields})
     errors: list[str] = []
     counts = [0] * CONCURRENT_CLIENTS
+    refused = [0] * CONCURRENT_CLIENTS
     stop_at = time.monotonic() + CONCURRENCY_SECONDS
+
+    def bad_request(c: CapHumanClient, k: int, j: int):
+        name, (bad_ref, bad_prompts, bad_fields), why = bad[(k + j) % len(bad)]
+        try:
+            c.generate(bad_ref, bad_prompts, **{**FAST, **bad_fields})
+            errors.append(f"client {k}: bad request {name!r} was served")
+        except ServerError as e:
+            if not e.bad_request or why not in str(e):
+                errors.append(f"client {k}: bad request {name!r} got {e.status}: {e}")
+        refused[k] += 1
 
     def worker(k: int):
         c = CapHumanClient(client.url, timeout=300)
         i = k
+        j = 0
         while time.monotonic() < stop_at:
+            j += 1
+            if j % 10 == 1:  # requests 1, 11, 21, ... of each client: a tenth of them
+                bad_request(c, k, j // 10)
+                continue
             prompt, seed, pose = variants[i % len(variants)]
             i += 1
             try:
@@ -336,12 +373,23 @@ def test_16_concurrent_clients_for_60_seconds(client):
     threads = [threading.Thread(target=worker, args=(k,)) for k in range(CONCURRENT_CLIENTS)]
     for t in threads:
         t.start()
+    rss = []  # the server's memory every 2 s under load
+    while any(t.is_alive() for t in threads) and time.monotonic() < stop_at + 300:
+        rss.append(_server_rss_kib(server.proc.pid))
+        time.sleep(2.0)
     for t in threads:
         t.join(timeout=CONCURRENCY_SECONDS + 300)
     assert not any(t.is_alive() for t in threads), "a client hung"
     assert not errors, errors[:5]
     assert all(n >= 1 for n in counts), f"some clients got no response: {counts}"
-    print(f"\n{sum(counts)} requests by {CONCURRENT_CLIENTS} clients in {CONCURRENCY_SECONDS:.0f} s: {counts}")
+    # Flat: the memory rises while the first batches of each size run (buffers, allocator arenas), then
+    # stays; a leak would lift the second half's peak above the first half's.
+    first, second = max(rss[:len(rss) // 2]), max(rss[len(rss) // 2:])
+    print(f"\n{sum(counts)} good and {sum(refused)} bad requests by {CONCURRENT_CLIENTS} clients in "
+          f"{CONCURRENCY_SECONDS:.0f} s: {counts}; server memory at start {rss[0] / 1024:.0f} MiB, peak in the "
+          f"first half {first / 1024:.0f} MiB, in the second {second / 1024:.0f} MiB")
+    assert sum(refused) >= 0.09 * (sum(counts) + sum(refused)), (counts, refused)
+    assert second <= 1.10 * first, f"server memory grew under load: peak {first} KiB, then {second} KiB"
 
 
 # ------------------------------------------------------------------------------------ caphuman serve

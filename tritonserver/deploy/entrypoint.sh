@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # CapHuman-RT container entrypoint.
 #   serve (default): engines for this GPU (built once, cached on the volume), per-GPU model configs, then
-#                    tritonserver in the foreground (exec: it gets SIGTERM and shuts down gracefully).
+#                    `caphuman serve` in the foreground: tritonserver behind its gateway, healed when a model
+#                    process dies (exec: it gets SIGTERM and shuts down gracefully).
 #   build:           only the engine step (a Kubernetes Job or init container can run this).
 #   anything else:   run as a command (a shell for debugging: `docker run ... bash`).
 set -euo pipefail
@@ -16,13 +17,11 @@ set -euo pipefail
 : "${TRITON_GRPC_PORT:=8001}"
 : "${TRITON_METRICS_PORT:=8002}"
 : "${TRITON_EXIT_TIMEOUT_SECS:=90}"        # graceful shutdown: finish in-flight requests first
+: "${CAPHUMAN_READY_TIMEOUT:=1800}"        # seconds for the models to load (TensorRT engines, torch compile)
 : "${TRITON_LOG_VERBOSE:=0}"
 : "${TRITON_EXTRA_ARGS:=}"
 # Admin APIs (model loading, logging, trace, shared memory, statistics) answer only requests with the header
-# caphuman-admin-key: $CAPHUMAN_ADMIN_KEY; unset, a random key nobody knows (they are off). Same list as
-# caphuman.tritonserver.launcher.ADMIN_APIS.
-: "${CAPHUMAN_ADMIN_KEY:=$(head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n')}"
-TRITON_ADMIN_APIS="model-repository,logging,trace,shared-memory,statistics"
+# caphuman-admin-key: $CAPHUMAN_ADMIN_KEY; unset, `caphuman serve` draws a random key nobody knows (they are off).
 export CAPHUMAN_ENGINE_CACHE CAPHUMAN_WEIGHTS
 
 log() { echo "[caphuman-entrypoint] $*" >&2; }
@@ -83,18 +82,21 @@ serve() {
     build_engines
     local repo
     repo="$(model_repository)"
-    # shellcheck disable=SC2086  # TRITON_EXTRA_ARGS is a list of flags, split on purpose
-    exec tritonserver \
-        --model-repository="${repo}" \
-        --http-port="${TRITON_HTTP_PORT}" \
-        --grpc-port="${TRITON_GRPC_PORT}" \
-        --allow-metrics=true --allow-gpu-metrics=true --metrics-port="${TRITON_METRICS_PORT}" \
-        --strict-readiness=true --exit-on-error=true \
-        --exit-timeout-secs="${TRITON_EXIT_TIMEOUT_SECS}" \
-        --log-verbose="${TRITON_LOG_VERBOSE}" \
-        --http-restricted-api="${TRITON_ADMIN_APIS}:caphuman-admin-key=${CAPHUMAN_ADMIN_KEY}" \
-        --grpc-restricted-protocol="${TRITON_ADMIN_APIS}:caphuman-admin-key=${CAPHUMAN_ADMIN_KEY}" \
-        ${TRITON_EXTRA_ARGS}
+    local weights=()
+    if [ -n "${CAPHUMAN_WEIGHTS:-}" ]; then
+        weights=(--weights "${CAPHUMAN_WEIGHTS}")
+    fi
+    # `caphuman serve` (exec: it gets SIGTERM and stops tritonserver gracefully): tritonserver on loopback
+    # behind the gateway on the public ports (an oversized request is refused before it is read), and a
+    # model process that dies is healed by restarting tritonserver (/v2/health/ready is 503 meanwhile).
+    exec python3 -m caphuman.runtime.cli serve \
+        --tritonserver "$(command -v tritonserver)" \
+        --model-repository "${repo}" "${weights[@]}" \
+        --host 0.0.0.0 \
+        --http-port "${TRITON_HTTP_PORT}" --grpc-port "${TRITON_GRPC_PORT}" --metrics-port "${TRITON_METRICS_PORT}" \
+        --exit-timeout "${TRITON_EXIT_TIMEOUT_SECS}" --ready-timeout "${CAPHUMAN_READY_TIMEOUT}" \
+        --log-file - \
+        --tritonserver-args "--allow-gpu-metrics=true --log-verbose=${TRITON_LOG_VERBOSE} ${TRITON_EXTRA_ARGS}"
 }
 
 case "${1:-serve}" in
