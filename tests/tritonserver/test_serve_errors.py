@@ -38,7 +38,7 @@ def test_caphuman_serve_prints_the_first_real_error_and_leaves_no_temp_folder(tm
     pytest.importorskip("pytriton", reason="nvidia-pytriton (bundled tritonserver) not installed")
     temp = tmp_path / "tmp"
     temp.mkdir()
-    env = {**os.environ, "TMPDIR": str(temp), "CAPHUMAN_SERVE_SETTINGS": json.dumps({"bogus_key": 1})}
+    env = {**os.environ, "TMPDIR": str(temp), "CAPHUMAN_BACKEND": "bogus_backend"}  # the caphuman model's init fails
     ports = [str(free_port()) for _ in range(3)]
     out = subprocess.run([*CAPHUMAN, "serve", "--host", "127.0.0.1", "--grpc-port", ports[0], "--http-port", ports[1],
                           "--metrics-port", ports[2], "--log-file", str(tmp_path / "serve.log"), "--ready-timeout", "240"],
@@ -46,7 +46,21 @@ def test_caphuman_serve_prints_the_first_real_error_and_leaves_no_temp_folder(tm
     assert out.returncode == 2, out.stdout + out.stderr
     err = out.stderr.strip().splitlines()
     assert len(err) == 1, out.stderr
-    assert "failed to load: TritonModelException" in err[0] and "bogus_key" in err[0], err[0]
+    assert "failed to load: TritonModelException" in err[0] and "bogus_backend" in err[0], err[0]
     assert "At:" not in err[0] and "+----" not in out.stderr and str(tmp_path / "serve.log") in err[0]
     ours = [p.name for p in temp.iterdir() if p.name.startswith("caphuman")]  # (torch's own caches may appear)
     assert ours == [], f"left behind: {ours}"
+
+
+def test_caphuman_serve_refuses_bad_settings_before_starting_the_server(tmp_path):
+    """The gateway reads the same limits as the models: bad settings stop serve before tritonserver starts."""
+    pytest.importorskip("pytriton", reason="nvidia-pytriton (bundled tritonserver) not installed")
+    env = {**os.environ, "CAPHUMAN_SERVE_SETTINGS": json.dumps({"bogus_key": 1})}
+    ports = [str(free_port()) for _ in range(3)]
+    out = subprocess.run([*CAPHUMAN, "serve", "--grpc-port", ports[0], "--http-port", ports[1], "--metrics-port",
+                          ports[2]], capture_output=True, text=True, cwd=ROOT, env=env, timeout=120, check=False)
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert out.stderr.strip().splitlines() == [
+        "caphuman serve: error: CAPHUMAN_SERVE_SETTINGS: unknown keys ['bogus_key']; known: " + str(sorted(
+            ["hint_cache_entries", "identity_cache_entries", "max_image_bytes", "max_image_pixels", "max_items",
+             "max_prompt_bytes", "max_request_bytes", "max_request_cost"]))]

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -40,6 +41,44 @@ def listening(port: int) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
             ip = ipaddress.ip_address(raw)
             found.append(ip.ipv4_mapped or ip if isinstance(ip, ipaddress.IPv6Address) else ip)
     return found
+
+
+def listening_sockets_of(pids: list[int]) -> list[tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int]]:
+    """(address, port) of every listening TCP socket the processes `pids` hold (what `ss -ltnp` shows them)."""
+    inodes = set()
+    for pid in pids:
+        for fd in Path(f"/proc/{pid}/fd").glob("*"):
+            try:
+                target = os.readlink(fd)
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    found = []
+    for table, width in (("/proc/net/tcp", 8), ("/proc/net/tcp6", 32)):
+        for line in open(table).read().splitlines()[1:]:
+            cols = line.split()
+            if cols[3] != "0A" or cols[9] not in inodes:
+                continue
+            addr, hexport = cols[1].split(":")
+            raw = b"".join(bytes.fromhex(addr[i:i + 8])[::-1] for i in range(0, width, 8))
+            ip = ipaddress.ip_address(raw)
+            found.append((ip.ipv4_mapped or ip if isinstance(ip, ipaddress.IPv6Address) else ip, int(hexport, 16)))
+    return found
+
+
+def process_tree(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            children.setdefault(int(stat.read_text().rsplit(")", 1)[1].split()[1]), []).append(int(stat.parent.name))
+        except (OSError, IndexError, ValueError):
+            continue
+    out, todo = [], [pid]
+    while todo:
+        out.append(todo.pop())
+        todo += children.get(out[-1], [])
+    return out
 
 
 def test_listening_parser_reads_this_process_socket():
@@ -72,6 +111,10 @@ def test_caphuman_serve_listens_on_loopback_only_and_restricts_admin_apis(tmp_pa
             addrs = listening(port)
             assert addrs, f"nothing listens on {port}"
             assert all(a.is_loopback for a in addrs), f"port {port} listens on {addrs}"
+        # every listener of serve and its tritonserver (the gateway's and tritonserver's own, behind it)
+        sockets = listening_sockets_of(process_tree(proc.pid))
+        assert {port for _, port in sockets} >= set(ports) and len(sockets) >= 5, sockets
+        assert all(a.is_loopback for a, _ in sockets), sockets
         ready = urllib.request.urlopen(f"http://127.0.0.1:{ports[1]}/v2/health/ready", timeout=10)
         assert ready.status == 200
         logging_api = urllib.request.Request(f"http://127.0.0.1:{ports[1]}/v2/logging",
