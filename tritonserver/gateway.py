@@ -127,7 +127,7 @@ class Gateway:
     """gRPC and HTTP listeners on (host, grpc_port / http_port) in front of tritonserver's loopback ports."""
 
     def __init__(self, host: str, grpc_port: int, http_port: int, upstream_grpc_port: int,
-                 upstream_http_port: int, max_request_bytes: int, workers: int = 64):
+                 upstream_http_port: int, max_request_bytes: int, workers: int = 128):
         self.host, self.grpc_port, self.http_port = host, grpc_port, http_port
         self.upstream_grpc_port, self.upstream_http_port = upstream_grpc_port, upstream_http_port
         self.limit = message_limit(max_request_bytes)
