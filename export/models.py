@@ -215,9 +215,22 @@ def _schedule_from_state(den: CapHumanDenoiser, state: dict[str, torch.Tensor]) 
     den.alphas_cumprod.copy_(ac)
 
 
+def _without_random_init():
+    """A context in which modules are built without their random initialisation, for modules whose every
+    parameter and persistent buffer is then loaded from a checkpoint (`load_module` refuses a missing key,
+    so no uninitialised value survives; buffers computed in constructors are still computed). It makes
+    the full-size denoiser's construction 0.03 s instead of 17 s (2 CPU cores)."""
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # transformers 4.x
+        from transformers.modeling_utils import no_init_weights
+    return no_init_weights()
+
+
 def denoiser_from_state(config: CapHumanConfig, state: dict[str, torch.Tensor],
                         dtype: torch.dtype = torch.float32) -> CapHumanDenoiser:
-    den = CapHumanDenoiser(config).eval()
+    with _without_random_init():
+        den = CapHumanDenoiser(config).eval()
     load_module(den.unet, state, UNET_PREFIX, lambda n: keymap.unet_key(n, config.unet), "UNet")
     load_module(den.capface, state, CAPFACE_PREFIX, lambda n: keymap.side_network_key(n, config.capface), "CapFace")
     load_module(den.id_linear, state, "id_linear.", lambda n: n, "id_linear")
@@ -239,7 +252,8 @@ def load_denoiser(config_path, checkpoint_path, sd_checkpoint=None, dtype: torch
 
 
 def vae_from_state(config: CapHumanConfig, state: dict[str, torch.Tensor], dtype=torch.float32) -> VAE:
-    vae = VAE(config).eval()
+    with _without_random_init():
+        vae = VAE(config).eval()
     levels = len(config.vae.ch_mult)
     load_module(vae.model, state, VAE_PREFIX, lambda n: keymap.vae_key(n, levels), "VAE", reshape=_vae_reshape)
     return vae.to(dtype).requires_grad_(False)
@@ -261,14 +275,17 @@ def load_vae(config_path, checkpoint_path, sd_checkpoint=None, vae_checkpoint=No
 
 def text_encoder_from_state(config: CapHumanConfig, state: dict[str, torch.Tensor], clip_dir=None,
                             dtype=torch.float32) -> TextEncoder:
-    enc = TextEncoder(config.text_clip, load_tokenizer(clip_dir)).eval()
+    tokenizer = load_tokenizer(clip_dir)
+    with _without_random_init():
+        enc = TextEncoder(config.text_clip, tokenizer).eval()
     load_module(enc.model, state, TEXT_PREFIX, lambda n: keymap.clip_key(n, "text_model"), "CLIP text encoder")
     return enc.to(dtype).requires_grad_(False)
 
 
 def image_encoder_from_state(config: CapHumanConfig, state: dict[str, torch.Tensor], dtype=torch.float32
                              ) -> ImageEncoder:
-    enc = ImageEncoder(config.vision_clip).eval()
+    with _without_random_init():
+        enc = ImageEncoder(config.vision_clip).eval()
     load_module(enc.model, state, VISION_PREFIX, lambda n: keymap.clip_key(n, "vision_model"), "CLIP image encoder")
     return enc.to(dtype).requires_grad_(False)
 
@@ -323,6 +340,7 @@ def load_controlnet(config_path, checkpoint_path, dtype=torch.float32) -> SideNe
     state = read_state_dict(checkpoint_path)
     if not any(k.startswith(CAPFACE_PREFIX) for k in state):
         state = {CAPFACE_PREFIX + k: v for k, v in state.items()}
-    net = SideNetwork(spec, with_mask_head=False).eval()
+    with _without_random_init():
+        net = SideNetwork(spec, with_mask_head=False).eval()
     load_module(net, state, CAPFACE_PREFIX, lambda n: keymap.side_network_key(n, spec), "ControlNet")
     return net.to(dtype).requires_grad_(False)

@@ -138,3 +138,25 @@ def test_generate_accepts_the_merged_file(official_files, tmp_path):
     assert np.array_equal(a, b)
     meta = json.loads((tmp_path / "merged_12345.json").read_text())
     assert "merged" in json.dumps(meta)
+
+
+def test_networks_built_without_random_init_equal_those_built_with_it(monkeypatch, official_files, tiny_config):
+    """The loaders skip the random initialisation that the checkpoint overwrites (the full-size denoiser's
+    construction: 17 s -> 0.03 s on 2 CPU cores). Every parameter AND buffer, the non-persistent ones that
+    no checkpoint holds included, must equal those of networks built with the initialisation."""
+    import contextlib
+
+    import caphuman.export.models as models
+
+    args = (packaged_config("cldm_tiny"), official_files / "caphuman.ckpt")
+    kwargs = {"with_image_encoder": True}
+    fast = load_networks(*args, **kwargs)
+    monkeypatch.setattr(models, "_without_random_init", contextlib.nullcontext)
+    slow = load_networks(*args, **kwargs)
+    for name in ("denoiser", "text_encoder", "vae", "image_encoder"):
+        a, b = getattr(fast, name), getattr(slow, name)
+        tensors_a = dict(a.named_parameters()) | dict(a.named_buffers())
+        tensors_b = dict(b.named_parameters()) | dict(b.named_buffers())
+        assert tensors_a.keys() == tensors_b.keys() and tensors_a, name
+        for key, value in tensors_a.items():
+            assert torch.equal(value, tensors_b[key]), f"{name}.{key} differs: left uninitialised?"
