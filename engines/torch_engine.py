@@ -59,13 +59,16 @@ class StaticCrossKV:
     def __init__(self):
         self.mode = "off"
         self.sources: dict[str, torch.Tensor] = {}       # source name -> the static context buffer
-        self.entries: dict[int, tuple] = {}              # id(attn) -> (attn, source, K, V)
+        # attn.kv_cache_name -> (attn, source, K, V); keyed by the layer's name, not id(attn): the K/V become
+        # inputs of the compiled graphs under this key, and an id-based key differs in every process, which
+        # made AOTAutograd's cache (hence torch artifacts) miss and re-trace the UNet at each start
+        self.entries: dict[str, tuple] = {}
         self.gate: torch.Tensor | None = None            # 0/1 for the identity context (tau), or None
 
     def get_or_compute(self, attn, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.mode == "off":
             return attn.to_k(context), attn.to_v(context)
-        entry = self.entries.get(id(attn))
+        entry = self.entries.get(attn.kv_cache_name)
         if self.mode == "fill":
             source = next((n for n, buf in self.sources.items() if buf is context), None)
             if source is None:
@@ -75,7 +78,7 @@ class StaticCrossKV:
             k, v = attn.to_k(context), attn.to_v(context)
             if entry is None:
                 entry = (attn, source, k, v)
-                self.entries[id(attn)] = entry
+                self.entries[attn.kv_cache_name] = entry
             else:
                 entry[2].copy_(k)
                 entry[3].copy_(v)
@@ -169,9 +172,10 @@ class TorchDenoiserEngine(DenoiserEngine):
         self._attn = _kernel_module("attention_processors") if fast_attention else None
         self._proxy = _KVProxy()
         if self._attn is not None:
-            for net in (self.den.unet, self.den.capface.net):
-                for m in net.modules():
+            for label, net in (("unet", self.den.unet), ("capface", self.den.capface.net)):
+                for name, m in net.named_modules():
                     if isinstance(m, self._attn.Attention):
+                        m.kv_cache_name = f"{label}.{name}"  # StaticCrossKV's key
                         m.set_processor(self._attn.FastAttnProcessor(self._attn.AttnBackend.AUTO, self._proxy))
                         if rewrite_networks:
                             m.processor.fuse_qkv(m)  # self-attention q/k/v in one GEMM

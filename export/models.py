@@ -202,7 +202,8 @@ def _schedule_from_state(den: CapHumanDenoiser, state: dict[str, torch.Tensor]) 
     ac = state.get("alphas_cumprod")
     if ac is None:
         return
-    ac = ac.detach().to(torch.float32).reshape(-1)
+    # the buffer stays where the config's schedule was computed, whichever device the checkpoint was read to
+    ac = ac.detach().to(device=den.alphas_cumprod.device, dtype=torch.float32).reshape(-1)
     valid = (ac.numel() == den.alphas_cumprod.numel() and bool(torch.isfinite(ac).all())
              and bool(((ac > 0) & (ac <= 1)).all()) and bool((ac[1:] <= ac[:-1]).all()))
     if not valid:
