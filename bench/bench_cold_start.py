@@ -1,13 +1,14 @@
 """Cold start of the compiled torch engine, with and without the artifacts of `caphuman build --backend torch`.
 
-Three fresh processes, each with its own empty inductor and Triton caches (as a new pod has):
+Fresh processes, each with its own empty inductor and Triton caches (as a new pod has) unless said (`--phases`
+picks which run):
 1. build: random weights of the config written in the official layout and merged into one safetensors file
    (`caphuman build --weights-out`), then the engine compiled for the asked batch sizes at the asked
    resolution and its artifacts saved;
 2. first image WITH the artifacts; 2b. the same again in a new process that keeps 2's local caches (a pod's
    next process: what remains once nothing is compiled or loaded into the caches); 3. first image WITHOUT
    them (compiles at first use).
-Processes 2 and 3 read the merged weights from disk (`load_networks`, straight to the GPU) and report, from
+Processes 2, 2b and 3 read the merged weights from disk (`load_networks`, straight to the GPU) and report, from
 process start: imports done, networks on the GPU, engine ready (artifacts loaded), first denoise (20-step
 DDIM at batch 1: trace, cache or compile, CUDA-graph capture), first image (text, warm denoise, VAE decode);
 then the step afterwards (20-step loop, per step), inductor's cache hits and misses and dynamo's

@@ -331,10 +331,13 @@ def test_16_concurrent_clients_for_60_seconds(client, server):
     for name, (bad_ref, bad_prompts, bad_fields), _ in bad:  # every error path has run once before measuring
         with pytest.raises(ServerError):
             client.generate(bad_ref, bad_prompts, **{**FAST, **bad_fields})
+    def good_request(c: CapHumanClient, i: int, **kw):
+        prompt, seed, pose = variants[i % len(variants)]
+        return prompt, seed, c.generate(ref, prompt, seed=seed, head_pose=[pose], **kw, **FAST)
+
     # ... and every batch size once: one concurrent round fills the server's buckets
-    warm = [threading.Thread(target=lambda k: CapHumanClient(client.url, timeout=300).generate(
-        ref, variants[k % len(variants)][0], seed=variants[k % len(variants)][1],
-        head_pose=[variants[k % len(variants)][2]], **FAST), args=(k,)) for k in range(CONCURRENT_CLIENTS)]
+    warm = [threading.Thread(target=good_request, args=(CapHumanClient(client.url, timeout=300), k))
+            for k in range(CONCURRENT_CLIENTS)]
     for t in warm:
         t.start()
     for t in warm:
@@ -363,10 +366,9 @@ def test_16_concurrent_clients_for_60_seconds(client, server):
             if j % 10 == 1:  # requests 1, 11, 21, ... of each client: a tenth of them
                 bad_request(c, k, j // 10)
                 continue
-            prompt, seed, pose = variants[i % len(variants)]
             i += 1
             try:
-                out = c.generate(ref, prompt, seed=seed, head_pose=[pose], progress=(k % 2 == 0), **FAST)
+                prompt, seed, out = good_request(c, i - 1, progress=(k % 2 == 0))
                 if len(out) != 1 or out[0].metadata["seed"] != seed or out[0].metadata["prompt"] != prompt:
                     errors.append(f"client {k}: wrong response {[g.metadata.get('seed') for g in out]}")
                 else:  # batched with other clients' items: equal up to the documented same-seed bound
